@@ -1,0 +1,140 @@
+"""The `spdinv` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import SpdinvError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line."""
+
+    def error(self, message: str) -> None:  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="diffusers SD folder or hub id (local files only); default: the embedded shapes-world model")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    group = parser.add_argument_group("SPDInv options")
+    group.add_argument("--K", type=_positive_int, default=None, help="most gradient steps per timestep (default 25)")
+    group.add_argument("--lr", type=_positive_float, default=None, help="step size (default 1e-3)")
+    group.add_argument("--delta", type=_positive_float, default=None, help="early-stop threshold on the mean squared residual (default 5e-6)")
+    group.add_argument("--optimizer", default=None, help="adamw (default), adam or sgd")
+
+
+def inversion_options(args: argparse.Namespace, method: str) -> dict:
+    """Only the options given on the command line, checked against the method's options."""
+    from .inversion import make_options
+
+    given = {name: getattr(args, name) for name in ("K", "lr", "delta", "optimizer") if getattr(args, name, None) is not None}
+    make_options(method, **given)
+    return given
+
+
+def _method_help() -> str:
+    from .inversion import METHODS
+
+    return "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spdinv", description="Text-driven editing of real images with diffusion inversion (SPDInv and peers).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    invert = sub.add_parser("invert", help="invert an image; write z_T, the trajectory, diagnostics and a reconstruction")
+    invert.add_argument("image", type=Path)
+    invert.add_argument("--prompt", required=True, help="the source prompt describing the image")
+    invert.add_argument("--method", default="spdinv", help=_method_help())
+    add_inversion_arguments(invert)
+    add_model_arguments(invert)
+    invert.add_argument("--out", type=Path, default=Path("spdinv-out"), help="output folder (default ./spdinv-out)")
+    invert.set_defaults(run=run_invert)
+    return parser
+
+
+def run_invert(args: argparse.Namespace) -> None:
+    from .images import load_image
+    from .inversion import check_prompt, get_method
+    from .outputs import check_output_dir
+
+    prompt = check_prompt(args.prompt)
+    get_method(args.method)
+    options = inversion_options(args, args.method)
+    check_output_dir(args.out)
+    load_image(args.image, 8)  # readable? (the real conversion needs the model's size)
+    from .model import load_model
+    from .export import invert_to_folder
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    image, notices = load_image(args.image, model.image_size)
+    for notice in notices:
+        print(f"note: {notice}", file=sys.stderr)
+    summary = invert_to_folder(model, image, prompt, args.method, args.steps, options, args.out, seed=args.seed,
+                               progress=not args.quiet, command=sys.argv)
+    print(summary)
+
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter (loading bars, optional-dependency notices) off the terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        args.run(args)
+    except SpdinvError as error:
+        print(f"spdinv: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spdinv: interrupted; nothing partial was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Saving an inversion to a folder (safetensors + JSON + PNG) and loading it back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .images import to_pil, to_tensor
+from .inversion import Inversion, invert
+from .inversion.base import StepReport
+from .model import DiffusionModel
+from .outputs import staged_output, write_json
+from .plots import plot_residuals
+from .sampling import reconstruct
+from .schedule import DDIMSchedule
+
+_SIDE_INFO = ("uncond_embeddings", "source_offsets")
+
+
+def save_inversion(inversion: Inversion, folder: Path) -> None:
+    """z_T.safetensors, trajectory.safetensors (with any side information) and diagnostics.json."""
+    folder = Path(folder)
+    save_file({"z_T": inversion.z_T.contiguous()}, folder / "z_T.safetensors")
+    tensors = {
+        "trajectory": inversion.trajectory.contiguous(),
+        "timesteps": torch.tensor(inversion.schedule.timesteps),
+        "prompt_embedding": inversion.prompt_embedding.contiguous().cpu(),
+    }
+    tensors.update({name: getattr(inversion, name).contiguous().cpu() for name in _SIDE_INFO if getattr(inversion, name) is not None})
+    metadata = {"method": inversion.method, "guidance_scale": str(inversion.guidance_scale),
+                "source_as_uncond": str(inversion.source_as_uncond), "settings": json.dumps(inversion.settings)}
+    save_file(tensors, folder / "trajectory.safetensors", metadata=metadata)
+    write_json(folder / "diagnostics.json", inversion.diagnostics())
+
+
+def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
+    """Read back what save_inversion wrote (the schedule is rebuilt from the model's scheduler)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    tensors = load_file(folder / "trajectory.safetensors")
+    with safe_open(folder / "trajectory.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    diagnostics = json.loads((folder / "diagnostics.json").read_text())
+    schedule = DDIMSchedule.from_scheduler(model.scheduler, len(tensors["timesteps"]))
+    if list(schedule.timesteps) != tensors["timesteps"].tolist():
+        raise ValueError("saved inversion timesteps do not match the model's scheduler")
+    return Inversion(
+        method=metadata["method"], trajectory=tensors["trajectory"], schedule=schedule,
+        prompt_embedding=tensors["prompt_embedding"].to(model.device),
+        steps=[StepReport(**s) for s in diagnostics["steps"]], settings=json.loads(metadata["settings"]),
+        guidance_scale=float(metadata["guidance_scale"]), source_as_uncond=metadata["source_as_uncond"] == "True",
+        noise_error=diagnostics["noise_error"], reconstruction_error=diagnostics["reconstruction_error"],
+        **{name: tensors.get(name) for name in _SIDE_INFO},
+    )
+
+
+def invert_to_folder(model: DiffusionModel, image: Image.Image, prompt: str, method: str, num_steps: int,
+                     options: dict, out: Path, *, seed: int = 0, progress: bool = True, command=None) -> str:
+    """The `spdinv invert` job: invert, reconstruct, and write everything to `out` all-or-nothing."""
+    inversion = invert(model, image, prompt, method, num_steps, seed=seed, progress=progress, **options)
+    recon = reconstruct(model, inversion, to_tensor(image))
+    with staged_output(out) as stage:
+        save_inversion(inversion, stage)
+        image.save(stage / "source.png")
+        to_pil(recon.image)[0].save(stage / "reconstruction.png")
+        plot_residuals(inversion.steps, stage / "residuals.png", title=f"{method} on {model.name.split('/')[-1]}: {prompt}")
+        diagnostics = inversion.diagnostics() | {"reconstruction_psnr": recon.psnr, "reconstruction_mse": recon.mse}
+        write_json(stage / "diagnostics.json", diagnostics)
+        write_json(stage / "config.json", {"prompt": prompt, "model": model.name, "device": str(model.device),
+                                           "dtype": str(model.dtype).removeprefix("torch."), **inversion.settings,
+                                           "command": command})
+    return (f"{method}: noise error {inversion.noise_error:.3e}, reconstruction PSNR {recon.psnr:.2f} dB, "
+            f"{inversion.network_calls} network calls, {inversion.seconds:.1f} s -> {out}")

@@ -1,0 +1,99 @@
+"""Inversion methods. Each is a plain function
+
+    method(model, z0, prompt_embedding, schedule, options, *, diagnose, progress) -> Inversion
+
+registered by name in METHODS with its options dataclass; `invert()` is the one entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..errors import SpdinvError
+from ..images import conform_image, to_tensor
+from ..model import DiffusionModel
+from .base import Inversion, StepReport
+from .ddim import DDIMOptions, ddim
+from .spdinv import SPDInvOptions, spdinv
+
+
+@dataclass(frozen=True)
+class Method:
+    function: Callable[..., Inversion]
+    options: type
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion (1 call/step)"),
+    "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search by gradient descent (ECCV 2024)"),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise SpdinvError(f"unknown inversion method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_options(name: str, **options):
+    """The method's options dataclass from keyword options; unknown names are an error."""
+    method = get_method(name)
+    fields = {f.name for f in dataclasses.fields(method.options)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields)) or "none"
+        raise SpdinvError(f"option(s) {', '.join(unknown)} do not apply to {name}; its options: {valid}")
+    return method.options(**options)
+
+
+def check_prompt(prompt: str, what: str = "prompt") -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SpdinvError(f"the {what} is empty")
+    return prompt.strip()
+
+
+def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
+    """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
+    if isinstance(image, Image.Image):
+        image = to_tensor(conform_image(image, model.image_size)[0])
+    return model.encode_image(image)
+
+
+def invert(
+    model: DiffusionModel,
+    image: Image.Image | Tensor,
+    prompt: str,
+    method: str = "spdinv",
+    num_steps: int = 50,
+    *,
+    seed: int = 0,
+    diagnose: bool = True,
+    progress: bool = True,
+    **options,
+) -> Inversion:
+    """Invert an image under its source prompt with the named method; with `diagnose` the result
+    carries per-step residuals, the noise error and the (latent) reconstruction error."""
+    from ..sampling import reconstruction_error
+
+    prompt = check_prompt(prompt)
+    if not isinstance(num_steps, int) or num_steps <= 0:
+        raise SpdinvError(f"steps must be a positive integer, got {num_steps}")
+    entry, opts = get_method(method), make_options(method, **options)
+    torch.manual_seed(seed)
+    z0 = image_latent(model, image)
+    inversion = entry.function(model, z0, model.encode_prompt(prompt), model.schedule(num_steps), opts,
+                               diagnose=diagnose, progress=progress)
+    inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts)}
+    if diagnose:
+        inversion.reconstruction_error = reconstruction_error(model, inversion)
+    return inversion
+
+
+__all__ = ["Inversion", "StepReport", "METHODS", "Method", "invert", "get_method", "make_options"]

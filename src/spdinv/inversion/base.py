@@ -1,0 +1,169 @@
+"""The Inversion result, per-step reports, and the loop every inversion method shares."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..model import DiffusionModel
+from ..schedule import DDIMSchedule, ddim_inverse_step
+
+
+@dataclass
+class StepReport:
+    """What one inversion step did. Residuals are the mean squared fixed-point residual
+    ||f(z_t) - z_t||^2 / n of the step's initial guess (`before`) and of its result (`after`)."""
+
+    index: int
+    timestep: int
+    residual_before: float = math.nan
+    residual_after: float = math.nan
+    iterations: int = 0
+    network_calls: int = 0
+    gradient_calls: int = 0
+    seconds: float = 0.0
+    warning: str = ""
+
+
+@dataclass
+class StepResult:
+    """What a method's step solver returns to the shared loop."""
+
+    latent: Tensor
+    iterations: int = 0
+    network_calls: int = 1
+    gradient_calls: int = 0
+    residual_before: float | None = None
+    residual_after: float | None = None
+    warning: str = ""
+
+
+@dataclass
+class Inversion:
+    """An inverted image: the trajectory z_0 ... z_T and whatever an editor needs besides it.
+
+    Per-sampling-step side information is indexed in *sampling* order (index 0 = the step
+    from z_T), the order an editor consumes it.
+    """
+
+    method: str
+    trajectory: Tensor
+    schedule: DDIMSchedule
+    prompt_embedding: Tensor
+    steps: list[StepReport]
+    settings: dict = field(default_factory=dict)
+    guidance_scale: float = 1.0
+    uncond_embeddings: Tensor | None = None
+    source_as_uncond: bool = False
+    source_offsets: Tensor | None = None
+    noise_error: float | None = None
+    reconstruction_error: float | None = None
+
+    @property
+    def z_T(self) -> Tensor:
+        return self.trajectory[-1:]
+
+    @property
+    def z_0(self) -> Tensor:
+        return self.trajectory[:1]
+
+    @property
+    def network_calls(self) -> int:
+        return sum(s.network_calls for s in self.steps)
+
+    @property
+    def gradient_calls(self) -> int:
+        return sum(s.gradient_calls for s in self.steps)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+    def diagnostics(self) -> dict:
+        return {
+            "method": self.method,
+            "settings": self.settings,
+            "num_steps": self.schedule.num_steps,
+            "noise_error": self.noise_error,
+            "reconstruction_error": self.reconstruction_error,
+            "network_calls": self.network_calls,
+            "gradient_calls": self.gradient_calls,
+            "seconds": self.seconds,
+            "warnings": [f"step {s.index}: {s.warning}" for s in self.steps if s.warning],
+            "steps": [asdict(s) for s in self.steps],
+        }
+
+
+StepSolver = Callable[[Tensor, int], StepResult]
+
+
+def fixed_point_map(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor, embedding: Tensor):
+    """f(x) = C1 z_{k-1} + C2 eps(x, t_k, c): the map whose fixed point is the ideal inversion step."""
+    c1, c2 = schedule.coefficients(k)
+    c1, c2 = float(c1), float(c2)
+    t = schedule.timesteps[k - 1]
+    return lambda x: c1 * z_prev + c2 * model.eps(x, t, embedding)
+
+
+@torch.no_grad()
+def fixed_point_residual(model, schedule, k: int, z_prev: Tensor, z: Tensor, embedding: Tensor) -> float:
+    """Mean squared residual ||f(z) - z||^2 / n of inversion step k."""
+    f = fixed_point_map(model, schedule, k, z_prev, embedding)
+    return float((f(z) - z).pow(2).mean())
+
+
+@torch.no_grad()
+def ddim_guess(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor, embedding: Tensor) -> Tensor:
+    """Plain DDIM inversion step k: eps evaluated at (z_{k-1}, t_k)."""
+    eps = model.eps(z_prev, schedule.timesteps[k - 1], embedding)
+    return ddim_inverse_step(z_prev, eps, schedule.abar(k - 1), schedule.abar(k))
+
+
+def run_inversion(
+    model: DiffusionModel,
+    z0: Tensor,
+    embedding: Tensor,
+    schedule: DDIMSchedule,
+    solve_step: StepSolver,
+    *,
+    method: str,
+    diagnose: bool = True,
+    progress: bool = True,
+) -> tuple[Tensor, list[StepReport]]:
+    """Walk z_0 -> z_T with `solve_step(z_prev, k)`; time each step and, with `diagnose`, measure
+    residuals the solver did not (extra forwards, neither timed nor counted)."""
+    latents = [z0.float()]
+    reports = []
+    for k in tqdm(range(1, schedule.num_steps + 1), desc=f"invert ({method})", disable=not progress, leave=False):
+        z_prev = latents[-1]
+        start = time.perf_counter()
+        result = solve_step(z_prev, k)
+        seconds = time.perf_counter() - start
+        report = StepReport(
+            index=k, timestep=schedule.timesteps[k - 1], iterations=result.iterations,
+            network_calls=result.network_calls, gradient_calls=result.gradient_calls, seconds=seconds,
+            warning=result.warning,
+        )
+        if diagnose:
+            after = result.residual_after
+            if after is None:
+                after = fixed_point_residual(model, schedule, k, z_prev, result.latent, embedding)
+            before = result.residual_before
+            if before is None:
+                before = after if result.iterations == 0 else fixed_point_residual(
+                    model, schedule, k, z_prev, ddim_guess(model, schedule, k, z_prev, embedding), embedding)
+            report.residual_before, report.residual_after = before, after
+        reports.append(report)
+        latents.append(result.latent.detach().float())
+    return torch.cat(latents), reports
+
+
+def noise_error(steps: list[StepReport]) -> float:
+    """Mean over steps of the final fixed-point residual (the paper's D_Noi)."""
+    return float(sum(s.residual_after for s in steps) / len(steps))

@@ -1,0 +1,137 @@
+"""load_model(): a diffusers Stable Diffusion folder seen through what inversion and editing need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import SpdinvError
+from .schedule import DDIMSchedule
+
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-world"
+
+
+@dataclass
+class DiffusionModel:
+    """Frozen SD components plus helpers: prompts, VAE encode/decode, eps(z, t, embedding)."""
+
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    unet: torch.nn.Module
+    scheduler: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    _prompt_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def schedule(self, num_steps: int = 50) -> DDIMSchedule:
+        return DDIMSchedule.from_scheduler(self.scheduler, num_steps)
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        return self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str]) -> Tensor:
+        """Text-encoder hidden states (B, L, D) in fp32; '' gives the unconditional embedding."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        missing = [p for p in prompts if p not in self._prompt_cache]
+        if missing:
+            hidden = self.text_encoder(self.tokenize(missing).to(self.device))[0].float()
+            self._prompt_cache.update(zip(missing, hidden))
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    @torch.no_grad()
+    def encode_image(self, image: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents: VAE posterior mean times the scaling factor."""
+        posterior = self.vae.encode(image.to(self.device, self.dtype)).latent_dist
+        return posterior.mean.float() * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images (B, 3, H, W) in [-1, 1], fp32."""
+        return self.vae.decode(latents.to(self.device, self.dtype) / self.latent_scale).sample.float().clamp(-1, 1)
+
+    def eps(
+        self,
+        z: Tensor,
+        t: int,
+        embedding: Tensor,
+        guidance_scale: float = 1.0,
+        uncond_embedding: Tensor | None = None,
+    ) -> Tensor:
+        """Predicted noise at timestep t, fp32; with guidance > 1, classifier-free guidance against
+        `uncond_embedding` (the empty prompt's when None). Differentiable in z."""
+        batch = z.shape[0]
+        embedding = embedding.expand(batch, -1, -1) if embedding.shape[0] == 1 else embedding
+        if guidance_scale == 1.0:
+            return self._unet(z, t, embedding)
+        if uncond_embedding is None:
+            uncond_embedding = self.encode_prompt("")
+        uncond_embedding = uncond_embedding.expand(batch, -1, -1) if uncond_embedding.shape[0] == 1 else uncond_embedding
+        eps_uncond, eps_cond = self._unet(torch.cat([z, z]), t, torch.cat([uncond_embedding, embedding])).chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def _unet(self, z: Tensor, t: int, embedding: Tensor) -> Tensor:
+        timestep = torch.tensor(t, device=self.device)
+        out = self.unet(z.to(self.device, self.dtype), timestep, encoder_hidden_states=embedding.to(self.device, self.dtype))
+        return out.sample.float()
+
+
+def _resolve(name_or_path: str | Path | None) -> str:
+    if name_or_path is None:
+        if not (EMBEDDED_MODEL / "model_index.json").exists():
+            raise SpdinvError(f"the embedded model is missing from {EMBEDDED_MODEL}; reinstall spdinv or pass --model")
+        return str(EMBEDDED_MODEL)
+    return str(name_or_path)
+
+
+def load_model(
+    name_or_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+) -> DiffusionModel:
+    """Load a diffusers Stable Diffusion folder or hub id (local files only); None = the embedded model."""
+    from diffusers import StableDiffusionPipeline
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    source = _resolve(name_or_path)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, EnvironmentError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpdinvError(f"cannot load model {source!r}: {first}") from None
+    return from_pipeline(pipe, name=source, device=device)
+
+
+def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "cpu") -> DiffusionModel:
+    """Wrap an already built StableDiffusionPipeline (tests build tiny ones in memory)."""
+    device = torch.device(device)
+    pipe = pipe.to(device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+        module.eval()
+    return DiffusionModel(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=pipe.scheduler, name=name, device=device, dtype=pipe.unet.dtype,
+    )

@@ -1,0 +1,279 @@
+"""Train the embedded shapes-world model from scratch: VAE, then text encoder + UNet.
+
+The result is a standard diffusers Stable Diffusion folder. Training is seeded and resumable:
+a checkpoint is written every `checkpoint_every` steps into the work directory and a rerun with
+the same arguments continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .captions import Phrasing, caption
+from .render import render_array
+from .scene import random_scene
+from .tokenizer import build_tokenizer, save_tokenizer
+
+log = logging.getLogger("spdinv.world.train")
+
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    n_scenes: int = 20000
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 3600
+    unet_batch: int = 32
+    unet_lr: float = 6e-4
+    unet_warmup: int = 200
+    ema_decay: float = 0.998
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 200
+    threads: int = 1
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+    )
+
+
+def build_text_encoder(tokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def sd_ddim_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+class Trainer:
+    def __init__(self, work_dir: Path, config: TrainConfig):
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.tokenizer = build_tokenizer()
+        self.vae = build_vae()
+        self.text_encoder = build_text_encoder(self.tokenizer)
+        self.unet = build_unet()
+        self.state = {"phase": "vae", "step": 0, "scaling_factor": None}
+
+    # ---------------------------------------------------------------- data
+    def scenes(self):
+        rng = random.Random(self.config.seed)
+        return [random_scene(rng) for _ in range(self.config.n_scenes)]
+
+    def images(self, scenes) -> torch.Tensor:
+        cache = self.work_dir / f"images_seed{self.config.seed}_n{self.config.n_scenes}.npy"
+        if cache.exists():
+            array = np.load(cache)
+        else:
+            t0 = time.time()
+            array = np.stack([render_array(s) for s in scenes])
+            np.save(cache, array)
+            log.info("rendered %d scenes in %.0f s", len(scenes), time.time() - t0)
+        return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _ckpt_path(self) -> Path:
+        return self.work_dir / "checkpoint.pt"
+
+    def save_checkpoint(self, extra: dict) -> None:
+        payload = {"state": self.state, "config": asdict(self.config), "vae": self.vae.state_dict(),
+                   "text_encoder": self.text_encoder.state_dict(), "unet": self.unet.state_dict(), **extra}
+        tmp = self._ckpt_path().with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self._ckpt_path())
+
+    def load_checkpoint(self) -> dict | None:
+        if not self._ckpt_path().exists():
+            return None
+        payload = torch.load(self._ckpt_path(), weights_only=False)
+        self.state = payload["state"]
+        self.vae.load_state_dict(payload["vae"])
+        self.text_encoder.load_state_dict(payload["text_encoder"])
+        self.unet.load_state_dict(payload["unet"])
+        log.info("resumed from %s at phase %s step %d", self._ckpt_path(), self.state["phase"], self.state["step"])
+        return payload
+
+    # ---------------------------------------------------------------- VAE
+    def train_vae(self, images: torch.Tensor, resume: dict | None) -> None:
+        cfg = self.config
+        opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        if resume and "vae_opt" in resume:
+            opt.load_state_dict(resume["vae_opt"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.vae_steps) / cfg.vae_steps)))
+        sched.last_epoch = self.state["step"]
+        self.vae.train()
+        t0 = time.time()
+        while self.state["step"] < cfg.vae_steps:
+            step = self.state["step"]
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen)
+            grid = 64 // 4 - cfg.vae_crop // 4 + 1
+            oy, ox = (torch.randint(0, grid, (2,), generator=gen) * 4).tolist()
+            x = images[idx, :, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
+            posterior = self.vae.encode(x).latent_dist
+            recon = self.vae.decode(posterior.sample(generator=gen)).sample
+            recon_loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+            loss = recon_loss + cfg.vae_kl_weight * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            self.state["step"] = step + 1
+            if (step + 1) % 50 == 0:
+                psnr = 10 * math.log10(4.0 / F.mse_loss(recon, x).item())
+                log.info("vae step %d loss %.5f psnr %.2f dB (%.2f s/step)", step + 1, loss.item(), psnr,
+                         (time.time() - t0) / 50)
+                t0 = time.time()
+            if (step + 1) % cfg.checkpoint_every == 0:
+                self.save_checkpoint({"vae_opt": opt.state_dict()})
+        self.vae.eval()
+
+    @torch.no_grad()
+    def encode_all(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        means, stds = [], []
+        for chunk in images.split(256):
+            dist = self.vae.encode(chunk).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        return torch.cat(means), torch.cat(stds)
+
+    # ---------------------------------------------------------------- UNet + text encoder
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def train_unet(self, scenes, latent_mean, latent_std, resume: dict | None) -> EMAModel:
+        cfg = self.config
+        scale = self.state["scaling_factor"]
+        noise_scheduler = DDPMScheduler(**SD_BETAS)
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+        ema = EMAModel(params, decay=cfg.ema_decay)
+        if resume and "unet_opt" in resume:
+            opt.load_state_dict(resume["unet_opt"])
+            ema.load_state_dict(resume["ema"])
+        warm = cfg.unet_warmup
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * min(s, cfg.unet_steps) / cfg.unet_steps)))
+        sched.last_epoch = self.state["step"]
+        self.unet.train()
+        self.text_encoder.train()
+        t0 = time.time()
+        while self.state["step"] < cfg.unet_steps:
+            step = self.state["step"]
+            gen = torch.Generator().manual_seed(cfg.seed * 7_000_003 + step)
+            rng = random.Random(cfg.seed * 7_000_003 + step)
+            idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
+            texts = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], Phrasing.random(rng)) for i in idx.tolist()]
+            latents = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scale
+            noise = torch.randn(latents.shape, generator=gen)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            embedding = self.text_encoder(self.tokenize(texts))[0]
+            prediction = self.unet(noisy, timesteps, embedding).sample
+            loss = F.mse_loss(prediction, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            ema.step(params)
+            self.state["step"] = step + 1
+            if (step + 1) % 50 == 0:
+                log.info("unet step %d loss %.5f lr %.2e (%.2f s/step)", step + 1, loss.item(), sched.get_last_lr()[0],
+                         (time.time() - t0) / 50)
+                t0 = time.time()
+            if (step + 1) % cfg.checkpoint_every == 0:
+                self.save_checkpoint({"unet_opt": opt.state_dict(), "ema": ema.state_dict()})
+        return ema
+
+    # ---------------------------------------------------------------- whole run
+    def run(self, out_dir: Path) -> Path:
+        resume = self.load_checkpoint()
+        scenes = self.scenes()
+        images = self.images(scenes)
+        if self.state["phase"] == "vae":
+            self.train_vae(images, resume)
+            self.vae.eval()
+            mean, std = self.encode_all(images)
+            self.state.update(phase="unet", step=0, scaling_factor=float(1.0 / mean.std()))
+            log.info("latent std %.4f -> scaling factor %.4f", float(mean.std()), self.state["scaling_factor"])
+            self.save_checkpoint({})
+            resume = None
+        self.vae.eval()
+        mean, std = self.encode_all(images)
+        ema = self.train_unet(scenes, mean, std, resume)
+        ema.copy_to(list(self.unet.parameters()) + list(self.text_encoder.parameters()))
+        self.state["phase"] = "done"
+        self.save_checkpoint({})
+        return self.save_pipeline(out_dir)
+
+    def save_pipeline(self, out_dir: Path) -> Path:
+        self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet.eval(),
+            scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        out_dir = Path(out_dir)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        save_tokenizer(self.tokenizer, out_dir / "tokenizer")
+        (out_dir / "training.json").write_text(json.dumps({"config": asdict(self.config), "state": self.state}, indent=2))
+        log.info("saved pipeline to %s", out_dir)
+        return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the shapes-world Stable Diffusion model from scratch.")
+    parser.add_argument("--work", type=Path, required=True, help="checkpoints and caches (resumable)")
+    parser.add_argument("--out", type=Path, required=True, help="where the diffusers folder is written")
+    for name, value in asdict(TrainConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    Trainer(args.work, config).run(args.out)
+
+
+if __name__ == "__main__":
+    main()
