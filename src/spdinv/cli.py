@@ -48,18 +48,35 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
-    group = parser.add_argument_group("SPDInv options")
-    group.add_argument("--K", type=_positive_int, default=None, help="most gradient steps per timestep (default 25)")
-    group.add_argument("--lr", type=_positive_float, default=None, help="step size (default 1e-3)")
-    group.add_argument("--delta", type=_positive_float, default=None, help="early-stop threshold on the mean squared residual (default 5e-6)")
-    group.add_argument("--optimizer", default=None, help="adamw (default), adam or sgd")
+    spd = parser.add_argument_group("SPDInv options")
+    spd.add_argument("--K", type=_positive_int, default=None, help="most gradient steps per timestep (default 25)")
+    spd.add_argument("--lr", type=_positive_float, default=None,
+                     help="step size (spdinv default 1e-3; null_text: Adam's, default 1e-2)")
+    spd.add_argument("--delta", type=_positive_float, default=None, help="early-stop threshold on the mean squared residual (default 5e-6)")
+    spd.add_argument("--optimizer", default=None, help="adamw (default), adam or sgd")
+    guided = parser.add_argument_group("null_text, negative_prompt and direct options")
+    guided.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, >= 1 (default 7.5)")
+    nti = parser.add_argument_group("null_text options (and --lr)")
+    nti.add_argument("--inner-steps", type=int, default=None, help="most Adam steps per timestep (default 10)")
+    nti.add_argument("--lr-decay", type=float, default=None, help="lr at sampling step i is lr*(1 - lr_decay*i) (default 0.01)")
+    nti.add_argument("--early-stop", type=float, default=None, help="stop a step once its loss < early_stop + i*growth (default 1e-5)")
+    nti.add_argument("--early-stop-growth", type=float, default=None, help="growth of that threshold per step (default 2e-5)")
+    aidi = parser.add_argument_group("AIDI options")
+    aidi.add_argument("--iterations", type=int, default=None, help="most Anderson updates per timestep (default 10)")
+    aidi.add_argument("--window", type=int, default=None, help="iterates Anderson remembers; 1 = damped iteration (default 5)")
+    aidi.add_argument("--damping", type=float, default=None, help="mixing parameter beta in (0, 1] (default 1)")
+    aidi.add_argument("--tol", type=_positive_float, default=None, help="early-stop threshold on the mean squared residual (default 5e-6)")
+
+
+INVERSION_OPTIONS = ("K", "lr", "delta", "optimizer", "guidance", "inner_steps", "lr_decay", "early_stop",
+                     "early_stop_growth", "iterations", "window", "damping", "tol")
 
 
 def inversion_options(args: argparse.Namespace, method: str) -> dict:
     """Only the options given on the command line, checked against the method's options."""
     from .inversion import make_options
 
-    given = {name: getattr(args, name) for name in ("K", "lr", "delta", "optimizer") if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in INVERSION_OPTIONS if getattr(args, name, None) is not None}
     make_options(method, **given)
     return given
 
@@ -82,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(invert)
     invert.add_argument("--out", type=Path, default=Path("spdinv-out"), help="output folder (default ./spdinv-out)")
     invert.set_defaults(run=run_invert)
+
+    from .world.command import add_world_parser
+
+    add_world_parser(sub)
     return parser
 
 
@@ -123,7 +144,10 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # a bad command line or --help: argparse already printed
+        return int(exit_.code or 0)
     quiet_libraries()
     try:
         args.run(args)

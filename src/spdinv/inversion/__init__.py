@@ -19,7 +19,11 @@ from ..errors import SpdinvError
 from ..images import conform_image, to_tensor
 from ..model import DiffusionModel
 from .base import Inversion, StepReport
+from .aidi import AIDIOptions, aidi
 from .ddim import DDIMOptions, ddim
+from .direct import DirectOptions, direct
+from .negative_prompt import NegativePromptOptions, negative_prompt
+from .null_text import NullTextOptions, null_text
 from .spdinv import SPDInvOptions, spdinv
 
 
@@ -33,6 +37,11 @@ class Method:
 METHODS: dict[str, Method] = {
     "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion (1 call/step)"),
     "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search by gradient descent (ECCV 2024)"),
+    "null_text": Method(null_text, NullTextOptions, "null-text inversion, per-step Adam on the null embedding (CVPR 2023)"),
+    "negative_prompt": Method(negative_prompt, NegativePromptOptions,
+                              "negative-prompt inversion, source prompt as the unconditional one (2023)"),
+    "direct": Method(direct, DirectOptions, "DirectInversion, source-branch offsets (ICLR 2024)"),
+    "aidi": Method(aidi, AIDIOptions, "AIDI fixed-point iteration with Anderson acceleration (ICCV 2023)"),
 }
 
 

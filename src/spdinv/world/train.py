@@ -262,18 +262,12 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
+    from ..cli import main as cli_main
 
-    parser = argparse.ArgumentParser(description="Train the shapes-world Stable Diffusion model from scratch.")
-    parser.add_argument("--work", type=Path, required=True, help="checkpoints and caches (resumable)")
-    parser.add_argument("--out", type=Path, required=True, help="where the diffusers folder is written")
-    for name, value in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
-    config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    Trainer(args.work, config).run(args.out)
+    raise SystemExit(cli_main(["world", "train", *(argv or [])]))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -1,0 +1,118 @@
+"""Null-text inversion (Mokady et al., CVPR 2023): DDIM inversion at guidance 1, then, walking in
+sampling order from z_T, optimise the unconditional ("null") embedding of each step with Adam so
+that the guided DDIM step from the current latent lands on the inverted latent of the next step."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import SpdinvError
+from ..model import DiffusionModel
+from ..schedule import DDIMSchedule, ddim_step
+from .base import Inversion
+from .ddim import ddim
+
+
+@dataclass(frozen=True)
+class NullTextOptions:
+    """guidance: classifier-free guidance scale (>= 1); inner_steps: most Adam steps per timestep;
+    Adam's step size at sampling step i is lr * (1 - lr_decay * i) (no optimisation once that
+    reaches 0); a step stops early once its loss < early_stop + i * early_stop_growth.
+    Defaults are the reference implementation's."""
+
+    guidance: float = 7.5
+    inner_steps: int = 10
+    lr: float = 1e-2
+    lr_decay: float = 1e-2
+    early_stop: float = 1e-5
+    early_stop_growth: float = 2e-5
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.guidance) or not self.guidance >= 1:
+            raise SpdinvError(f"guidance must be a finite number >= 1, got {self.guidance}")
+        if not isinstance(self.inner_steps, int) or self.inner_steps < 0:
+            raise SpdinvError(f"inner_steps must be a non-negative integer, got {self.inner_steps}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise SpdinvError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.lr_decay < 1:
+            raise SpdinvError(f"lr_decay must be in [0, 1), got {self.lr_decay}")
+        for name in ("early_stop", "early_stop_growth"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                raise SpdinvError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class NullStep:
+    """One sampling step's outcome: the optimised null embedding, the advanced latent, the cost."""
+
+    embedding: Tensor
+    latent: Tensor
+    adam_steps: int
+    forwards: int
+
+
+def guided(eps_uncond: Tensor, eps_cond: Tensor, guidance: float) -> Tensor:
+    return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def optimise_null_step(model: DiffusionModel, schedule: DDIMSchedule, k: int, z: Tensor, target: Tensor,
+                       embedding: Tensor, null: Tensor, i: int, options: NullTextOptions) -> NullStep:
+    """Sampling step i (latent k -> k-1): fit `null` so the guided DDIM step from z hits `target`,
+    then take that step. The conditional eps is computed once; each Adam step costs one forward
+    and one backward of the unconditional half."""
+    t, abar_t, abar_prev = schedule.timesteps[k - 1], schedule.abar(k), schedule.abar(k - 1)
+    with torch.no_grad():
+        eps_cond = model.eps(z, t, embedding)
+    null = null.detach().clone().requires_grad_(True)
+    lr = options.lr * (1 - options.lr_decay * i)
+    inner_steps = options.inner_steps if lr > 0 else 0
+    optimizer = torch.optim.Adam([null], lr=max(lr, 0.0))
+    threshold = options.early_stop + i * options.early_stop_growth
+    forwards = adam_steps = 0
+    for _ in range(inner_steps):
+        eps = guided(model.eps(z, t, null), eps_cond, options.guidance)
+        loss = F.mse_loss(ddim_step(z, eps, abar_t, abar_prev), target)
+        forwards += 1
+        # Checked before stepping, so a met criterion keeps the measured embedding (the
+        # reference code steps once more and checks the loss of the previous embedding).
+        if float(loss.detach()) < threshold:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        adam_steps += 1
+    null = null.detach()
+    with torch.no_grad():
+        latent = ddim_step(z, guided(model.eps(z, t, null), eps_cond, options.guidance), abar_t, abar_prev)
+    return NullStep(embedding=null, latent=latent, adam_steps=adam_steps, forwards=forwards + 2)
+
+
+def null_text(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
+              options: NullTextOptions = NullTextOptions(), *, diagnose: bool = True,
+              progress: bool = True) -> Inversion:
+    """Null-text inversion: DDIM inversion, then per-step Adam on the null embedding (frozen UNet)."""
+    inversion = ddim(model, z0, embedding, schedule, diagnose=diagnose, progress=progress)
+    n, trajectory = schedule.num_steps, inversion.trajectory
+    z, null = trajectory[n:].to(model.device), model.encode_prompt("")
+    nulls = []
+    with torch.enable_grad():
+        for i in tqdm(range(n), desc="null-text optimisation", disable=not progress, leave=False):
+            k = n - i
+            start = time.perf_counter()
+            step = optimise_null_step(model, schedule, k, z, trajectory[k - 1 : k].to(model.device), embedding,
+                                      null, i, options)
+            report = inversion.steps[k - 1]  # the inversion step at the same timestep carries the cost
+            report.seconds += time.perf_counter() - start
+            report.iterations, report.gradient_calls = step.adam_steps, step.adam_steps
+            report.network_calls += step.forwards
+            z, null = step.latent, step.embedding
+            nulls.append(null)
+    return replace(inversion, method="null_text", settings=asdict(options), guidance_scale=options.guidance,
+                   uncond_embeddings=torch.cat(nulls))

@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from spdinv.cli import main
+
+PROMPT = "a large red circle in the centre on a white background"
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def invert_args(image, out, model, *extra):
+    return ["invert", image, "--prompt", PROMPT, "--model", model, "--out", out, "--steps", "4", "--quiet", *extra]
+
+
+def test_invert_writes_every_output(tmp_path, tiny_dir, red_circle, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run(invert_args(red_circle, out, tiny_dir, "--K", "3"), capsys)
+    assert code == 0 and "noise error" in stdout
+    assert {p.name for p in out.iterdir()} == {"z_T.safetensors", "trajectory.safetensors", "diagnostics.json",
+                                               "config.json", "reconstruction.png", "residuals.png", "source.png"}
+    trajectory = load_file(out / "trajectory.safetensors")["trajectory"]
+    assert trajectory.shape == (5, 4, 8, 8)
+    diagnostics = json.loads((out / "diagnostics.json").read_text())
+    assert len(diagnostics["steps"]) == 4 and diagnostics["noise_error"] > 0
+    assert {"residual_before", "residual_after", "iterations", "network_calls", "seconds"} <= set(diagnostics["steps"][0])
+    config = json.loads((out / "config.json").read_text())
+    assert config["K"] == 3 and config["method"] == "spdinv" and config["prompt"] == PROMPT
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_same_seed_identical_files(tmp_path, tiny_dir, red_circle, capsys):
+    for name in ("a", "b"):
+        assert run(invert_args(red_circle, tmp_path / name, tiny_dir, "--K", "2", "--seed", "7"), capsys)[0] == 0
+    for file in ("z_T.safetensors", "trajectory.safetensors"):
+        a, b = load_file(tmp_path / "a" / file), load_file(tmp_path / "b" / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "make_bad, message",
+    [
+        (lambda d: ("missing.png", []), "image not found"),
+        (lambda d: (d / "notes.txt", []), "not a readable image"),
+        (lambda d: (d / "img.png", ["--method", "magic"]), "valid: ddim"),
+        (lambda d: (d / "img.png", ["--K", "0"]), "--K"),
+        (lambda d: (d / "img.png", ["--lr", "-0.1"]), "--lr"),
+        (lambda d: (d / "img.png", ["--delta", "0"]), "--delta"),
+        (lambda d: (d / "img.png", ["--steps", "0"]), "--steps"),
+        (lambda d: (d / "img.png", ["--method", "ddim", "--K", "5"]), "do not apply to ddim"),
+        (lambda d: (d / "img.png", ["--optimizer", "lbfgs"]), "unknown optimizer"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, tiny_dir, red_circle, capsys, make_bad, message):
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.open(red_circle).save(tmp_path / "img.png")
+    image, extra = make_bad(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = run(invert_args(tmp_path / image if isinstance(image, str) else image, out, tiny_dir, *extra), capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_empty_prompt_and_output_path_that_is_a_file(tmp_path, tiny_dir, red_circle, capsys):
+    code, _, err = run(["invert", red_circle, "--prompt", " ", "--model", tiny_dir, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "prompt is empty" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    code, _, err = run(invert_args(red_circle, blocker, tiny_dir), capsys)
+    assert code == 2 and "is a file" in err and len(err.strip().splitlines()) == 1
+    assert blocker.read_text() == "keep me"
+
+
+def test_failure_leaves_existing_outputs_untouched(tmp_path, tiny_dir, red_circle, capsys, monkeypatch):
+    out = tmp_path / "out"
+    assert run(invert_args(red_circle, out, tiny_dir, "--K", "2"), capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import spdinv.export
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(spdinv.export, "plot_residuals", explode)
+    with pytest.raises(RuntimeError):
+        main([str(a) for a in invert_args(red_circle, out, tiny_dir, "--K", "3")])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("mode, size, note", [("RGBA", (64, 64), "transparency"), ("L", (64, 64), "mode L"),
+                                              ("RGB", (90, 50), "centre-cropped")])
+def test_odd_images_are_converted_with_a_notice(tmp_path, tiny_dir, capsys, mode, size, note):
+    array = np.random.default_rng(0).integers(0, 255, (size[1], size[0], len(mode)), dtype=np.uint8)
+    path = tmp_path / "odd.png"
+    Image.fromarray(array.squeeze(), mode).save(path)
+    code, _, err = run(invert_args(path, tmp_path / "out", tiny_dir, "--method", "ddim"), capsys)
+    assert code == 0 and note in err
+    assert Image.open(tmp_path / "out" / "source.png").size == (32, 32)
