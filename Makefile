@@ -19,4 +19,5 @@ test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/pytest
 
 demo: setup
-	$(BIN)/spdinv invert examples/red-circle.png --prompt "a large red circle in the centre on a white background" --out spdinv-out/demo
+	$(BIN)/spdinv edit examples/red-circle.png --source "a large red circle in the centre on a white background" \
+		--target "a large blue circle in the centre on a white background" --blend "red blue" --out spdinv-out/demo

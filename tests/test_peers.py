@@ -7,13 +7,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import spdinv.sampling
 from spdinv.cli import main
 from spdinv.errors import SpdinvError
 from spdinv.export import load_inversion, save_inversion
 from spdinv.inversion import METHODS, invert
 from spdinv.inversion.aidi import AIDIOptions, anderson_update, solve_anderson
-from spdinv.sampling import reconstruct_latent, reconstruction_error
+from spdinv.sampling import loop, reconstruction_error, source_branch
 
 PROMPT = "a large red circle in the centre on a white background"
 STEPS = 10
@@ -64,6 +63,16 @@ def test_null_text_early_stop_keeps_the_measured_embedding(tiny, image):
     assert torch.equal(nti.uncond_embeddings, tiny.encode_prompt("").expand(4, -1, -1))
 
 
+def test_null_text_non_finite_loss_keeps_the_initial_embedding():
+    from spdinv.inversion.null_text import fit_null
+
+    losses = iter([1.0, 0.5, float("nan")])
+    start = torch.zeros(1, 3, 2)
+    fit = fit_null(lambda null: null.sum() * 0 + next(losses), start, lr=0.1, inner_steps=10, threshold=0.0)
+    assert "non-finite" in fit.warning and fit.adam_steps == 2 and fit.forwards == 3
+    assert torch.equal(fit.embedding, start)
+
+
 def test_negative_prompt_samples_with_the_source_prompt_as_negative(tiny, inversions):
     npi, ddim = inversions["negative_prompt"], inversions["ddim"]
     assert npi.source_as_uncond and npi.guidance_scale == 7.5
@@ -72,21 +81,12 @@ def test_negative_prompt_samples_with_the_source_prompt_as_negative(tiny, invers
     assert npi.reconstruction_error == pytest.approx(ddim.reconstruction_error, rel=1e-4)
 
 
-def test_direct_inversion_source_branch_walks_the_inverted_trajectory(tiny, inversions, monkeypatch):
+def test_direct_inversion_source_branch_walks_the_inverted_trajectory(tiny, inversions):
     direct = inversions["direct"]
     assert direct.source_offsets.shape == (STEPS, *direct.z_0.shape[1:])
     assert direct.source_offsets.abs().max() > 1e-3  # guided sampling alone would drift
-    visited = []
-    real_step = spdinv.sampling.ddim_step
-
-    def recording_step(z, *args):
-        visited.append(z.clone())
-        return real_step(z, *args)
-
-    monkeypatch.setattr(spdinv.sampling, "ddim_step", recording_step)
-    visited.append(reconstruct_latent(tiny, direct))
-    sampled = torch.cat(visited).flip(0)  # latent 0 ... latent n
-    assert torch.allclose(sampled, direct.trajectory, rtol=0, atol=1e-5)
+    latents = loop(tiny, direct.schedule, direct.z_T, [source_branch(tiny, direct)])  # sampling order
+    assert torch.allclose(latents[:, 0].flip(0), direct.trajectory, rtol=0, atol=1e-5)
     assert all(s.network_calls == 1 + 2 for s in direct.steps)
 
 
@@ -124,9 +124,9 @@ def test_window_one_is_a_damped_step():
 def test_aidi_non_finite_residual_falls_back_to_best_iterate():
     calls = []
 
-    def f(z):  # a contraction until the fourth evaluation, then NaN
+    def f(z):  # a nonlinear contraction until the fourth evaluation, then NaN
         calls.append(1)
-        return 0.5 * z + (float("nan") if len(calls) >= 4 else 0.0)
+        return 0.5 * torch.tanh(z) + 0.1 + (float("nan") if len(calls) >= 4 else 0.0)
 
     result = solve_anderson(f, torch.ones(1, 4, 2, 2), AIDIOptions(iterations=10))
     assert "non-finite" in result.warning
@@ -162,8 +162,16 @@ def test_cli_writes_the_side_information(tiny_dir, red_circle, tmp_path, method)
     with safe_open(out / "trajectory.safetensors", "pt") as handle:
         names, metadata = set(handle.keys()), handle.metadata()
     assert {"uncond_embeddings", "source_offsets"} & names == ({side} if side else set())
-    assert (metadata["method"], metadata["guidance_scale"], metadata["source_as_uncond"]) == (method, guidance, source_as_uncond)
+    saved = (metadata["method"], metadata["guidance_scale"], metadata["source_as_uncond"])
+    assert saved == (method, guidance, source_as_uncond)
     assert json.loads((out / "diagnostics.json").read_text())["method"] == method
+
+
+def test_cli_help_lists_every_method_and_option(capsys):
+    assert main(["invert", "--help"]) == 0
+    text = capsys.readouterr().out
+    for word in (*METHODS, "--guidance", "--inner-steps", "--window", "--damping", "--iterations", "--tol"):
+        assert word in text
 
 
 def test_cli_method_options_reach_the_method(tiny_dir, red_circle, tmp_path):

@@ -8,7 +8,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import SpdinvError
+# Before anything imports transformers: its optional-dependency notices are not for CLI users.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from .errors import SpdinvError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,18 +58,23 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     spd.add_argument("--delta", type=_positive_float, default=None, help="early-stop threshold on the mean squared residual (default 5e-6)")
     spd.add_argument("--optimizer", default=None, help="adamw (default), adam or sgd")
     guided = parser.add_argument_group("null_text, negative_prompt and direct options")
-    guided.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, >= 1 (default 7.5)")
+    guided.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale, >= 1 (default 7.5)")
     nti = parser.add_argument_group("null_text options (and --lr)")
     nti.add_argument("--inner-steps", type=int, default=None, help="most Adam steps per timestep (default 10)")
-    nti.add_argument("--lr-decay", type=float, default=None, help="lr at sampling step i is lr*(1 - lr_decay*i) (default 0.01)")
-    nti.add_argument("--early-stop", type=float, default=None, help="stop a step once its loss < early_stop + i*growth (default 1e-5)")
-    nti.add_argument("--early-stop-growth", type=float, default=None, help="growth of that threshold per step (default 2e-5)")
+    nti.add_argument("--lr-decay", type=float, default=None,
+                     help="lr at sampling step i is lr*(1 - lr_decay*i) (default 0.01)")
+    nti.add_argument("--early-stop", type=float, default=None,
+                     help="stop a step once its loss < early_stop + i*growth (default 1e-5)")
+    nti.add_argument("--early-stop-growth", type=float, default=None,
+                     help="growth of that threshold per step (default 2e-5)")
     aidi = parser.add_argument_group("AIDI options")
     aidi.add_argument("--iterations", type=int, default=None, help="most Anderson updates per timestep (default 10)")
-    aidi.add_argument("--window", type=int, default=None, help="iterates Anderson remembers; 1 = damped iteration (default 5)")
+    aidi.add_argument("--window", type=int, default=None,
+                      help="iterates Anderson remembers; 1 = damped iteration (default 5)")
     aidi.add_argument("--damping", type=float, default=None, help="mixing parameter beta in (0, 1] (default 1)")
-    aidi.add_argument("--tol", type=_positive_float, default=None, help="early-stop threshold on the mean squared residual (default 5e-6)")
-
+    aidi.add_argument("--tol", type=_positive_float, default=None,
+                      help="early-stop threshold on the mean squared residual (default 5e-6)")
 
 INVERSION_OPTIONS = ("K", "lr", "delta", "optimizer", "guidance", "inner_steps", "lr_decay", "early_stop",
                      "early_stop_growth", "iterations", "window", "damping", "tol")
@@ -100,9 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--out", type=Path, default=Path("spdinv-out"), help="output folder (default ./spdinv-out)")
     invert.set_defaults(run=run_invert)
 
+    from .editing.command import add_edit_parser
+
+    add_edit_parser(sub)
     from .world.command import add_world_parser
 
     add_world_parser(sub)
+    from .bench.command import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,4 +1,6 @@
-"""DDIM sampling back from an inversion: the source branch and the reconstruction it gives."""
+"""DDIM sampling from z_T: a batch of branches with per-branch classifier-free guidance and
+per-step hooks (guided-diffusion style: `step` does one step, `loop` runs them all). One branch
+with the source prompt is the reconstruction; editing (`spdinv.editing`) samples [source, target]."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from tqdm.auto import tqdm
 from .images import psnr
 from .inversion.base import Inversion
 from .model import DiffusionModel
-from .schedule import ddim_step
+from .schedule import DDIMSchedule, ddim_step
 
 
 def source_uncond(model: DiffusionModel, inversion: Inversion, i: int) -> Tensor:
@@ -24,23 +26,115 @@ def source_uncond(model: DiffusionModel, inversion: Inversion, i: int) -> Tensor
     return model.encode_prompt("")
 
 
+@dataclass
+class Branch:
+    """One image being sampled. `uncond` is (1, L, D) or one embedding per sampling step (n, L, D);
+    `offsets` (n, C, H, W) are added after each step (DirectInversion); with `pin` (an inverted
+    trajectory, latent 0 = clean) the latent is reset onto the trajectory after each step."""
+
+    embedding: Tensor
+    guidance_scale: float = 1.0
+    uncond: Tensor | None = None
+    offsets: Tensor | None = None
+    pin: Tensor | None = None
+
+    def uncond_at(self, i: int) -> Tensor:
+        if self.uncond is None:
+            raise ValueError("a guided branch needs an unconditional embedding")
+        return self.uncond[i : i + 1] if self.uncond.shape[0] > 1 else self.uncond
+
+
+class StepHooks:
+    """Per-step callbacks of `step`: `guide` may replace classifier-free guidance (None keeps it);
+    `end_step` sees, and may change, the latents after the DDIM step."""
+
+    def begin_step(self, i: int, t: int, z: Tensor) -> None:
+        pass
+
+    def guide(self, i: int, t: int, eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor | None:
+        return None
+
+    def end_step(self, i: int, t: int, z: Tensor) -> Tensor:
+        return z
+
+
+NO_HOOKS = StepHooks()
+
+
+def source_branch(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None) -> Branch:
+    """The branch that samples the source image back as the inversion prescribes: its guidance
+    scale, per-step null embeddings or source-as-unconditional, and source-branch offsets."""
+    scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
+    if inversion.uncond_embeddings is not None:
+        uncond = inversion.uncond_embeddings.to(model.device)
+    else:
+        uncond = source_uncond(model, inversion, 0).to(model.device)
+    offsets = inversion.source_offsets
+    return Branch(inversion.prompt_embedding.to(model.device), scale, uncond,
+                  None if offsets is None else offsets.to(model.device))
+
+
+def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i: int) -> tuple[Tensor | None, Tensor]:
+    """(eps_uncond, eps_cond) of every branch from one UNet call on the batch [uncond..., cond...];
+    eps_uncond is None (and the batch only the conditional half) when no branch is guided."""
+    cond = torch.cat([b.embedding for b in branches])
+    if all(b.guidance_scale == 1.0 for b in branches):
+        return None, model.eps(z, t, cond)
+    uncond = torch.cat([b.uncond_at(i) for b in branches])
+    eps_uncond, eps_cond = model.eps(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+    return eps_uncond, eps_cond
+
+
+def guided(eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor:
+    """Classifier-free guidance per branch (scales: (B, 1, 1, 1)); scale 1 gives eps_cond exactly."""
+    if eps_uncond is None:
+        return eps_cond
+    return torch.where(scales == 1.0, eps_cond, eps_uncond + scales * (eps_cond - eps_uncond))
+
+
+def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branches: list[Branch],
+         hooks: StepHooks = NO_HOOKS) -> Tensor:
+    """DDIM sampling step i (0 = the step from z_T) of every branch: eps, guidance, the DDIM
+    update, offsets and pins, then the hooks' end_step."""
+    k = schedule.num_steps - i
+    t = schedule.timesteps[k - 1]
+    hooks.begin_step(i, t, z)
+    eps_uncond, eps_cond = predict(model, z, t, branches, i)
+    scales = torch.tensor([b.guidance_scale for b in branches], dtype=z.dtype, device=z.device).view(-1, 1, 1, 1)
+    eps = hooks.guide(i, t, eps_uncond, eps_cond, scales)
+    if eps is None:
+        eps = guided(eps_uncond, eps_cond, scales)
+    z = ddim_step(z, eps, schedule.abar(k), schedule.abar(k - 1))
+    rows = []
+    for b, branch in enumerate(branches):
+        row = z[b : b + 1]
+        if branch.offsets is not None:
+            row = row + branch.offsets[i : i + 1].to(row)
+        if branch.pin is not None:
+            row = branch.pin[k - 1 : k].to(row)
+        rows.append(row)
+    return hooks.end_step(i, t, torch.cat(rows))
+
+
 @torch.no_grad()
+def loop(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: list[Branch],
+         hooks: StepHooks = NO_HOOKS, *, progress: bool = False, desc: str = "sample") -> Tensor:
+    """Every sampling step from z_T for every branch; returns the latents (n + 1, B, C, H, W) in
+    sampling order (index 0: z_T, index n: the clean latents)."""
+    z = z_T.to(model.device).float().expand(len(branches), *z_T.shape[1:]).clone()
+    latents = [z]
+    for i in tqdm(range(schedule.num_steps), desc=desc, disable=not progress, leave=False):
+        z = step(model, schedule, i, z, branches, hooks)
+        latents.append(z)
+    return torch.stack(latents)
+
+
 def reconstruct_latent(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None,
                        progress: bool = False) -> Tensor:
     """Sample z_0 back from z_T with the source prompt, using what the inversion prescribes
-    (its guidance scale, null embeddings, source-branch offsets)."""
-    schedule = inversion.schedule
-    guidance = inversion.guidance_scale if guidance_scale is None else guidance_scale
-    z = inversion.z_T.to(model.device)
-    n = schedule.num_steps
-    for i in tqdm(range(n), desc="reconstruct", disable=not progress, leave=False):
-        k = n - i
-        uncond = source_uncond(model, inversion, i) if guidance != 1.0 else None
-        eps = model.eps(z, schedule.timesteps[k - 1], inversion.prompt_embedding, guidance, uncond)
-        z = ddim_step(z, eps, schedule.abar(k), schedule.abar(k - 1))
-        if inversion.source_offsets is not None:
-            z = z + inversion.source_offsets[i : i + 1].to(z)
-    return z
+    (its guidance scale, null embeddings, source-branch offsets): `loop` with one branch."""
+    branch = source_branch(model, inversion, guidance_scale)
+    return loop(model, inversion.schedule, inversion.z_T, [branch], progress=progress, desc="reconstruct")[-1]
 
 
 def reconstruction_error(model: DiffusionModel, inversion: Inversion, **kwargs) -> float:

@@ -37,7 +37,8 @@ class Method:
 METHODS: dict[str, Method] = {
     "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion (1 call/step)"),
     "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search by gradient descent (ECCV 2024)"),
-    "null_text": Method(null_text, NullTextOptions, "null-text inversion, per-step Adam on the null embedding (CVPR 2023)"),
+    "null_text": Method(null_text, NullTextOptions,
+                        "null-text inversion, per-step Adam on the null embedding (CVPR 2023)"),
     "negative_prompt": Method(negative_prompt, NegativePromptOptions,
                               "negative-prompt inversion, source prompt as the unconditional one (2023)"),
     "direct": Method(direct, DirectOptions, "DirectInversion, source-branch offsets (ICLR 2024)"),

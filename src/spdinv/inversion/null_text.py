@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,49 +50,64 @@ class NullTextOptions:
 
 
 @dataclass
-class NullStep:
-    """One sampling step's outcome: the optimised null embedding, the advanced latent, the cost."""
+class NullFit:
+    """One timestep's fit: the null embedding to sample with and what finding it cost."""
 
     embedding: Tensor
-    latent: Tensor
     adam_steps: int
     forwards: int
+    warning: str = ""
 
 
 def guided(eps_uncond: Tensor, eps_cond: Tensor, guidance: float) -> Tensor:
     return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
-def optimise_null_step(model: DiffusionModel, schedule: DDIMSchedule, k: int, z: Tensor, target: Tensor,
-                       embedding: Tensor, null: Tensor, i: int, options: NullTextOptions) -> NullStep:
-    """Sampling step i (latent k -> k-1): fit `null` so the guided DDIM step from z hits `target`,
-    then take that step. The conditional eps is computed once; each Adam step costs one forward
-    and one backward of the unconditional half."""
-    t, abar_t, abar_prev = schedule.timesteps[k - 1], schedule.abar(k), schedule.abar(k - 1)
-    with torch.no_grad():
-        eps_cond = model.eps(z, t, embedding)
-    null = null.detach().clone().requires_grad_(True)
-    lr = options.lr * (1 - options.lr_decay * i)
-    inner_steps = options.inner_steps if lr > 0 else 0
-    optimizer = torch.optim.Adam([null], lr=max(lr, 0.0))
-    threshold = options.early_stop + i * options.early_stop_growth
+def fit_null(loss_of: Callable[[Tensor], Tensor], null: Tensor, lr: float, inner_steps: int,
+             threshold: float) -> NullFit:
+    """Up to `inner_steps` Adam steps on `loss_of(null)`. The loss is checked before stepping, so a
+    met criterion keeps the measured embedding (the reference code steps once more, then checks
+    the loss of the embedding before that step). A non-finite loss restores the initial embedding."""
+    start = null.detach()
+    null = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([null], lr=lr)
     forwards = adam_steps = 0
     for _ in range(inner_steps):
-        eps = guided(model.eps(z, t, null), eps_cond, options.guidance)
-        loss = F.mse_loss(ddim_step(z, eps, abar_t, abar_prev), target)
+        loss = loss_of(null)
         forwards += 1
-        # Checked before stepping, so a met criterion keeps the measured embedding (the
-        # reference code steps once more and checks the loss of the previous embedding).
-        if float(loss.detach()) < threshold:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return NullFit(start, adam_steps, forwards,
+                           f"non-finite loss after {adam_steps} Adam steps; kept the step's initial null embedding")
+        if value < threshold:
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         adam_steps += 1
-    null = null.detach()
+    return NullFit(null.detach(), adam_steps, forwards)
+
+
+def null_step(model: DiffusionModel, schedule: DDIMSchedule, k: int, z: Tensor, target: Tensor,
+              embedding: Tensor, null: Tensor, i: int, options: NullTextOptions) -> tuple[NullFit, Tensor]:
+    """Sampling step i (latent k -> k-1): fit the null embedding so that the guided DDIM step from
+    z lands on `target`, then take that step. The conditional eps is computed once, so each Adam
+    step costs one forward and one backward of the unconditional half; the step costs two more."""
+    t, abar_t, abar_prev = schedule.timesteps[k - 1], schedule.abar(k), schedule.abar(k - 1)
     with torch.no_grad():
-        latent = ddim_step(z, guided(model.eps(z, t, null), eps_cond, options.guidance), abar_t, abar_prev)
-    return NullStep(embedding=null, latent=latent, adam_steps=adam_steps, forwards=forwards + 2)
+        eps_cond = model.eps(z, t, embedding)
+
+    def landing_error(candidate: Tensor) -> Tensor:
+        eps = guided(model.eps(z, t, candidate), eps_cond, options.guidance)
+        return F.mse_loss(ddim_step(z, eps, abar_t, abar_prev), target)
+
+    lr = options.lr * (1 - options.lr_decay * i)
+    threshold = options.early_stop + i * options.early_stop_growth
+    fit = fit_null(landing_error, null, max(lr, 0.0), options.inner_steps if lr > 0 else 0, threshold)
+    fit.forwards += 2
+    with torch.no_grad():
+        latent = ddim_step(z, guided(model.eps(z, t, fit.embedding), eps_cond, options.guidance), abar_t, abar_prev)
+    return fit, latent
 
 
 def null_text(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
@@ -106,13 +122,14 @@ def null_text(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DD
         for i in tqdm(range(n), desc="null-text optimisation", disable=not progress, leave=False):
             k = n - i
             start = time.perf_counter()
-            step = optimise_null_step(model, schedule, k, z, trajectory[k - 1 : k].to(model.device), embedding,
-                                      null, i, options)
+            fit, z = null_step(model, schedule, k, z, trajectory[k - 1 : k].to(model.device), embedding, null, i,
+                               options)
             report = inversion.steps[k - 1]  # the inversion step at the same timestep carries the cost
             report.seconds += time.perf_counter() - start
-            report.iterations, report.gradient_calls = step.adam_steps, step.adam_steps
-            report.network_calls += step.forwards
-            z, null = step.latent, step.embedding
+            report.iterations = report.gradient_calls = fit.adam_steps
+            report.network_calls += fit.forwards
+            report.warning = "; ".join(w for w in (report.warning, fit.warning) if w)
+            null = fit.embedding
             nulls.append(null)
     return replace(inversion, method="null_text", settings=asdict(options), guidance_scale=options.guidance,
                    uncond_embeddings=torch.cat(nulls))

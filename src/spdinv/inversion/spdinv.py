@@ -82,5 +82,7 @@ def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMS
 
     trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method="spdinv", diagnose=diagnose,
                                       progress=progress)
+    # The official code edits with the source prompt's embedding as the unconditional one (its
+    # invert() returns it as the per-step "null" embeddings); guidance 1 reconstructions ignore it.
     return Inversion("spdinv", trajectory, schedule, embedding, steps, settings=asdict(options),
-                     noise_error=noise_error(steps) if diagnose else None)
+                     source_as_uncond=True, noise_error=noise_error(steps) if diagnose else None)

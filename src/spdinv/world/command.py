@@ -20,6 +20,7 @@ def add_world_parser(sub) -> None:
     train = actions.add_parser("train", help="train the shapes-world SD model from scratch (resumable)")
     train.add_argument("--work", type=Path, required=True, help="checkpoints and caches")
     train.add_argument("--out", type=Path, required=True, help="where the diffusers folder is written")
+    train.add_argument("--export-only", action="store_true", help="write the latest checkpoint (EMA weights) to --out and stop")
     from .train import TrainConfig
 
     for name, value in asdict(TrainConfig()).items():
@@ -46,4 +47,8 @@ def run_train(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
-    Trainer(args.work, config).run(args.out)
+    trainer = Trainer(args.work, config)
+    if args.export_only:
+        trainer.export_checkpoint(args.out)
+    else:
+        trainer.run(args.out)

@@ -233,18 +233,29 @@ class Trainer:
         images = self.images(scenes)
         if self.state["phase"] == "vae":
             self.train_vae(images, resume)
-            self.vae.eval()
-            mean, std = self.encode_all(images)
+        self.vae.eval()
+        mean, std = self.encode_all(images)
+        if self.state["phase"] == "vae":
             self.state.update(phase="unet", step=0, scaling_factor=float(1.0 / mean.std()))
             log.info("latent std %.4f -> scaling factor %.4f", float(mean.std()), self.state["scaling_factor"])
             self.save_checkpoint({})
             resume = None
-        self.vae.eval()
-        mean, std = self.encode_all(images)
         ema = self.train_unet(scenes, mean, std, resume)
         ema.copy_to(list(self.unet.parameters()) + list(self.text_encoder.parameters()))
         self.state["phase"] = "done"
         self.save_checkpoint({})
+        return self.save_pipeline(out_dir)
+
+    def export_checkpoint(self, out_dir: Path) -> Path:
+        """Save the latest checkpoint (with its EMA weights) as a pipeline without training further."""
+        payload = self.load_checkpoint()
+        if payload is None or self.state["scaling_factor"] is None:
+            raise RuntimeError(f"no UNet-phase checkpoint in {self.work_dir}")
+        if "ema" in payload:
+            params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+            ema = EMAModel(params, decay=self.config.ema_decay)
+            ema.load_state_dict(payload["ema"])
+            ema.copy_to(params)
         return self.save_pipeline(out_dir)
 
     def save_pipeline(self, out_dir: Path) -> Path:

@@ -1,0 +1,136 @@
+"""Quality gates of the embedded shapes-world model (numbers go to docs/model-card.md).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/world_model_quality.py [--model DIR] [--json out.json]
+
+Measures on scenes that are not in the training set (seed 0's 20000 scenes are excluded):
+attribute-classifier accuracy, VAE reconstruction PSNR, generation accuracy (50 DDIM steps,
+guidance 7.5, stock diffusers StableDiffusionPipeline) for one- and two-object captions, and
+DDIM / SPDInv inversion + reconstruction PSNR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import numpy as np
+import torch
+
+from spdinv.images import psnr
+from spdinv.inversion import invert
+from spdinv.model import load_model
+from spdinv.sampling import reconstruct
+from spdinv.world.captions import Phrasing, caption
+from spdinv.world.classifier import compare, load_classifier, read_scenes, to_input
+from spdinv.world.render import render, render_array
+from spdinv.world.scene import random_scene
+from spdinv.world.train import TrainConfig
+
+
+def held_out_scenes(n: int, seed: int, n_objects: int | None = None):
+    training = set(TrainerScenes.get())
+    rng = random.Random(seed)
+    scenes = []
+    while len(scenes) < n:
+        scene = random_scene(rng, n_objects)
+        if scene not in training:
+            scenes.append(scene)
+    return scenes
+
+
+class TrainerScenes:
+    _cache = None
+
+    @classmethod
+    def get(cls):
+        if cls._cache is None:
+            config = TrainConfig()
+            rng = random.Random(config.seed)
+            cls._cache = [random_scene(rng) for _ in range(config.n_scenes)]
+        return cls._cache
+
+
+def accuracy(flags: list[dict], keys) -> dict[str, float]:
+    return {k: float(np.mean([f[k] for f in flags])) for k in keys}
+
+
+def classifier_accuracy(classifier, n: int) -> dict:
+    scenes = held_out_scenes(n, seed=101)
+    images = to_input(np.stack([render_array(s) for s in scenes]))
+    flags = [compare(r, s) for r, s in zip(read_scenes(classifier, images), scenes)]
+    return accuracy(flags, ("shape", "colour", "size", "material", "style", "background", "background_kind", "count", "all"))
+
+
+def vae_psnr(model, n: int) -> float:
+    scenes = held_out_scenes(n, seed=102)
+    images = to_input(np.stack([render_array(s) for s in scenes]))
+    values = [psnr(model.decode(model.encode_image(x[None])), x[None]) for x in images]
+    return float(np.mean(values))
+
+
+def generation_accuracy(folder, classifier, n: int, n_objects: int, batch: int = 25) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    scenes = held_out_scenes(n, seed=200 + n_objects, n_objects=n_objects)
+    rng = random.Random(7)
+    prompts = [caption(s, Phrasing.random(rng)) for s in scenes]
+    flags = []
+    generator = torch.Generator().manual_seed(1234)
+    for i in range(0, n, batch):
+        out = pipe(prompts[i:i + batch], num_inference_steps=50, guidance_scale=7.5, generator=generator,
+                   output_type="pt").images
+        readings = read_scenes(classifier, out * 2 - 1)
+        flags += [compare(r, s) for r, s in zip(readings, scenes[i:i + batch])]
+    for f in flags:
+        f["shape+colour"] = f["shape"] and f["colour"]
+    return accuracy(flags, ("shape", "colour", "shape+colour", "background", "count", "all"))
+
+
+def inversion_psnr(model, n: int, methods=("ddim", "spdinv")) -> dict:
+    scenes = held_out_scenes(n, seed=103)
+    out = {}
+    for method in methods:
+        values, seconds = [], []
+        for scene in scenes:
+            start = time.perf_counter()
+            image = render(scene)
+            inv = invert(model, image, caption(scene), method, 50, progress=False)
+            seconds.append(time.perf_counter() - start)
+            from spdinv.images import to_tensor
+
+            values.append(reconstruct(model, inv, to_tensor(image)).psnr)
+        out[method] = {"psnr": float(np.mean(values)), "min_psnr": float(np.min(values)), "seconds": float(np.mean(seconds))}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n-classifier", type=int, default=2000)
+    parser.add_argument("--n-vae", type=int, default=200)
+    parser.add_argument("--n-generate", type=int, default=200)
+    parser.add_argument("--n-invert", type=int, default=8)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    model = load_model(args.model)
+    classifier = load_classifier()
+    results = {"classifier_accuracy": classifier_accuracy(classifier, args.n_classifier)}
+    print("classifier", results["classifier_accuracy"], flush=True)
+    results["vae_psnr"] = vae_psnr(model, args.n_vae)
+    print("vae psnr", results["vae_psnr"], flush=True)
+    for k in (1, 2):
+        results[f"generation_{k}_object"] = generation_accuracy(model.name, classifier, args.n_generate, k)
+        print(f"generation {k}-object", results[f"generation_{k}_object"], flush=True)
+    results["inversion"] = inversion_psnr(model, args.n_invert)
+    print("inversion", results["inversion"], flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""`spdinv bench`: every image x inversion x engine of a PIE-Bench-format folder, one CSV row each.
+
+Resumable: rows already in results.csv or in a part file are skipped. Under torchrun each rank
+takes every world_size-th image, appends to its own part file, and rank 0 merges after the others
+are done (see results.py for the durability and ordering rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import SpdinvError
+from ..images import conform_image
+from .datasets import BenchDataset, BenchItem, load_dataset
+from .distributed import ProcessGroup, Shard, current_shard
+from .metrics import EvaluationModels, Evaluator, Sample, parse_metrics
+from .results import ERROR_COLUMN, Key, PartWriter, columns, finished_keys, format_value, merge, part_path, \
+    part_paths, read_rows, write_atomically, RESULTS_FILE
+
+SETTINGS_FILE = "run.json"
+# settings a resumed run must share with the run that wrote the rows it keeps
+IDENTITY_SETTINGS = ("data", "model", "dtype", "steps", "seed", "metrics", "inversion_options", "engine_options")
+
+
+@dataclass
+class BenchOptions:
+    data: Path
+    inversions: list[str]
+    engines: list[str]
+    out: Path = Path("bench-out")
+    categories: list[str] | None = None
+    limit: int | None = None
+    model: str | None = None  # diffusers folder or hub id; None: the embedded model
+    device: str = "cpu"
+    dtype: str = "float32"
+    steps: int = 50
+    seed: int = 1234  # PIE-Bench's protocol seed
+    metrics: list[str] = field(default_factory=lambda: parse_metrics(None))
+    evaluation: EvaluationModels = field(default_factory=EvaluationModels)
+    inversion_options: dict = field(default_factory=dict)  # applied to the methods they fit
+    engine_options: dict = field(default_factory=dict)
+    save_diagnostics: bool = True
+    save_images: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Job:
+    item: BenchItem
+    inversion: str
+    engine: str
+
+    @property
+    def key(self) -> Key:
+        return self.item.id, self.inversion, self.engine
+
+    @property
+    def name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.item.id}__{self.inversion}__{self.engine}")
+
+
+@dataclass
+class EditRequest:
+    """Everything an edit function gets for one job."""
+
+    model: object  # spdinv.model.DiffusionModel
+    image: Image.Image  # the source, conformed to the model's size
+    item: BenchItem
+    inversion: str
+    engine: str
+    steps: int
+    seed: int
+    inversion_options: dict
+    engine_options: dict
+    diagnose: bool = True  # the inversion's residuals and reconstruction error are wanted
+
+
+@dataclass
+class EditOutcome:
+    edited: Image.Image
+    inversion: object | None = None  # spdinv.inversion.Inversion
+    seconds: float | None = None  # inversion + editing time, if the edit function knows it better than wall time
+
+
+EditFunction = Callable[[EditRequest], EditOutcome]
+
+
+@dataclass
+class BenchSummary:
+    results: Path | None  # None on ranks other than 0
+    computed: int
+    skipped: int
+    failed: int
+    missing: list[str]
+    notices: list[str]
+    seconds: float
+
+    def __str__(self) -> str:
+        where = f" -> {self.results}" if self.results else ""
+        return (f"{self.computed} rows computed, {self.skipped} already done, {self.failed} failed "
+                f"in {self.seconds:.1f} s{where}")
+
+
+# ---------------------------------------------------------------- the default edit: spdinv.editing
+
+
+class SpdinvEdit:
+    """The default edit function: spdinv.editing.edit with PIE-Bench's per-item settings (the blend
+    words for engines that take them). Each image is inverted once per method, with diagnostics,
+    and the inversion reused by every engine (jobs come image by image)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple, object] | None = None
+
+    def __call__(self, request: EditRequest) -> EditOutcome:
+        from ..editing import edit
+        from ..images import to_pil
+
+        inversion = self.invert(request)
+        result = edit(request.model, request.image, request.item.source_prompt, request.item.target_prompt,
+                      inversion=inversion, engine=request.engine, num_steps=request.steps, seed=request.seed,
+                      **engine_arguments(request.engine, request.engine_options, request.item))
+        return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"])
+
+    def invert(self, request: EditRequest):
+        from ..inversion import invert
+
+        key = (request.item.id, request.inversion, request.steps, request.seed, id(request.model))
+        if self._last is None or self._last[0] != key:
+            options = method_arguments(request.inversion, request.inversion_options)
+            self._last = key, invert(request.model, request.image, request.item.source_prompt, request.inversion,
+                                     request.steps, seed=request.seed, diagnose=request.diagnose, progress=False,
+                                     **options)
+        return self._last[1]
+
+
+def method_arguments(method: str, options: dict) -> dict:
+    """The inversion options that apply to this method (the others are for other methods)."""
+    from ..inversion import get_method
+
+    fields = {f.name for f in dataclasses.fields(get_method(method).options)}
+    return {k: v for k, v in options.items() if k in fields}
+
+
+def engine_arguments(engine: str, options: dict, item: BenchItem | None = None) -> dict:
+    """The options that apply to this engine or to the sampler, plus the item's blend words for an
+    engine that takes them (unless given explicitly)."""
+    from ..editing import SamplerOptions, get_engine
+
+    fields = {f.name for f in dataclasses.fields(get_engine(engine).options)}
+    fields |= {f.name for f in dataclasses.fields(SamplerOptions)}
+    arguments = {k: v for k, v in options.items() if k in fields}
+    if item is not None and item.blend_words and "blend" in fields and "blend" not in options:
+        arguments["blend"] = item.blend_words
+    return arguments
+
+
+# ---------------------------------------------------------------- running
+
+
+def plan_jobs(items: list[BenchItem], inversions: list[str], engines: list[str]) -> list[Job]:
+    """The canonical order: dataset order, then --inversion order, then --engine order."""
+    return [Job(item, inversion, engine) for item in items for inversion in inversions for engine in engines]
+
+
+def run_benchmark(options: BenchOptions, edit_fn: EditFunction | None = None, model=None,
+                  shard: Shard | None = None) -> BenchSummary:
+    """Run (or resume) a benchmark; under torchrun every rank calls this and rank 0 merges."""
+    start = time.perf_counter()
+    shard = shard or current_shard()
+    check_names(options)
+    dataset = load_dataset(options.data).select(options.categories, options.limit)
+    if not dataset.items:
+        raise SpdinvError(f"no items to run in {options.data} (categories {options.categories}, limit {options.limit})")
+    header = columns(options.metrics)
+    options.out.mkdir(parents=True, exist_ok=True)
+    check_settings(options, shard)
+    jobs = plan_jobs(dataset.items, options.inversions, options.engines)
+    done = finished_keys(options.out, header)
+    owned = plan_jobs(shard.take(dataset.items), options.inversions, options.engines)
+    mine = [job for job in owned if job.key not in done]
+    say = _printer(shard)
+    _report_missing(dataset, options.out, shard, say)
+
+    with ProcessGroup(shard) as group:
+        computed = failed = 0
+        notices: list[str] = []
+        if mine:
+            evaluator = Evaluator(options.metrics, dataclasses.replace(options.evaluation, device=shard.device(options.device)))
+            notices = evaluator.notices
+            for notice in notices:
+                say(f"note: {notice}")
+            if model is None:
+                from ..model import load_model
+
+                model = load_model(options.model, device=shard.device(options.device), dtype=options.dtype)
+            computed, failed = _run_jobs(mine, model, evaluator, edit_fn or SpdinvEdit(), options, shard, header)
+        group.barrier()  # every part file is complete
+        own_rows = read_rows(part_path(options.out, shard.rank), header)
+        # the rows travel too, for nodes that share no file system with rank 0
+        gathered = group.gather((own_rows, computed, len(owned) - len(mine), failed)) or []
+        results = None
+        if shard.is_main:
+            results = merge(options.out, header, [job.key for job in jobs], [r for g in gathered for r in g[0]])
+        group.barrier()  # results.csv is durable: the part files can go
+        _remove_parts(options.out, shard)
+    if shard.is_main:  # the totals over all ranks
+        computed, skipped, failed = (sum(g[i] for g in gathered) for i in (1, 2, 3))
+    else:
+        skipped = len(owned) - len(mine)
+    return BenchSummary(results, computed, skipped, failed, dataset.missing, notices, time.perf_counter() - start)
+
+
+def _run_jobs(jobs: list[Job], model, evaluator: Evaluator, edit_fn: EditFunction, options: BenchOptions,
+              shard: Shard, header: list[str]) -> tuple[int, int]:
+    writer = PartWriter(part_path(options.out, shard.rank), header)
+    failed = 0
+    try:
+        bar = tqdm(jobs, desc=f"bench rank {shard.rank}" if shard.distributed else "bench", unit="edit",
+                   position=shard.rank, disable=not options.progress, dynamic_ncols=True)
+        for job in bar:
+            bar.set_postfix_str(f"{job.item.id} {job.inversion}+{job.engine}", refresh=False)
+            row = run_job(job, model, evaluator, edit_fn, options)
+            failed += bool(row[ERROR_COLUMN])
+            writer.append(row)
+    finally:
+        writer.close()
+    return len(jobs), failed
+
+
+def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, options: BenchOptions) -> dict[str, str]:
+    """Edit one image with one inversion and engine, score it, save its side files; the row.
+    A one-line SpdinvError from the edit is recorded in the row's error column."""
+    item = job.item
+    source = item.load_image()
+    model_input, _ = conform_image(source, model.image_size)
+    diagnose = options.save_diagnostics or bool({"noise_error", "reconstruction_error"} & set(options.metrics))
+    request = EditRequest(model, model_input, item, job.inversion, job.engine, options.steps, options.seed,
+                          options.inversion_options, options.engine_options, diagnose)
+    row = {"id": item.id, "category": item.category, "inversion": job.inversion, "engine": job.engine,
+           ERROR_COLUMN: ""}
+    torch.manual_seed(options.seed)  # each job starts from the same state, whichever rank runs it
+    started = time.perf_counter()
+    try:
+        outcome = edit_fn(request)
+    except SpdinvError as error:
+        row[ERROR_COLUMN] = str(error).splitlines()[0] if str(error) else type(error).__name__
+        row.update({m: "nan" for m in options.metrics})
+        return row
+    seconds = outcome.seconds if outcome.seconds is not None else time.perf_counter() - started
+    edited = outcome.edited.convert("RGB")
+    if edited.size != source.size:
+        edited = edited.resize(source.size, Image.LANCZOS)
+    truth = item.ground_truth
+    sample = Sample(source=source, edited=edited, mask=item.mask(), target_prompt=item.target_prompt,
+                    target=item.load_target(), target_scene=truth.target_scene if truth else None,
+                    inversion=outcome.inversion, edit_seconds=seconds)
+    row.update({name: format_value(value) for name, value in evaluator.evaluate(sample).items()})
+    _save_side_files(job, edited, outcome, options)
+    return row
+
+
+def _save_side_files(job: Job, edited: Image.Image, outcome: EditOutcome, options: BenchOptions) -> None:
+    """Per-step inversion diagnostics (for the report's plots) and, if asked, the edited image;
+    written before the row, so a finished row always has them."""
+    if options.save_diagnostics and hasattr(outcome.inversion, "diagnostics"):
+        folder = options.out / "diagnostics"
+        folder.mkdir(exist_ok=True)
+        diagnostics = {"id": job.item.id, "inversion": job.inversion, "engine": job.engine,
+                       **outcome.inversion.diagnostics()}
+        write_atomically(folder / f"{job.name}.json", json.dumps(diagnostics, default=_jsonable) + "\n")
+    if options.save_images:
+        path = options.out / "images" / f"{job.inversion}+{job.engine}" / job.item.image_path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        edited.save(path)
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+# ---------------------------------------------------------------- checks and bookkeeping
+
+
+def check_names(options: BenchOptions) -> None:
+    """Methods, engines, metrics and options, checked before anything runs (every rank alike)."""
+    from ..editing import get_engine, split_options
+    from ..inversion import get_method, make_options
+
+    if not options.inversions or not options.engines:
+        raise SpdinvError("give at least one --inversion and one --engine")
+    for name in options.inversions:
+        get_method(name)
+    for name in options.engines:
+        get_engine(name)
+    options.metrics = parse_metrics(options.metrics)
+    for key in options.inversion_options:
+        if not any(key in method_arguments(m, options.inversion_options) for m in options.inversions):
+            raise SpdinvError(f"inversion option {key} applies to none of {', '.join(options.inversions)}")
+    for key in options.engine_options:
+        if not any(key in engine_arguments(e, options.engine_options) for e in options.engines):
+            raise SpdinvError(f"engine option {key} applies to none of {', '.join(options.engines)} nor the sampler")
+    for method in options.inversions:  # values checked by the options dataclasses themselves
+        make_options(method, **method_arguments(method, options.inversion_options))
+    for engine in options.engines:
+        arguments = engine_arguments(engine, options.engine_options)
+        split_options(engine, None, arguments)
+
+
+def run_settings(options: BenchOptions) -> dict:
+    return {
+        "data": str(Path(options.data).resolve()),
+        "model": options.model or "embedded shapes-world model",
+        "dtype": options.dtype,
+        "steps": options.steps,
+        "seed": options.seed,
+        "metrics": list(options.metrics),
+        "inversion_options": options.inversion_options,
+        "engine_options": options.engine_options,
+    }
+
+
+def machine() -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def command_line(shard: Shard) -> list[str]:
+    """The command as typed: `spdinv ...`, or the torchrun/accelerate form under several processes."""
+    program = Path(sys.argv[0]).name
+    args = sys.argv[1:] if program in ("spdinv", "__main__.py") else sys.argv
+    prefix = ["spdinv"] if program in ("spdinv", "__main__.py") else []
+    if shard.distributed and prefix:
+        prefix = ["torchrun", f"--nproc-per-node={shard.world_size}", "-m", "spdinv"]
+    return prefix + list(args)
+
+
+def check_settings(options: BenchOptions, shard: Shard) -> None:
+    """A resumed run must match the settings of the rows it keeps; a new one records them."""
+    path = options.out / SETTINGS_FILE
+    settings = run_settings(options)
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        differing = [k for k in IDENTITY_SETTINGS if json.dumps(recorded.get(k)) != json.dumps(settings[k])]
+        if differing:
+            first = differing[0]
+            raise SpdinvError(f"{options.out} holds a run with other settings ({first}: {recorded.get(first)!r} "
+                              f"vs {settings[first]!r}); use another --out")
+        return
+    if shard.is_main or not shard.distributed:
+        record = {**settings, "command": command_line(shard), "world_size": shard.world_size, "machine": machine()}
+        write_atomically(path, json.dumps(record, indent=2) + "\n")
+
+
+def _report_missing(dataset: BenchDataset, out: Path, shard: Shard, say: Callable[[str], None]) -> None:
+    if not dataset.missing:
+        return
+    if shard.is_main:
+        write_atomically(out / "missing.txt", "\n".join(dataset.missing) + "\n")
+    shown = ", ".join(dataset.missing[:10]) + (", ..." if len(dataset.missing) > 10 else "")
+    say(f"note: skipped {len(dataset.missing)} id(s) whose image is missing ({shown}); listed in {out / 'missing.txt'}")
+
+
+def _remove_parts(out: Path, shard: Shard) -> None:
+    """Each rank removes its own part; rank 0 also those of ranks beyond this run's world size
+    (left by an earlier, larger run and merged just now)."""
+    paths = [part_path(out, shard.rank)]
+    if shard.is_main:
+        paths += [p for p in part_paths(out) if int(p.stem.split("-")[1]) >= shard.world_size]
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if shard.is_main and (out / "parts").is_dir() and not any((out / "parts").iterdir()):
+        (out / "parts").rmdir()
+
+
+def _printer(shard: Shard) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if shard.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
+
+
+__all__ = ["BenchOptions", "BenchSummary", "EditOutcome", "EditRequest", "Job", "run_benchmark", "run_job",
+           "plan_jobs", "SpdinvEdit", "RESULTS_FILE"]

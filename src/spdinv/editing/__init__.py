@@ -1,0 +1,169 @@
+"""Text-driven editing of a real image: invert it under the source prompt with any method, then
+sample [source, target] from z_T with any engine (Prompt-to-Prompt, MasaCtrl, Plug-and-Play, or
+none). `edit()` is the one entry point; ENGINES maps engine names to their options and editors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..errors import SpdinvError
+from ..inversion import Inversion, check_prompt, get_method, invert
+from ..model import DiffusionModel
+from .base import Editor, NoEditor, no_editor
+from .cache import InversionCache
+from .masactrl import MasaCtrlOptions, masactrl_editor
+from .p2p import P2POptions, p2p_editor
+from .pnp import PnPOptions, pnp_editor
+from .sampler import SamplerOptions, sample_edit
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """`none` has no options."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    options: type
+    editor: Callable[[DiffusionModel, str, str, object], Editor]
+    summary: str
+
+
+ENGINES: dict[str, Engine] = {
+    "p2p": Engine(P2POptions, p2p_editor, "Prompt-to-Prompt: refine/replace, reweight, LocalBlend (ICLR 2023)"),
+    "masactrl": Engine(MasaCtrlOptions, masactrl_editor, "MasaCtrl mutual self-attention (ICCV 2023)"),
+    "pnp": Engine(PnPOptions, pnp_editor, "Plug-and-Play feature and self-attention injection (CVPR 2023)"),
+    "none": Engine(NoOptions, no_editor, "plain regeneration from z_T with the target prompt"),
+}
+
+
+def get_engine(name: str) -> Engine:
+    if name not in ENGINES:
+        raise SpdinvError(f"unknown engine {name!r}; valid: {', '.join(ENGINES)}")
+    return ENGINES[name]
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def split_options(engine: str, method: str | None, options: dict) -> tuple[object, SamplerOptions, dict]:
+    """Route keyword options to the engine's options, the sampler's and the inversion method's."""
+    engine_fields, sampler_fields = _fields(get_engine(engine).options), _fields(SamplerOptions)
+    method_fields = _fields(get_method(method).options) if method else set()
+    unknown = sorted(set(options) - engine_fields - sampler_fields - method_fields)
+    if unknown:
+        where = f"engine {engine!r}, the sampler" + (f" or inversion {method!r}" if method else " or a given inversion")
+        valid = ", ".join(sorted(engine_fields | sampler_fields | method_fields))
+        raise SpdinvError(f"option(s) {', '.join(unknown)} do not apply to {where}; valid: {valid}")
+    pick = lambda names: {k: v for k, v in options.items() if k in names}  # noqa: E731
+    engine_options = get_engine(engine).options(**pick(engine_fields))
+    return engine_options, SamplerOptions(**pick(sampler_fields)), pick(method_fields - engine_fields - sampler_fields)
+
+
+@dataclass
+class EditResult:
+    """An edit. Images are (1, 3, H, W) in [-1, 1]: the edited image and the reconstruction (the
+    source branch); `mask` is LocalBlend's (1, 1, h, w) at latent size, when one was used;
+    `latents` (n + 1, 2, C, h, w) are [source, target] in sampling order; `timings` in seconds."""
+
+    edited: Tensor
+    reconstruction: Tensor
+    mask: Tensor | None
+    inversion: Inversion
+    engine: str
+    options: dict
+    sampler: dict
+    latents: Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+    cache_hit: bool | None = None
+
+    def pil(self) -> tuple[Image.Image, Image.Image]:
+        """(edited, reconstruction) as PIL images."""
+        from ..images import to_pil
+
+        edited, reconstruction = to_pil(torch.cat([self.edited, self.reconstruction]))
+        return edited, reconstruction
+
+
+def check_inversion(model: DiffusionModel, inversion: Inversion, source_prompt: str) -> None:
+    """A given inversion must have been computed under this source prompt with this model's text encoder."""
+    expected = model.encode_prompt(source_prompt)
+    given = inversion.prompt_embedding.to(expected)
+    if given.shape != expected.shape or not torch.allclose(given, expected, atol=1e-4, rtol=1e-4):
+        raise SpdinvError("the given inversion was computed for another source prompt (or text encoder)")
+
+
+def run_editor(model: DiffusionModel, inversion: Inversion, target_prompt: str, editor: Editor,
+               sampler: SamplerOptions = SamplerOptions(), *, progress: bool = False,
+               desc: str = "edit") -> tuple[Tensor, Tensor, float]:
+    """Sample [source, target] with the editor installed; (decoded images (2, 3, H, W), latents, seconds)."""
+    start = time.perf_counter()
+    editor.prepare(model, inversion)
+    with editor.installed(model.unet):
+        latents = sample_edit(model, inversion, target_prompt, sampler, editor, pin_source=editor.pin_source,
+                              progress=progress, desc=desc)
+    seconds = time.perf_counter() - start
+    return model.decode(latents[-1]), latents, seconds
+
+
+def edit(
+    model: DiffusionModel,
+    image: Image.Image | Tensor | None,
+    source_prompt: str,
+    target_prompt: str,
+    inversion: str | Inversion = "spdinv",
+    engine: str = "p2p",
+    *,
+    num_steps: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+    cache: InversionCache | None = None,
+    **options,
+) -> EditResult:
+    """Edit `image` from `source_prompt` to `target_prompt`: invert it with the named method (or
+    use the given Inversion), then sample [source, target] from z_T with the named engine.
+    Keyword options go to the engine (e.g. blend, cross_replace), the sampler (guidance_scale,
+    source_guidance_scale, uncond) or the inversion method (e.g. K, lr)."""
+    source_prompt = check_prompt(source_prompt, "source prompt")
+    target_prompt = check_prompt(target_prompt, "target prompt")
+    given = isinstance(inversion, Inversion)
+    if not given:
+        get_method(inversion)
+        if image is None:
+            raise SpdinvError("an image is needed unless an inversion is given")
+    entry = get_engine(engine)
+    engine_options, sampler_options, inversion_options = split_options(engine, None if given else inversion, options)
+    editor = entry.editor(model, source_prompt, target_prompt, engine_options)
+
+    start, hit = time.perf_counter(), None
+    if given:
+        check_inversion(model, inversion, source_prompt)
+        inverted = inversion
+    elif cache is not None:
+        inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
+                                     **inversion_options)
+    else:
+        inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=False,
+                          progress=progress, **inversion_options)
+    inverting = time.perf_counter() - start
+
+    images, latents, sampling = run_editor(model, inverted, target_prompt, editor, sampler_options,
+                                           progress=progress, desc=f"edit ({inverted.method} + {engine})")
+    timings = {"invert": inverting, "edit": sampling, "total": time.perf_counter() - start}
+    return EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
+                      engine=engine, options=dataclasses.asdict(engine_options),
+                      sampler=dataclasses.asdict(sampler_options), latents=latents, timings=timings, cache_hit=hit)
+
+
+__all__ = ["edit", "EditResult", "ENGINES", "Engine", "get_engine", "split_options", "run_editor", "Editor",
+           "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "NoOptions", "SamplerOptions",
+           "InversionCache", "check_inversion"]

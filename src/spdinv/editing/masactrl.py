@@ -1,0 +1,68 @@
+"""MasaCtrl (Cao et al., ICCV 2023): mutual self-attention. From a start step and a start layer on,
+the target branch's self-attention keeps its own queries but reads the source branch's keys and
+values, separately in the unconditional and conditional halves; cross-attention is untouched.
+
+SD's setting, step 4 of 50 and transformer layer 10 of 16 (the decoder's finer levels), is
+expressed as fractions of the steps and of the UNet's self-attention layers in depth order, so
+smaller UNets get the equivalent layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..errors import SpdinvError
+from ..inversion.base import Inversion
+from ..model import DiffusionModel
+from .attention import AttentionLayer
+from .base import Editor, check_fraction, round_half_up
+
+
+@dataclass(frozen=True)
+class MasaCtrlOptions:
+    """start_step: fraction of the steps before mutual self-attention starts (SD: 4/50 = 0.08);
+    start_layer: fraction of the self-attention layers, in depth order, before it starts (SD:
+    10/16 = 0.625); pin_source: walk the source branch along the inverted trajectory."""
+
+    start_step: float = 0.08
+    start_layer: float = 0.625
+    pin_source: bool = False
+
+    def __post_init__(self) -> None:
+        check_fraction("masactrl", "start_step", self.start_step)
+        check_fraction("masactrl", "start_layer", self.start_layer)
+        if not isinstance(self.pin_source, bool):
+            raise SpdinvError(f"masactrl option pin_source must be true or false, got {self.pin_source!r}")
+
+
+class MasaCtrlEditor(Editor):
+    """MutualSelfAttentionControl: target queries against the source's keys and values."""
+
+    def __init__(self, options: MasaCtrlOptions) -> None:
+        super().__init__()
+        self.options = options
+        self.pin_source = options.pin_source
+
+    def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
+        super().prepare(model, inversion)
+        self.start_step = round_half_up(self.options.start_step * self.num_steps)
+        selfs = [layer for layer in self.layers if not layer.cross]
+        start = round_half_up(self.options.start_layer * len(selfs))
+        self.mutual = [layer for layer in selfs if layer.depth >= start]
+
+    def processor_layers(self) -> list[AttentionLayer]:
+        return self.mutual
+
+    def edit_qkv(self, layer: AttentionLayer, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.step_index < self.start_step:
+            return q, k, v
+        k, v = k.clone(), v.clone()
+        k[1::2], v[1::2] = k[0::2], v[0::2]  # each half's target row takes its source row's keys and values
+        return q, k, v
+
+
+def masactrl_editor(model: DiffusionModel, source_prompt: str, target_prompt: str,
+                    options: MasaCtrlOptions) -> MasaCtrlEditor:
+    return MasaCtrlEditor(options)

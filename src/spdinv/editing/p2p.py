@@ -1,0 +1,277 @@
+"""Prompt-to-Prompt (Hertz et al., ICLR 2023) as attention processors: Replace / Refine cross-attention
+injection with Reweight, self-attention injection at coarse resolutions, LocalBlend, and the
+optional ProxEdit proximal guidance (Han et al., 2023) that the official SPDInv P2P code applies.
+
+Like the official controllers, only the conditional half of the batch is edited, the target row
+takes the source row's maps, and LocalBlend reads the *unedited* cross-attention maps summed over
+the steps so far. Resolutions are relative to the latent: SD's 16x16 maps of a 64x64 latent are
+scale 0.25 here, so the embedded model and SD pick equivalent layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import SpdinvError
+from ..inversion.base import Inversion
+from ..model import DiffusionModel
+from ..sampling import guided
+from .attention import AttentionLayer, nearest_scale
+from .base import Editor, check_fraction
+from .tokens import prompt_tokens, refinement_mapper, replacement_mapper, word_positions
+
+MODES = ("replace", "refine")
+Words = tuple[str, ...]
+
+
+def _words(value, what: str) -> Words:
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if isinstance(value, (tuple, list)) and all(isinstance(w, str) for w in value):
+        return tuple(w for w in value if w.strip())
+    raise SpdinvError(f"p2p option {what} must be a word or a tuple of words, got {value!r}")
+
+
+def parse_blend(value) -> tuple[Words, Words] | None:
+    """None | 'word' (both prompts) | 'SOURCE_WORD TARGET_WORD' (PIE-Bench's blended_word) |
+    (source words, target words) -> (source words, target words)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        words = value.split()
+        if len(words) > 2:
+            raise SpdinvError(f"blend takes 'WORD' or 'SOURCE_WORD TARGET_WORD', got {len(words)} words: {value!r}")
+        return (words[0],), (words[-1],)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        source, target = _words(value[0], "blend"), _words(value[1], "blend")
+        return (source, target) if source or target else None
+    raise SpdinvError(f"blend must be 'WORD', 'SOURCE_WORD TARGET_WORD' or a (source, target) pair, got {value!r}")
+
+
+@dataclass(frozen=True)
+class P2POptions:
+    """mode: 'refine' (any prompt pair; aligned tokens take the source's cross-attention) or
+    'replace' (equal token counts); cross_replace / self_replace: fractions of the steps during
+    which the target uses the source's cross- / self-attention maps (self-attention only at layers
+    no finer than self_replace_scale of the latent side: 0.5 as PIE-Bench and SPDInv, 0.25 as
+    upstream P2P); reweight: scale of the cross-attention of reweight_words in the target
+    (default: the target's blend words; 1 disables); blend: LocalBlend words ('SOURCE TARGET');
+    blend_threshold, blend_start (fraction of the steps), blend_scale (resolution of the maps
+    it reads, relative to the latent); prox: ProxEdit proximal guidance (quantile of the
+    guidance-difference threshold; pull back to the inverted trajectory below prox_timestep)."""
+
+    mode: str = "refine"
+    cross_replace: float = 0.8
+    self_replace: float = 0.6
+    self_replace_scale: float = 0.5
+    reweight: float = 2.0
+    reweight_words: Words | None = None
+    blend: tuple[Words, Words] | None = None
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+    blend_scale: float = 0.25
+    prox: bool = False
+    prox_quantile: float = 0.7
+    prox_timestep: int = 400
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SpdinvError(f"unknown p2p mode {self.mode!r}; valid: {', '.join(MODES)}")
+        for name in ("cross_replace", "self_replace", "blend_start"):
+            check_fraction("p2p", name, getattr(self, name))
+        for name in ("self_replace_scale", "blend_scale"):
+            check_fraction("p2p", name, getattr(self, name), open_low=True)
+        for name in ("blend_threshold", "prox_quantile"):
+            check_fraction("p2p", name, getattr(self, name), open_low=True, open_high=True)
+        if not isinstance(self.reweight, (int, float)) or not math.isfinite(self.reweight) or self.reweight < 0:
+            raise SpdinvError(f"p2p option reweight must be a finite number >= 0, got {self.reweight}")
+        if not isinstance(self.prox_timestep, int) or self.prox_timestep < 0:
+            raise SpdinvError(f"p2p option prox_timestep must be an integer >= 0, got {self.prox_timestep}")
+        if not isinstance(self.prox, bool):
+            raise SpdinvError(f"p2p option prox must be true or false, got {self.prox!r}")
+        object.__setattr__(self, "blend", parse_blend(self.blend))
+        if self.reweight_words is not None:
+            object.__setattr__(self, "reweight_words", _words(self.reweight_words, "reweight_words"))
+
+
+def _positions(tokenizer, prompt: str, word: str, what: str, which: str) -> list[int]:
+    positions = word_positions(tokenizer, prompt, word)
+    if not positions:
+        raise SpdinvError(f"{what} word {word!r} is not in the {which} prompt {prompt!r}")
+    return positions
+
+
+def token_mapper(tokenizer, source_prompt: str, target_prompt: str, mode: str) -> tuple[Tensor, Tensor]:
+    """(mapper, alphas) over the padded token positions: Replace (equal token counts) or Refine."""
+    length = tokenizer.model_max_length
+    source, target = prompt_tokens(tokenizer, source_prompt), prompt_tokens(tokenizer, target_prompt)
+    if mode == "refine":
+        return refinement_mapper(source, target, length)
+    if len(source) != len(target):
+        raise SpdinvError(f"p2p replace needs prompts with the same number of tokens (source {len(source)}, "
+                          f"target {len(target)}); use refine (--p2p-mode refine)")
+    return replacement_mapper(length)
+
+
+def blend_indicator(tokenizer, source_prompt: str, target_prompt: str, blend: tuple[Words, Words] | None) -> Tensor:
+    """(2, L): 1 at the tokens of the source's blend words (row 0) and the target's (row 1)."""
+    indicator = torch.zeros(2, tokenizer.model_max_length)
+    for row, (words, prompt, which) in enumerate(zip(blend or ((), ()), (source_prompt, target_prompt),
+                                                     ("source", "target"))):
+        for word in words:
+            indicator[row, _positions(tokenizer, prompt, word, "blend", which)] = 1
+    return indicator
+
+
+def equalizer(tokenizer, target_prompt: str, words: Words, scale: float) -> Tensor:
+    """(L,): `scale` at the tokens of `words` in the target prompt, 1 elsewhere (AttentionReweight)."""
+    weights = torch.ones(tokenizer.model_max_length)
+    if scale != 1.0:
+        for word in words:
+            weights[_positions(tokenizer, target_prompt, word, "reweight", "target")] = scale
+    return weights
+
+
+@dataclass
+class ProximalGuidance:
+    """ProxEdit's proximal guidance as the official SPDInv P2P code applies it: the guidance
+    difference eps_cond - eps_uncond is soft-thresholded at its `quantile` (over the whole
+    [source, target] batch, as there), and below `timestep` the target's latents are pulled back
+    onto the inverted trajectory wherever that thresholded difference is small (a 3x3-dilated
+    mask; pull strength 1). Unlike the official code, the source branch is left alone so that
+    it stays the reconstruction."""
+
+    quantile: float
+    timestep: int
+    trajectory: Tensor
+    num_steps: int
+    keep: Tensor | None = field(default=None, repr=False)
+
+    def guide(self, t: int, eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor | None:
+        if eps_uncond is None:
+            return None
+        delta = eps_cond - eps_uncond
+        threshold = delta.abs().float().flatten().quantile(self.quantile).to(delta.dtype)
+        shrunk = delta - delta.clamp(-threshold, threshold)
+        eps = guided(eps_uncond, eps_cond, scales)
+        eps[1:] = eps_uncond[1:] + scales[1:] * shrunk[1:]
+        self.keep = None
+        if t < self.timestep:
+            edited = F.max_pool2d((shrunk.abs() > threshold).float(), 3, 1, padding=1)
+            self.keep = 1 - edited
+        return eps
+
+    def pull(self, i: int, z: Tensor) -> Tensor:
+        if self.keep is None:
+            return z
+        k = self.num_steps - i
+        inverted = self.trajectory[k - 1 : k].to(z)
+        z = z.clone()
+        z[1:] = z[1:] - (z[1:] - inverted) * self.keep[1:]
+        return z
+
+
+class P2PEditor(Editor):
+    """Prompt-to-Prompt controller (AttentionReplace / AttentionRefine + AttentionReweight + LocalBlend)."""
+
+    def __init__(self, model: DiffusionModel, source_prompt: str, target_prompt: str, options: P2POptions) -> None:
+        super().__init__()
+        self.options = options
+        tokenizer = model.tokenizer
+        self.mapper, self.alphas = token_mapper(tokenizer, source_prompt, target_prompt, options.mode)
+        self.blend_alpha = blend_indicator(tokenizer, source_prompt, target_prompt, options.blend)
+        reweighted = options.reweight_words if options.reweight_words is not None else (
+            options.blend[1] if options.blend else ())
+        self.equalizer = equalizer(tokenizer, target_prompt, reweighted, options.reweight)
+        self.maps: dict[str, Tensor] = {}
+        self._mask: Tensor | None = None
+        self.prox: ProximalGuidance | None = None
+
+    def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
+        super().prepare(model, inversion)
+        o, n = self.options, self.num_steps
+        self.cross_steps = int(o.cross_replace * (n + 1))  # the official alpha table has n + 1 rows
+        self.self_steps = int(o.self_replace * n)
+        self.blend_start_step = int(o.blend_start * n)
+        cross = [layer for layer in self.layers if layer.cross]
+        self.cross_layers = cross
+        self.self_layers = [layer for layer in self.layers if not layer.cross and layer.scale <= o.self_replace_scale + 1e-9]
+        self.blend_layers = nearest_scale([l for l in cross if l.place != "mid"], o.blend_scale) if o.blend else []
+        if o.blend and not self.blend_layers:
+            raise SpdinvError("LocalBlend needs cross-attention layers in the UNet's down or up blocks")
+        self.blend_names = {layer.name for layer in self.blend_layers}
+        device = model.device
+        self.mapper, self.alphas = self.mapper.to(device), self.alphas.to(device)
+        self.equalizer, self.blend_alpha = self.equalizer.to(device), self.blend_alpha.to(device)
+        self.maps, self._mask = {}, None
+        if o.prox:
+            self.prox = ProximalGuidance(o.prox_quantile, o.prox_timestep, self.trajectory, n)
+
+    def processor_layers(self) -> list[AttentionLayer]:
+        return self.cross_layers + (self.self_layers if self.self_steps > 0 else [])
+
+    def wants_probs(self, layer: AttentionLayer) -> bool:
+        i = self.step_index
+        if self.record:
+            return True
+        if layer.cross:
+            return i < self.cross_steps or layer.name in self.blend_names
+        return i < self.self_steps
+
+    def edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
+        """probs (2, heads, Nq, Nk): the conditional source and target maps; the target's are replaced."""
+        i = self.step_index
+        if layer.name in self.blend_names:  # LocalBlend reads the unedited maps, summed over steps
+            self.maps[layer.name] = self.maps[layer.name] + probs.float() if layer.name in self.maps else probs.float()
+        if layer.cross and i < self.cross_steps:
+            source, own = probs[0], probs[1]
+            alphas = self.alphas.to(probs.dtype)
+            refined = source[..., self.mapper] * alphas + own * (1 - alphas)
+            probs[1] = refined * self.equalizer.to(probs.dtype)
+            return True
+        if not layer.cross and i < self.self_steps:
+            probs[1] = probs[0]
+            return True
+        return False
+
+    def guide(self, i: int, t: int, eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor | None:
+        return self.prox.guide(t, eps_uncond, eps_cond, scales) if self.prox else None
+
+    def end_step(self, i: int, t: int, z: Tensor) -> Tensor:
+        if self.prox:
+            z = self.prox.pull(i, z)
+        if self.blend_layers and i + 1 > self.blend_start_step:
+            z = self.local_blend(z)
+        return z
+
+    def local_blend(self, z: Tensor) -> Tensor:
+        """LocalBlend: the blend words' summed cross-attention, averaged over heads and layers,
+        3x3 max-pooled, resized to the latent, normalised by its max and thresholded; the union
+        of the source's and the target's masks; x_t = x_src + mask * (x_t - x_src)."""
+        maps = []
+        for layer in self.blend_layers:
+            summed = self.maps[layer.name]
+            h, w = layer.size(self.latent_hw)
+            maps.append(summed.reshape(2, summed.shape[1], h, w, summed.shape[-1]))
+        maps = torch.cat(maps, dim=1)
+        words = (maps * self.blend_alpha[:, None, None, None, :]).sum(-1).mean(1, keepdim=True)
+        words = F.max_pool2d(words, 3, 1, padding=1)
+        mask = F.interpolate(words, size=tuple(z.shape[-2:]))
+        mask = mask / mask.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        mask = mask > self.options.blend_threshold
+        mask = mask[:1] | mask
+        self._mask = mask[1:].float()
+        return z[:1] + mask.to(z.dtype) * (z - z[:1])
+
+    @property
+    def mask(self) -> Tensor | None:
+        return self._mask
+
+
+def p2p_editor(model: DiffusionModel, source_prompt: str, target_prompt: str, options: P2POptions) -> P2PEditor:
+    return P2PEditor(model, source_prompt, target_prompt, options)

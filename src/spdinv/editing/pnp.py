@@ -1,0 +1,82 @@
+"""Plug-and-Play (Tumanyan et al., CVPR 2023): the source branch walks the inverted trajectory; its
+residual-block features (decoder block 1, resnet 1, in diffusers naming) replace the target's for
+the first `feature_injection` of the steps, and its self-attention queries and keys (decoder
+blocks 1..3, whichever exist) replace the target's for the first `attention_injection`.
+
+Decoder block 1 is the first up-block after the bottleneck level in every SD-shaped UNet (SD,
+the embedded model, the tiny test UNet), so the same indices name the equivalent places. The
+injected source features are those of its conditional row (the prompt it was inverted with).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import SpdinvError
+from ..inversion.base import Inversion
+from ..model import DiffusionModel
+from .attention import AttentionLayer
+from .base import Editor, FeatureHook, check_fraction
+
+
+@dataclass(frozen=True)
+class PnPOptions:
+    """feature_injection: fraction of the steps with residual-feature injection (0.8);
+    attention_injection: fraction with self-attention Q/K injection (0.5)."""
+
+    feature_injection: float = 0.8
+    attention_injection: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_fraction("pnp", "feature_injection", self.feature_injection)
+        check_fraction("pnp", "attention_injection", self.attention_injection)
+
+
+class PnPEditor(Editor):
+    """PnP's conv and attention injection (register_conv_control / register_attention_control)."""
+
+    pin_source = True
+
+    def __init__(self, options: PnPOptions) -> None:
+        super().__init__()
+        self.options = options
+
+    def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
+        super().prepare(model, inversion)
+        up = model.unet.up_blocks
+        if len(up) < 2:
+            raise SpdinvError("pnp needs a UNet with at least two decoder (up) blocks")
+        self.feature_steps = int(self.options.feature_injection * self.num_steps)
+        self.attention_steps = int(self.options.attention_injection * self.num_steps)
+        self.resnet = up[1].resnets[min(1, len(up[1].resnets) - 1)]
+        # PnP injects in up_blocks[1].attentions[1:] and every self-attention of the blocks after it.
+        self.qk_layers = [layer for layer in self.layers if not layer.cross and layer.place == "up"
+                          and layer.block >= 1 and not (layer.block == 1 and layer.attention == 0)]
+
+    def processor_layers(self) -> list[AttentionLayer]:
+        return self.qk_layers
+
+    def edit_qkv(self, layer: AttentionLayer, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.step_index >= self.attention_steps:
+            return q, k, v
+        q, k = q.clone(), k.clone()
+        q[1::2], k[1::2] = q[-2], k[-2]
+        return q, k, v
+
+    def feature_hooks(self, unet: torch.nn.Module) -> list[tuple[torch.nn.Module, FeatureHook]]:
+        return [(self.resnet.conv2, self._inject_features)]
+
+    def _inject_features(self, module: torch.nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        """Forward hook on the resnet's conv2, i.e. its residual branch before the skip is added."""
+        if self.step_index >= self.feature_steps:
+            return None
+        output = output.clone()
+        output[1::2] = output[-2]
+        return output
+
+
+def pnp_editor(model: DiffusionModel, source_prompt: str, target_prompt: str, options: PnPOptions) -> PnPEditor:
+    return PnPEditor(options)

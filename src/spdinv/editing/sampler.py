@@ -1,0 +1,76 @@
+"""The [source, target] edit sampler: both branches start from the inversion's z_T and are sampled
+as one batch by `spdinv.sampling.loop` with per-branch guidance and per-step hooks.
+
+The source branch consumes the inversion's side information exactly as a reconstruction does
+(its guidance scale, per-step null embeddings, source-as-unconditional, offsets), so it *is* the
+reconstruction; PnP (and MasaCtrl on request) pin it to the inverted trajectory instead. The
+target branch shares the source's unconditional embedding(s), as the official null-text + P2P
+and negative-prompt code do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..errors import SpdinvError
+from ..inversion.base import Inversion
+from ..model import DiffusionModel
+from ..sampling import NO_HOOKS, Branch, StepHooks, guided, loop, source_branch, step
+
+UNCOND_MODES = ("inversion", "source", "empty")
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """guidance_scale: the target branch's classifier-free guidance; source_guidance_scale: the
+    source branch's (None: the inversion's own, so the source branch is its reconstruction);
+    uncond: both branches' unconditional embedding: 'inversion' (what the inversion prescribes:
+    per-step null embeddings, the source prompt for negative-prompt inversion and SPDInv, else
+    the empty prompt), 'source' (the source prompt) or 'empty' (the empty prompt)."""
+
+    guidance_scale: float = 7.5
+    source_guidance_scale: float | None = None
+    uncond: str = "inversion"
+
+    def __post_init__(self) -> None:
+        for name in ("guidance_scale", "source_guidance_scale"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
+                raise SpdinvError(f"{name} must be a finite number >= 0, got {value}")
+        if self.uncond not in UNCOND_MODES:
+            raise SpdinvError(f"unknown uncond {self.uncond!r}; valid: {', '.join(UNCOND_MODES)}")
+
+
+def uncond_embedding(model: DiffusionModel, inversion: Inversion, mode: str = "inversion") -> Tensor:
+    """The unconditional embedding(s) for `mode` (see SamplerOptions): (1, L, D) or (n, L, D)."""
+    if mode == "source":
+        return inversion.prompt_embedding.to(model.device)
+    if mode == "empty":
+        return model.encode_prompt("")
+    return source_branch(model, inversion).uncond
+
+
+def edit_branches(model: DiffusionModel, inversion: Inversion, target_prompt: str, options: SamplerOptions,
+                  pin_source: bool = False) -> list[Branch]:
+    """[source, target] for an edit; only the source gets the offsets (or the pin)."""
+    source = source_branch(model, inversion, options.source_guidance_scale)
+    source.uncond = uncond_embedding(model, inversion, options.uncond)
+    if pin_source:
+        source.pin = inversion.trajectory.to(model.device)
+    target = Branch(model.encode_prompt(target_prompt), options.guidance_scale, source.uncond)
+    return [source, target]
+
+
+def sample_edit(model: DiffusionModel, inversion: Inversion, target_prompt: str, options: SamplerOptions,
+                hooks: StepHooks = NO_HOOKS, *, pin_source: bool = False, progress: bool = False,
+                desc: str = "edit") -> Tensor:
+    """Latents (n + 1, 2, C, H, W) of [source, target] in sampling order."""
+    branches = edit_branches(model, inversion, target_prompt, options, pin_source)
+    return loop(model, inversion.schedule, inversion.z_T, branches, hooks, progress=progress, desc=desc)
+
+
+__all__ = ["SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit",
+           "guided", "loop", "step"]

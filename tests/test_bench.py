@@ -1,0 +1,511 @@
+"""The benchmark: PIE-Bench-format loading, metrics against their definitions, the resumable
+runner, the 2-process gloo merge, and the report. Tiny random models only; no downloads."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spdinv.bench import metrics as M
+from spdinv.bench.datasets import bracketed_words, load_dataset, strip_markup
+from spdinv.bench.masks import rle_decode, rle_encode
+from spdinv.bench.report import load_results, mean, write_report
+from spdinv.bench.results import PartWriter, columns, cut_torn_tail, read_rows
+from spdinv.bench.runner import BenchOptions, EditOutcome, run_benchmark
+from spdinv.cli import main
+from spdinv.errors import SpdinvError
+
+NO_MODELS = M.EvaluationModels(dino=None, clip=None)
+FAST_METRICS = ["psnr", "mse", "ssim", "gt_psnr", "gt_ssim", "noise_error", "reconstruction_error",
+                "network_calls", "seconds", "edit_seconds"]
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Rows computed here and in child processes (one thread each) must agree to the last digit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A 5-pair world export (categories 0, 1, 2, 3, 8 in PIE-Bench's mix)."""
+    from spdinv.world.dataset import export
+
+    return export(tmp_path_factory.mktemp("world") / "data", 5, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from spdinv.world.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def fake_edit(request):
+    """A deterministic stand-in for spdinv.editing.edit: a real inversion with the tiny model, and
+    an 'edit' that depends on the inversion and the engine name."""
+    from spdinv.inversion import invert
+
+    options = {k: v for k, v in request.inversion_options.items() if request.inversion == "spdinv"}
+    inversion = invert(request.model, request.image, request.item.source_prompt, request.inversion,
+                       num_steps=request.steps, seed=request.seed, progress=False, **options)
+    shift = int(inversion.z_T.abs().mean() * 40) + len(request.engine)
+    array = (np.asarray(request.image).astype(np.int16) + shift) % 256
+    return EditOutcome(Image.fromarray(array.astype(np.uint8)), inversion)
+
+
+def failing_edit(request):
+    raise SpdinvError("engine says no")
+
+
+def options(data, out, **extra):
+    settings = dict(inversions=["ddim", "spdinv"], engines=["p2p", "pnp"], steps=2, metrics=FAST_METRICS,
+                    evaluation=NO_MODELS, inversion_options={"K": 2}, progress=False)
+    settings.update(extra)
+    return BenchOptions(data=Path(data), out=Path(out), **settings)
+
+
+def without_timings(path: Path) -> str:
+    """The CSV with its wall-clock columns blanked: everything else must be identical."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    timing = [header.index(c) for c in M.TIMING_METRICS if c in header]
+    out = [lines[0]]
+    for line in lines[1:]:
+        cells = line.split(",")
+        for i in timing:
+            cells[i] = ""
+        out.append(",".join(cells))
+    return "\n".join(out) + "\n"
+
+
+def unit(array) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(array, dtype=np.float32)).permute(2, 0, 1)[None]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---------------------------------------------------------------- masks and the loader
+
+
+def test_rle_decode_of_a_known_list_and_the_official_border():
+    mask = rle_decode([6, 2, 12, 3], (4, 5), official_border=False)
+    expected = np.zeros((4, 5), np.uint8)
+    expected.flat[[6, 7, 12, 13, 14]] = 1
+    assert np.array_equal(mask, expected)
+    bordered = rle_decode([6, 2, 12, 3], (4, 5))
+    assert bordered[0].all() and bordered[-1].all() and bordered[:, 0].all() and bordered[:, -1].all()
+    assert bordered[1:-1, 1:-1].tolist() == [[1, 1, 0], [0, 1, 1]]
+    assert rle_encode(expected) == [6, 2, 12, 3]
+
+
+def test_world_export_loads_with_prompts_blend_words_masks_and_truth(world):
+    dataset = load_dataset(world)
+    mapping = json.loads((world / "mapping_file.json").read_text())
+    assert [i.id for i in dataset.items] == list(mapping) and not dataset.missing
+    for item in dataset.items:
+        entry = mapping[item.id]
+        assert "[" not in item.target_prompt and item.target_prompt == strip_markup(entry["editing_prompt"])
+        assert item.edited_words == bracketed_words(entry["editing_prompt"])
+        assert item.edited_words or item.category == "3"  # a deletion brackets nothing
+        words = entry["blended_word"].split()
+        assert item.blend_words == (tuple(words) if words else None)
+        assert item.category == entry["editing_type_id"] and item.image_size == (64, 64)
+        assert np.array_equal(item.mask(), rle_decode(entry["mask"], 64))
+        assert item.ground_truth.target_image.is_file() and item.ground_truth.target_scene["objects"]
+    assert [i.category for i in dataset.select(["delete object", "8"]).items] == ["3", "8"]
+    assert len(dataset.select(limit=2).items) == 2
+    with pytest.raises(SpdinvError, match="unknown category"):
+        dataset.select(["teleport"])
+
+
+def test_pie_bench_layout_without_ground_truth(tmp_path):
+    image = tmp_path / "annotation_images" / "0_random_140" / "000000000000.jpg"
+    image.parent.mkdir(parents=True)
+    Image.new("RGB", (16, 16), "white").save(image)
+    mapping = {"000000000000": {"image_path": "0_random_140/000000000000.jpg",
+                                "original_prompt": "a [cat] sitting", "editing_prompt": "a [dog] sitting",
+                                "editing_instruction": "make it a dog", "editing_type_id": "0",
+                                "blended_word": "cat dog", "mask": [17, 3]}}
+    (tmp_path / "mapping_file.json").write_text(json.dumps(mapping))
+    item = load_dataset(tmp_path).items[0]
+    assert (item.source_prompt, item.target_prompt, item.edited_words) == ("a cat sitting", "a dog sitting", ("dog",))
+    assert item.blend_words == ("cat", "dog") and item.ground_truth is None
+    assert item.mask()[1, 1:4].tolist() == [1, 1, 1] and item.mask().sum() == 60 + 3  # the border plus the run
+
+
+def test_bad_dataset_input_is_one_line(tmp_path, world):
+    with pytest.raises(SpdinvError, match="no mapping_file.json") as error:
+        load_dataset(tmp_path)
+    assert "\n" not in str(error.value)
+    bad = tmp_path / "bad"
+    shutil.copytree(world, bad)
+    mapping = json.loads((bad / "mapping_file.json").read_text())
+    first = next(iter(mapping))
+    mapping[first]["mask"] = [3, 1, 7]
+    (bad / "mapping_file.json").write_text(json.dumps(mapping))
+    with pytest.raises(SpdinvError, match=f"item {first}: malformed mask") as error:
+        load_dataset(bad)
+    assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- metrics against their definitions
+
+
+def test_identical_images_give_inf_psnr_zero_mse_unit_ssim():
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    scores = M.background_scores(image, image.clone(), torch.zeros(1, 1, 32, 32))
+    assert scores == {"psnr": math.inf, "mse": 0.0, "ssim": pytest.approx(1.0, abs=1e-6)}
+    stat = mean([math.inf, 20.0, 30.0, math.nan])  # the report's mean: finite values, left-outs counted
+    assert (stat.value, stat.count, stat.left_out) == (25.0, 2, 2)
+
+
+def test_background_metrics_on_a_known_mask():
+    source = torch.full((1, 3, 32, 32), 0.5)
+    edited = source + 0.1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :, 16:] = 1  # the right half is the edit region
+    edited_only_inside = torch.where(mask.bool(), torch.rand(1, 3, 32, 32), source)
+    assert M.background_scores(source, edited_only_inside, mask)["mse"] == 0.0  # the edit region never counts
+    scores = M.background_scores(source, edited, mask)
+    assert scores["mse"] == pytest.approx(0.01 / 2, rel=1e-4)  # half the frame differs by 0.1
+    assert scores["psnr"] == pytest.approx(10 * math.log10(1 / 0.005), rel=1e-4)
+    from skimage.metrics import structural_similarity
+
+    keep = (1 - mask)[0, 0].numpy()
+    a, b = (source[0] * keep).permute(1, 2, 0).numpy(), (edited[0] * keep).permute(1, 2, 0).numpy()
+    reference = structural_similarity(a, b, channel_axis=2, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False)
+    assert scores["ssim"] == pytest.approx(reference, abs=0.02)  # torchmetrics crops the borders, skimage pads
+    assert all(math.isnan(v) for v in M.background_scores(source, edited, torch.ones(1, 1, 32, 32)).values())
+
+
+def test_ground_truth_region_scores_use_the_edit_region_only():
+    target = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    edited = torch.where(mask.bool(), target, torch.zeros_like(target))  # right inside, wrong outside
+    assert M.region_scores(edited, target, mask)["gt_psnr"] == math.inf
+
+
+def test_structure_distance_is_mse_of_dino_key_self_similarities(tiny_vit_dir):
+    structure = M.load_dino(str(tiny_vit_dir))
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 3, 48, 48, generator=generator), torch.rand(1, 3, 48, 48, generator=generator)
+    assert structure(a, a) == 0.0
+    # by hand: the last block's keys = its key projection of its layer-normed input
+    model = structure.model
+    with torch.no_grad():
+        def self_similarity(image):
+            hidden = model(pixel_values=structure._prepare(image), output_hidden_states=True).hidden_states[-2]
+            keys = structure._key_projection(_layernorm_before(model)(hidden))[0]
+            unit_keys = keys / keys.norm(dim=-1, keepdim=True)
+            return unit_keys @ unit_keys.T
+        expected = float(((self_similarity(a) - self_similarity(b)) ** 2).mean())
+    assert structure(a, b) == pytest.approx(expected, rel=1e-5) and expected > 0
+    tokens = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    assert M.cosine_self_similarity(tokens).tolist() == [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
+
+
+def _layernorm_before(model):
+    norms = [m for name, m in model.named_modules() if name.endswith("layernorm_before")]
+    return norms[-1]
+
+
+def test_clip_score_is_100_times_clamped_cosine(tiny_clip_dir):
+    scorer = M.load_clip(str(tiny_clip_dir))
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    text = "a large red circle in the centre on a white background"
+    with torch.no_grad():
+        pixels = scorer.processor(images=[(image[0] * 255).round().to(torch.uint8)], return_tensors="pt")["pixel_values"]
+        tokens = scorer.processor(text=[text], return_tensors="pt", padding=True)
+        image_features = _features(scorer.model.model.get_image_features(pixels))
+        text_features = _features(scorer.model.model.get_text_features(**tokens))
+        cosine = torch.nn.functional.cosine_similarity(image_features, text_features).item()
+    assert scorer(image, text) == pytest.approx(100 * max(cosine, 0.0), abs=1e-3)
+    mask = torch.zeros(1, 1, 32, 32)
+    scores = scorer.whole_and_edited(image, mask, text)
+    assert math.isnan(scores["clip_edited"]) and scores["clip_whole"] >= 0
+
+
+def _features(output):
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def test_absent_evaluation_models_are_one_line_each_and_the_rest_runs(tmp_path):
+    evaluator = M.Evaluator(["structure_distance", "psnr", "clip_whole", "lpips"],
+                            M.EvaluationModels(dino=str(tmp_path / "no-dino"), clip=str(tmp_path / "no-clip"),
+                                               lpips_backbone=str(tmp_path / "no-weights.pth")))
+    assert set(evaluator.unavailable) == {"structure_distance", "clip_whole", "lpips"}
+    assert len(evaluator.notices) == 3 and all("\n" not in n and "unavailable" in n for n in evaluator.notices)
+    image = Image.new("RGB", (32, 32), "gray")
+    scores = evaluator.evaluate(M.Sample(image, image, np.zeros((32, 32), np.uint8), "a gray square"))
+    assert scores["psnr"] == math.inf and math.isnan(scores["structure_distance"]) and math.isnan(scores["lpips"])
+
+
+def test_unknown_metric_is_one_line_error():
+    with pytest.raises(SpdinvError, match="unknown metric sharpness; valid: structure_distance") as error:
+        M.parse_metrics("psnr,sharpness")
+    assert "\n" not in str(error.value)
+    assert M.parse_metrics("ssim,psnr") == ["psnr", "ssim"]
+
+
+def test_edit_accuracy_compares_the_reading_with_the_target_scene(world, monkeypatch):
+    import spdinv.world.classifier as classifier
+
+    item = next(i for i in load_dataset(world).items if i.category == "1")
+    truth = item.ground_truth
+
+    def reading_of(scene: dict):
+        objects = {o["position"]: {k: o[k] for k in classifier.SLOT_HEADS} for o in scene["objects"]}
+        return classifier.SceneReading(objects, scene["background"], scene["background_kind"])
+
+    judge = M.EditJudge(classifier=None)
+    seen = []
+    for scene, expected in ((truth.target_scene, 1.0), (truth.source_scene, 0.0)):
+        monkeypatch.setattr(classifier, "read_scenes", lambda _model, pixels, s=scene: seen.append(pixels.shape) or [reading_of(s)])
+        assert judge(item.load_image().resize((32, 32)), truth.target_scene) == expected
+    assert seen == [(1, 3, 64, 64)] * 2  # the classifier always sees 64x64
+
+
+@pytest.mark.skipif(not Path(M.__file__).parent.parent.joinpath("assets", "attribute-classifier.safetensors").exists(),
+                    reason="the attribute classifier is not trained yet")
+def test_edit_accuracy_judges_the_rendered_target(world):
+    judge = M.load_judge(None)
+    item = load_dataset(world).items[1]
+    assert judge(item.load_target(), item.ground_truth.target_scene) == 1.0
+    assert judge(item.load_image(), item.ground_truth.target_scene) == 0.0
+
+
+# ---------------------------------------------------------------- the runner: rows, resume, failures
+
+
+def test_run_writes_one_row_per_image_inversion_engine(tmp_path, world, tiny):
+    summary = run_benchmark(options(world, tmp_path / "out", limit=2, save_images=True), fake_edit, tiny)
+    rows = read_rows(summary.results)
+    ids = [i.id for i in load_dataset(world).items[:2]]
+    assert [(r["id"], r["inversion"], r["engine"]) for r in rows] == [
+        (i, inv, eng) for i in ids for inv in ("ddim", "spdinv") for eng in ("p2p", "pnp")]
+    assert all(r["error"] == "" and float(r["mse"]) > 0 and r["network_calls"] for r in rows)
+    assert int(rows[0]["network_calls"]) == 2 and int(rows[2]["network_calls"]) > 2  # ddim vs spdinv (K=2)
+    assert len(list((tmp_path / "out" / "diagnostics").glob("*.json"))) == 8
+    assert len(list((tmp_path / "out" / "images" / "spdinv+pnp").glob("*.png"))) == 2
+    assert not (tmp_path / "out" / "parts").exists()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["seed"] == 1234
+
+
+def test_resume_after_a_limited_run_gives_the_uninterrupted_csv(tmp_path, world, tiny):
+    whole = run_benchmark(options(world, tmp_path / "whole"), fake_edit, tiny).results
+    first = run_benchmark(options(world, tmp_path / "resumed", limit=2), fake_edit, tiny)
+    assert first.computed == 8
+    again = run_benchmark(options(world, tmp_path / "resumed"), fake_edit, tiny)
+    assert (again.computed, again.skipped) == (12, 8)
+    assert without_timings(again.results) == without_timings(whole)
+    done = run_benchmark(options(world, tmp_path / "resumed"), fake_edit, tiny)
+    assert done.computed == 0 and without_timings(done.results) == without_timings(whole)
+
+
+def test_torn_last_line_is_cut_and_never_duplicated(tmp_path):
+    header = columns(["psnr"])
+    path = tmp_path / "parts" / "rank-0.csv"
+    writer = PartWriter(path, header)
+    writer.append({"id": "a", "category": "1", "inversion": "ddim", "engine": "p2p", "psnr": "20", "error": ""})
+    writer.close()
+    with path.open("a") as handle:
+        handle.write("b,1,ddim,p2p,2")  # a write cut short by SIGKILL
+    assert [r["id"] for r in read_rows(path, header)] == ["a"]
+    writer = PartWriter(path, header)  # reopening cuts the torn tail
+    writer.append({"id": "b", "category": "1", "inversion": "ddim", "engine": "p2p", "psnr": "21", "error": ""})
+    writer.close()
+    assert path.read_text().splitlines()[1:] == ["a,1,ddim,p2p,20,", "b,1,ddim,p2p,21,"]
+    assert cut_torn_tail(path) == 0
+    with pytest.raises(SpdinvError, match="other columns"):
+        PartWriter(path, columns(["ssim"]))
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import test_bench
+    from spdinv.bench.runner import run_benchmark
+    from spdinv.testing import tiny_model
+
+    def slow_edit(request):
+        time.sleep(0.3)
+        return test_bench.fake_edit(request)
+
+    run_benchmark(test_bench.options({data!r}, {out!r}), slow_edit, tiny_model())
+""")
+
+
+def test_sigkill_loses_only_rows_in_flight_and_resume_completes(tmp_path, world, tiny):
+    whole = run_benchmark(options(world, tmp_path / "whole"), fake_edit, tiny).results
+    out = tmp_path / "killed"
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), data=str(world), out=str(out))
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    part = out / "parts" / "rank-0.csv"
+    deadline = time.time() + 90
+    while time.time() < deadline and (not part.exists() or part.read_text().count("\n") < 4):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = read_rows(part, columns(FAST_METRICS))
+    assert 3 <= len(kept) < 20 and not (out / "results.csv").exists()
+    with part.open("a") as handle:
+        handle.write(part.read_text().splitlines()[-1][:9])  # and a torn line on top
+    resumed = run_benchmark(options(world, out), fake_edit, tiny)
+    assert resumed.skipped == len(kept)
+    assert without_timings(resumed.results) == without_timings(whole)
+
+
+def test_missing_image_is_skipped_and_listed_and_edit_errors_recorded(tmp_path, world, tiny, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(world, data)
+    gone = load_dataset(data).items[1]
+    gone.image_path.unlink()
+    summary = run_benchmark(options(data, tmp_path / "out", engines=["p2p"], inversions=["ddim"], inversion_options={}), failing_edit, tiny)
+    assert summary.missing == [gone.id] and "skipped 1 id(s) whose image is missing" in capsys.readouterr().err
+    assert (tmp_path / "out" / "missing.txt").read_text().split() == [gone.id]
+    rows = read_rows(summary.results)
+    assert len(rows) == 4 and gone.id not in {r["id"] for r in rows}
+    assert all(r["error"] == "engine says no" and r["psnr"] == "nan" for r in rows) and summary.failed == 4
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, world, tiny):
+    run_benchmark(options(world, tmp_path / "out", limit=1, engines=["p2p"]), fake_edit, tiny)
+    with pytest.raises(SpdinvError, match="other settings \\(steps"):
+        run_benchmark(options(world, tmp_path / "out", limit=1, steps=3), fake_edit, tiny)
+    with pytest.raises(SpdinvError, match="inversion option K applies to none of ddim"):
+        run_benchmark(options(world, tmp_path / "other", inversions=["ddim"]), fake_edit, tiny)
+    with pytest.raises(SpdinvError, match="engine option warp applies to none of p2p"):
+        run_benchmark(options(world, tmp_path / "other", engine_options={"warp": 1}, engines=["p2p"]), fake_edit, tiny)
+
+
+def test_default_edit_uses_spdinv_editing_and_inverts_once_per_method(tmp_path, world, tiny, monkeypatch):
+    import spdinv.inversion
+
+    real_invert, calls = spdinv.inversion.invert, []
+    monkeypatch.setattr(spdinv.inversion, "invert", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
+    summary = run_benchmark(options(world, tmp_path / "out", limit=2, engines=["p2p", "masactrl"]), model=tiny)
+    rows = read_rows(summary.results)
+    assert len(rows) == 8 and all(r["error"] == "" for r in rows), [r["error"] for r in rows]
+    assert calls == ["ddim", "spdinv"] * 2  # shared by both engines
+    assert all(float(r["noise_error"]) > 0 and float(r["reconstruction_error"]) >= 0 for r in rows)
+    first, second = rows[0], rows[1]  # ddim + p2p, ddim + masactrl: one inversion, two edits
+    assert first["noise_error"] == second["noise_error"] and first["mse"] != second["mse"]
+
+
+# ---------------------------------------------------------------- two processes on gloo
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, data: str, out: str, model: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run_benchmark(options(data, out, limit=3, model=model), fake_edit)
+
+
+def test_two_gloo_processes_merge_to_the_single_process_csv(tmp_path, world, tiny_dir):
+    single = run_benchmark(options(world, tmp_path / "one", limit=3, model=str(tiny_dir)), fake_edit).results
+    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), str(world), str(tmp_path / "two"), str(tiny_dir)),
+                                nprocs=2, join=True)
+    merged = tmp_path / "two" / "results.csv"
+    assert without_timings(merged) == without_timings(single)
+    assert not (tmp_path / "two" / "parts").exists()
+
+
+# ---------------------------------------------------------------- report and command line
+
+
+def test_report_tables_in_paper_scales_with_categories_and_plots(tmp_path, world, tiny):
+    out = tmp_path / "out"
+    results = run_benchmark(options(world, out), fake_edit, tiny).results
+    rows = read_rows(results)
+    report = write_report(out)
+    text = report.read_text()
+    assert "MSE ×10⁴ ↓" in text and "SSIM ×10² ↑" in text and "## Per category" in text and "3 delete object" in text
+    ddim_p2p = [float(r["mse"]) for r in rows if (r["inversion"], r["engine"]) == ("ddim", "p2p")]
+    assert f"{sum(ddim_p2p) / len(ddim_p2p) * 1e4:.2f}" in text
+    plots = {p.name for p in (out / "report" / "plots").iterdir()}
+    assert {"psnr.png", "mse.png", "steps-iterations.png", "steps-residuals.png"} <= plots
+    assert load_results(results).methods == [("ddim", "p2p"), ("spdinv", "p2p"), ("ddim", "pnp"), ("spdinv", "pnp")]
+
+
+def test_cli_bench_then_report(tmp_path, world, tiny_dir, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["bench", world, "--inversion", "ddim,spdinv", "--engine", "p2p", "--limit", "1",
+                                 "--model", tiny_dir, "--steps", "2", "--K", "2", "--dino", "none", "--clip", "none",
+                                 "--metrics", "psnr,ssim,noise_error", "--quiet", "--out", out], capsys)
+    assert code == 0 and "2 rows computed" in stdout, err
+    assert read_rows(out / "results.csv")[1]["inversion"] == "spdinv"
+    code, stdout, _ = run_cli(["report", out], capsys)
+    assert code == 0 and (out / "report" / "report.md").is_file()
+
+
+def test_cli_bad_input_is_one_line(tmp_path, world, capsys):
+    code, _, err = run_cli(["bench", tmp_path, "--inversion", "ddim", "--engine", "p2p"], capsys)
+    assert code == 2 and "no mapping_file.json" in err and err.count("\n") == 1
+    code, _, err = run_cli(["bench", world, "--inversion", "ddim", "--engine", "p2p", "--metrics", "psnr,bogus"], capsys)
+    assert code == 2 and "unknown metric bogus" in err and err.count("\n") == 1
+    code, _, err = run_cli(["bench", world, "--inversion", "magic", "--engine", "p2p"], capsys)
+    assert code == 2 and "unknown inversion method 'magic'" in err
+    code, _, err = run_cli(["report", tmp_path / "nothing"], capsys)
+    assert code == 2 and "no results" in err and err.count("\n") == 1
