@@ -18,7 +18,7 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
-from .base import Inversion, StepResult, ddim_guess, fixed_point_map, noise_error, run_inversion
+from .base import Inversion, StepResult, fixed_point_inversion
 
 # Tikhonov weight of the Anderson least squares, relative to the largest squared column norm.
 _REGULARISATION = 1e-10
@@ -102,14 +102,5 @@ def solve_anderson(f, z_init: Tensor, options: AIDIOptions) -> StepResult:
 def aidi(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
          options: AIDIOptions = AIDIOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """AIDI: DDIM guess, then Anderson-accelerated fixed-point iteration z <- f(z) (forwards only)."""
-
-    def solve(z_prev: Tensor, k: int) -> StepResult:
-        guess = ddim_guess(model, schedule, k, z_prev, embedding)
-        result = solve_anderson(fixed_point_map(model, schedule, k, z_prev, embedding), guess, options)
-        result.network_calls += 1  # the DDIM guess
-        return result
-
-    trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method="aidi", diagnose=diagnose,
-                                      progress=progress)
-    return Inversion("aidi", trajectory, schedule, embedding, steps, settings=asdict(options),
-                     noise_error=noise_error(steps) if diagnose else None)
+    return fixed_point_inversion(model, z0, embedding, schedule, lambda f, guess: solve_anderson(f, guess, options),
+                                 method="aidi", settings=asdict(options), diagnose=diagnose, progress=progress)

@@ -164,6 +164,34 @@ def run_inversion(
     return torch.cat(latents), reports
 
 
+def fixed_point_inversion(
+    model: DiffusionModel,
+    z0: Tensor,
+    embedding: Tensor,
+    schedule: DDIMSchedule,
+    solver: Callable[[Callable[[Tensor], Tensor], Tensor], StepResult],
+    *,
+    method: str,
+    settings: dict,
+    diagnose: bool = True,
+    progress: bool = True,
+    **fields,
+) -> Inversion:
+    """The inversion SPDInv and AIDI share: per step, the DDIM guess, then `solver(f, guess)` on
+    the step's fixed-point map f; they differ only in the solver."""
+
+    def solve(z_prev: Tensor, k: int) -> StepResult:
+        guess = ddim_guess(model, schedule, k, z_prev, embedding)
+        result = solver(fixed_point_map(model, schedule, k, z_prev, embedding), guess)
+        result.network_calls += 1  # the DDIM guess
+        return result
+
+    trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method=method, diagnose=diagnose,
+                                      progress=progress)
+    return Inversion(method, trajectory, schedule, embedding, steps, settings=settings,
+                     noise_error=noise_error(steps) if diagnose else None, **fields)
+
+
 def noise_error(steps: list[StepReport]) -> float:
     """Mean over steps of the final fixed-point residual (the paper's D_Noi)."""
     return float(sum(s.residual_after for s in steps) / len(steps))

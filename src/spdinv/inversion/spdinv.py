@@ -14,7 +14,7 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
-from .base import Inversion, StepResult, ddim_guess, fixed_point_map, noise_error, run_inversion
+from .base import Inversion, StepResult, fixed_point_inversion
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -73,16 +73,11 @@ def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMS
            options: SPDInvOptions = SPDInvOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """SPDInv: DDIM guess, then up to K gradient steps on the fixed-point residual (frozen UNet)."""
 
-    def solve(z_prev: Tensor, k: int) -> StepResult:
-        guess = ddim_guess(model, schedule, k, z_prev, embedding)
+    def solver(f, guess: Tensor) -> StepResult:
         with torch.enable_grad():
-            result = solve_fixed_point(fixed_point_map(model, schedule, k, z_prev, embedding), guess, options)
-        result.network_calls += 1  # the DDIM guess
-        return result
+            return solve_fixed_point(f, guess, options)
 
-    trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method="spdinv", diagnose=diagnose,
-                                      progress=progress)
     # The official code edits with the source prompt's embedding as the unconditional one (its
     # invert() returns it as the per-step "null" embeddings); guidance 1 reconstructions ignore it.
-    return Inversion("spdinv", trajectory, schedule, embedding, steps, settings=asdict(options),
-                     source_as_uncond=True, noise_error=noise_error(steps) if diagnose else None)
+    return fixed_point_inversion(model, z0, embedding, schedule, solver, method="spdinv", settings=asdict(options),
+                                 diagnose=diagnose, progress=progress, source_as_uncond=True)
