@@ -100,7 +100,7 @@ def test_edit_inverts_by_name_and_uses_the_cache(tiny, image, tmp_path):
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
-@pytest.mark.parametrize("method,sampler", [("spdinv", {}), ("negative_prompt", {}), ("null_text", {}),
+@pytest.mark.parametrize("method,sampler", [("spdinv", dict(uncond="source")), ("negative_prompt", {}), ("null_text", {}),
                                             ("ddim", dict(source_guidance_scale=7.5))])
 def test_p2p_replace_with_identical_prompts_reproduces_the_reconstruction(tiny, inversions, method, sampler):
     result = edit(tiny, None, SOURCE, SOURCE, inversions[method], "p2p", mode="replace", **sampler)

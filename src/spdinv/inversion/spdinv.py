@@ -77,7 +77,8 @@ def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMS
         with torch.enable_grad():
             return solve_fixed_point(f, guess, options)
 
-    # The official code edits with the source prompt's embedding as the unconditional one (its
-    # invert() returns it as the per-step "null" embeddings); guidance 1 reconstructions ignore it.
+    # The official code edits with the source prompt's embedding as the unconditional one; that is
+    # negative-prompt inversion's ingredient, not SPDInv's, so it is the editor's explicit switch
+    # (`uncond="source"`), not a property of this inversion.
     return fixed_point_inversion(model, z0, embedding, schedule, solver, method="spdinv", settings=asdict(options),
-                                 diagnose=diagnose, progress=progress, source_as_uncond=True)
+                                 diagnose=diagnose, progress=progress)
