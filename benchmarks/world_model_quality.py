@@ -4,7 +4,9 @@
 
 Measures on scenes that are not in the training set (seed 0's 20000 scenes are excluded):
 attribute-classifier accuracy, VAE reconstruction PSNR, generation accuracy (50 DDIM steps,
-guidance 7.5, stock diffusers StableDiffusionPipeline) for one- and two-object captions, and
+guidance 7.5, stock diffusers StableDiffusionPipeline) for one- and two-object captions (shape,
+colour, shape bound to its colour, background, object count: wherever the objects are; and
+`position`: everything right at the captioned positions), and
 DDIM / SPDInv inversion + reconstruction PSNR.
 """
 
@@ -23,7 +25,7 @@ from spdinv.inversion import invert
 from spdinv.model import load_model
 from spdinv.sampling import reconstruct
 from spdinv.world.captions import Phrasing, caption
-from spdinv.world.classifier import compare, load_classifier, read_scenes, to_input
+from spdinv.world.classifier import compare, compare_unplaced, load_classifier, read_scenes, to_input
 from spdinv.world.render import render, render_array
 from spdinv.world.scene import random_scene
 from spdinv.world.train import TrainConfig
@@ -84,10 +86,8 @@ def generation_accuracy(folder, classifier, n: int, n_objects: int, batch: int =
         out = pipe(prompts[i:i + batch], num_inference_steps=50, guidance_scale=7.5, generator=generator,
                    output_type="pt").images
         readings = read_scenes(classifier, out * 2 - 1)
-        flags += [compare(r, s) for r, s in zip(readings, scenes[i:i + batch])]
-    for f in flags:
-        f["shape+colour"] = f["shape"] and f["colour"]
-    return accuracy(flags, ("shape", "colour", "shape+colour", "background", "count", "all"))
+        flags += [compare_unplaced(r, s) for r, s in zip(readings, scenes[i:i + batch])]
+    return accuracy(flags, ("shape", "colour", "bound", "background", "count", "position"))
 
 
 def inversion_psnr(model, n: int, methods=("ddim", "spdinv")) -> dict:

@@ -94,3 +94,16 @@ def test_world_export_cli_writes_pie_bench_format(tmp_path, capsys):
         assert (tmp_path / "data" / "target_images" / item["target_image_path"]).exists()
         assert rle_decode(item["mask"], 64, official_border=False).any()
     assert main(["world", "export", str(tmp_path / "other"), "--n", "0"]) == 2
+
+
+def test_unplaced_comparison_ignores_where_objects_are():
+    from spdinv.world.classifier import SceneReading, compare, compare_unplaced
+
+    scene = Scene((WorldObject("star", "red", "left"), WorldObject("circle", "blue", "right")), "white")
+    drifted = SceneReading({"top": {"shape": "star", "colour": "red", "size": "large", "material": "plain", "style": "filled"},
+                            "bottom": {"shape": "circle", "colour": "green", "size": "large", "material": "plain",
+                                       "style": "filled"}}, "white", "plain")
+    flags = compare_unplaced(drifted, scene)
+    assert flags["shape"] and flags["background"] and flags["count"]
+    assert not flags["colour"] and not flags["bound"] and not flags["position"]
+    assert not compare(drifted, scene)["shape"]

@@ -28,7 +28,7 @@ class SamplerOptions:
     """guidance_scale: the target branch's classifier-free guidance; source_guidance_scale: the
     source branch's (None: the inversion's own, so the source branch is its reconstruction);
     uncond: both branches' unconditional embedding: 'inversion' (what the inversion prescribes:
-    per-step null embeddings, the source prompt for negative-prompt inversion and SPDInv, else
+    per-step null embeddings, the source prompt for negative-prompt inversion, else
     the empty prompt), 'source' (the source prompt) or 'empty' (the empty prompt)."""
 
     guidance_scale: float = 7.5
