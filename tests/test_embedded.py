@@ -8,10 +8,9 @@ import torch
 from spdinv.model import EMBEDDED_MODEL, load_model
 from spdinv.world.classifier import compare, load_classifier, read_scenes
 from spdinv.world.render import render
-from spdinv.world.scene import Scene, WorldObject
-from spdinv.world.captions import caption
-from spdinv.world.edits import EditPair
 from spdinv.world.captions import Phrasing
+from spdinv.world.edits import EditPair
+from spdinv.world.scene import Scene, WorldObject
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "model_index.json").exists(), reason="embedded model not built")
 
@@ -26,15 +25,17 @@ def classifier():
     return load_classifier()
 
 
-def test_stock_diffusers_loads_and_generates():
+def test_stock_diffusers_loads_and_generates(classifier):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a red circle on a white background", num_inference_steps=10,
-                 generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (64, 64)
-    assert np.asarray(image).std() > 5  # not a blank frame
+    images = pipe("a red circle on a white background", num_inference_steps=25,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (1, 3, 64, 64)
+    reading = read_scenes(classifier, images * 2 - 1)[0]
+    assert reading.background == "white"
+    assert [(o["shape"], o["colour"]) for o in reading.objects.values()] == [("circle", "red")]
 
 
 def background_psnr(edited: torch.Tensor, target_image, mask: np.ndarray) -> float:
@@ -49,6 +50,9 @@ EDITS = {
     # engine: (source scene, target scene, blend words, engine options)
     "p2p": (Scene((WorldObject("circle", "red", "centre"),), "white"),
             Scene((WorldObject("circle", "blue", "centre"),), "white"), "circle circle", {}),
+    # MasaCtrl keeps the source's appearance (colour) while the target prompt changes the shape
+    "masactrl": (Scene((WorldObject("circle", "red", "centre"),), "white"),
+                 Scene((WorldObject("square", "red", "centre"),), "white"), "circle square", {}),
 }
 
 
@@ -58,8 +62,9 @@ def test_spdinv_edit_on_the_embedded_model(model, classifier, engine):
 
     source, target, blend, options = EDITS[engine]
     pair = EditPair(source, target, Phrasing(), "6", "", blend)
-    result = edit(model, render(source), pair.source_prompt, pair.target_prompt, "spdinv", engine,
-                  blend=blend, **options)
+    if engine == "p2p":
+        options = dict(options, blend=blend)
+    result = edit(model, render(source), pair.source_prompt, pair.target_prompt, "spdinv", engine, **options)
     reading = read_scenes(classifier, result.edited)[0]
     assert compare(reading, target)["all"], reading
     assert background_psnr(result.edited, render(target), pair.mask()) >= 25.0
