@@ -20,4 +20,4 @@ test: setup
 
 demo: setup
 	$(BIN)/spdinv edit examples/red-circle.png --source "a large red circle in the centre on a white background" \
-		--target "a large blue circle in the centre on a white background" --blend "red blue" --out spdinv-out/demo
+		--target "a large blue circle in the centre on a white background" --blend "circle circle" --out spdinv-out/demo
