@@ -53,6 +53,9 @@ EDITS = {
     # MasaCtrl keeps the source's appearance (colour) while the target prompt changes the shape
     "masactrl": (Scene((WorldObject("circle", "red", "centre"),), "white"),
                  Scene((WorldObject("square", "red", "centre"),), "white"), "circle square", {}),
+    # PnP keeps the source's layout (injected decoder features) while the target prompt changes the material
+    "pnp": (Scene((WorldObject("circle", "red", "centre"),), "white"),
+            Scene((WorldObject("circle", "red", "centre", material="striped"),), "white"), "circle circle", {}),
 }
 
 

@@ -10,6 +10,7 @@ injected source features are those of its conditional row (the prompt it was inv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,18 @@ class PnPOptions:
         check_fraction("pnp", "attention_injection", self.attention_injection)
 
 
+def injection_block(unet: torch.nn.Module, scale: float = 0.25) -> int:
+    """The decoder block PnP injects in: SD's decoder block 1 runs at 1/4 of the latent's side, so
+    the block whose resolution relative to the latent is nearest 1/4 (ties to the coarser)."""
+    downscale = 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+    distances = []
+    for index, block in enumerate(unet.up_blocks):
+        distances.append((abs(math.log2(1.0 / downscale) - math.log2(scale)), index))
+        if getattr(block, "upsamplers", None):
+            downscale = max(1, downscale // 2)
+    return min(distances)[1]
+
+
 class PnPEditor(Editor):
     """PnP's conv and attention injection (register_conv_control / register_attention_control)."""
 
@@ -51,10 +64,11 @@ class PnPEditor(Editor):
             raise SpdinvError("pnp needs a UNet with at least two decoder (up) blocks")
         self.feature_steps = int(self.options.feature_injection * self.num_steps)
         self.attention_steps = int(self.options.attention_injection * self.num_steps)
-        self.resnet = up[1].resnets[min(1, len(up[1].resnets) - 1)]
+        block = injection_block(model.unet)
+        self.resnet = up[block].resnets[min(1, len(up[block].resnets) - 1)]
         # PnP injects in up_blocks[1].attentions[1:] and every self-attention of the blocks after it.
         self.qk_layers = [layer for layer in self.layers if not layer.cross and layer.place == "up"
-                          and layer.block >= 1 and not (layer.block == 1 and layer.attention == 0)]
+                          and layer.block >= block and not (layer.block == block and layer.attention == 0)]
 
     def processor_layers(self) -> list[AttentionLayer]:
         return self.qk_layers
