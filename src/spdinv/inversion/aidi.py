@@ -18,7 +18,7 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
-from .base import Inversion, StepResult, fixed_point_inversion
+from .base import Inversion, ResidualTracker, StepResult, fixed_point_inversion
 
 # Tikhonov weight of the Anderson least squares, relative to the largest squared column norm.
 _REGULARISATION = 1e-10
@@ -76,27 +76,17 @@ def solve_anderson(f, z_init: Tensor, options: AIDIOptions) -> StepResult:
     z = z_init.detach().float()
     iterates: deque[Tensor] = deque(maxlen=options.window)
     residuals: deque[Tensor] = deque(maxlen=options.window)
-    best_residual, best_latent = math.inf, z
-    first_residual, calls, updates, warning = None, 0, 0, ""
+    tracker, updates = ResidualTracker(best_latent=z), 0
     while True:
         g = f(z) - z
-        calls += 1
         value = float(g.pow(2).mean())
-        if not math.isfinite(value):
-            warning = f"non-finite residual after {updates} updates; kept the best iterate ({best_residual:.3g})"
-            break
-        if first_residual is None:
-            first_residual = value
-        if value < best_residual:
-            best_residual, best_latent = value, z
-        if value < options.tol or updates == options.iterations:
+        if not tracker.observe(value, z, updates) or value < options.tol or updates == options.iterations:
             break
         iterates.append(z.flatten())
         residuals.append(g.flatten())
         z = anderson_update(list(iterates), list(residuals), options.damping).view(shape)
         updates += 1
-    return StepResult(latent=best_latent, iterations=updates, network_calls=calls, gradient_calls=0,
-                      residual_before=first_residual, residual_after=best_residual, warning=warning)
+    return tracker.result(updates)
 
 
 def aidi(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,

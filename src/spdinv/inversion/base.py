@@ -45,6 +45,36 @@ class StepResult:
 
 
 @dataclass
+class ResidualTracker:
+    """Bookkeeping the fixed-point solvers share: evaluations, the first residual, and the best
+    *measured* iterate, which is what a solver returns (so the reported residual is the returned
+    latent's); a non-finite residual ends the search with a warning."""
+
+    best_latent: Tensor
+    best_residual: float = math.inf
+    first_residual: float | None = None
+    calls: int = 0
+    warning: str = ""
+
+    def observe(self, value: float, latent: Tensor, updates: int) -> bool:
+        """Record one evaluation of the residual at `latent`; False when it is not finite."""
+        self.calls += 1
+        if not math.isfinite(value):
+            self.warning = f"non-finite residual after {updates} updates; kept the best iterate ({self.best_residual:.3g})"
+            return False
+        if self.first_residual is None:
+            self.first_residual = value
+        if value < self.best_residual:
+            self.best_residual, self.best_latent = value, latent.detach().clone()
+        return True
+
+    def result(self, updates: int, gradient_calls: int = 0) -> StepResult:
+        return StepResult(latent=self.best_latent, iterations=updates, network_calls=self.calls,
+                          gradient_calls=gradient_calls, residual_before=self.first_residual,
+                          residual_after=self.best_residual, warning=self.warning)
+
+
+@dataclass
 class Inversion:
     """An inverted image: the trajectory z_0 ... z_T and whatever an editor needs besides it.
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
-from .base import Inversion, StepResult, fixed_point_inversion
+from .base import Inversion, ResidualTracker, StepResult, fixed_point_inversion
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -46,27 +46,17 @@ def solve_fixed_point(f, z_init: Tensor, options: SPDInvOptions) -> StepResult:
     step later). A non-finite residual stops the search and falls back to the best iterate."""
     z = z_init.detach().float().clone().requires_grad_(True)
     optimizer = OPTIMIZERS[options.optimizer]([z], lr=options.lr)
-    best_residual, best_latent = math.inf, z_init.detach().float()
-    first_residual, calls, steps, warning = None, 0, 0, ""
+    tracker, steps = ResidualTracker(best_latent=z_init.detach().float()), 0
     while True:
         residual = F.mse_loss(f(z), z)
-        calls += 1
         value = float(residual.detach())
-        if not math.isfinite(value):
-            warning = f"non-finite residual after {steps} steps; kept the best iterate ({best_residual:.3g})"
-            break
-        if first_residual is None:
-            first_residual = value
-        if value < best_residual:
-            best_residual, best_latent = value, z.detach().clone()
-        if value < options.delta or steps == options.K:
+        if not tracker.observe(value, z, steps) or value < options.delta or steps == options.K:
             break
         optimizer.zero_grad(set_to_none=True)
         residual.backward()
         optimizer.step()
         steps += 1
-    return StepResult(latent=best_latent, iterations=steps, network_calls=calls, gradient_calls=steps,
-                      residual_before=first_residual, residual_after=best_residual, warning=warning)
+    return tracker.result(steps, gradient_calls=steps)
 
 
 def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
