@@ -25,7 +25,8 @@ from spdinv.inversion import invert
 from spdinv.model import load_model
 from spdinv.sampling import reconstruct
 from spdinv.world.captions import Phrasing, caption
-from spdinv.world.classifier import compare, compare_unplaced, load_classifier, read_scenes, to_input
+from spdinv.images import arrays_to_tensor
+from spdinv.world.classifier import compare, compare_unplaced, load_classifier, read_scenes
 from spdinv.world.render import render, render_array
 from spdinv.world.scene import random_scene
 from spdinv.world.train import TrainConfig
@@ -60,14 +61,14 @@ def accuracy(flags: list[dict], keys) -> dict[str, float]:
 
 def classifier_accuracy(classifier, n: int) -> dict:
     scenes = held_out_scenes(n, seed=101)
-    images = to_input(np.stack([render_array(s) for s in scenes]))
+    images = arrays_to_tensor(np.stack([render_array(s) for s in scenes]))
     flags = [compare(r, s) for r, s in zip(read_scenes(classifier, images), scenes)]
     return accuracy(flags, ("shape", "colour", "size", "material", "style", "background", "background_kind", "count", "all"))
 
 
 def vae_psnr(model, n: int) -> float:
     scenes = held_out_scenes(n, seed=102)
-    images = to_input(np.stack([render_array(s) for s in scenes]))
+    images = arrays_to_tensor(np.stack([render_array(s) for s in scenes]))
     values = [psnr(model.decode(model.encode_image(x[None])), x[None]) for x in images]
     return float(np.mean(values))
 

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_invert(args: argparse.Namespace) -> None:
-    from .images import load_image
+    from .images import conform_image, open_image
     from .inversion import check_prompt, get_method
     from .outputs import check_output_dir
 
@@ -129,12 +129,12 @@ def run_invert(args: argparse.Namespace) -> None:
     get_method(args.method)
     options = inversion_options(args, args.method)
     check_output_dir(args.out)
-    load_image(args.image, 8)  # readable? (the real conversion needs the model's size)
+    raw_image = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     from .model import load_model
     from .export import invert_to_folder
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    image, notices = load_image(args.image, model.image_size)
+    image, notices = conform_image(raw_image, model.image_size)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
     summary = invert_to_folder(model, image, prompt, args.method, args.steps, options, args.out, seed=args.seed,

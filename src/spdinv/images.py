@@ -12,8 +12,8 @@ from torch import Tensor
 from .errors import SpdinvError
 
 
-def load_image(path: str | Path, size: int) -> tuple[Image.Image, list[str]]:
-    """Open an image as RGB `size`x`size`; returns it and notices of what was converted."""
+def open_image(path: str | Path) -> Image.Image:
+    """Read and decode an image file (as it is; `conform_image` fits it to a model)."""
     path = Path(path)
     if not path.exists():
         raise SpdinvError(f"image not found: {path}")
@@ -25,7 +25,7 @@ def load_image(path: str | Path, size: int) -> tuple[Image.Image, list[str]]:
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise SpdinvError(f"not a readable image: {path} ({type(error).__name__})") from None
-    return conform_image(image, size)
+    return image
 
 
 def conform_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
@@ -56,6 +56,11 @@ def to_tensor(image: Image.Image) -> Tensor:
     """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def arrays_to_tensor(arrays: np.ndarray) -> Tensor:
+    """uint8 images (B, H, W, 3) -> float tensor (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.asarray(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

@@ -5,7 +5,6 @@ kind). The benchmark's exact judge of whether an edit happened."""
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..images import arrays_to_tensor
 from .render import render_array
 from .scene import BACKGROUND_KINDS, BACKGROUNDS, COLOURS, MATERIALS, POSITIONS, SHAPES, SIZES, STYLES, Scene, random_scene
 
@@ -66,10 +66,6 @@ def batch_labels(scenes: list[Scene]) -> dict[str, Tensor]:
     return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
 
 
-def to_input(arrays: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.asarray(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def augment(images: Tensor, gen: torch.Generator) -> Tensor:
     """Noise, brightness and blur of the kind generated and edited images show."""
     b = len(images)
@@ -93,7 +89,7 @@ def train_classifier(out: Path = CLASSIFIER_PATH, steps: int = 2500, batch: int 
                      seed: int = 1, lr: float = 2e-3) -> AttributeClassifier:
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n_scenes)]
-    images = to_input(np.stack([render_array(s) for s in scenes]))
+    images = arrays_to_tensor(np.stack([render_array(s) for s in scenes]))
     labels = batch_labels(scenes)
     model = AttributeClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)

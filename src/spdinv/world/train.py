@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..images import arrays_to_tensor
 from .captions import Phrasing, caption
 from .render import render_array
 from .scene import random_scene
@@ -108,7 +109,7 @@ class Trainer:
             array = np.stack([render_array(s) for s in scenes])
             np.save(cache, array)
             log.info("rendered %d scenes in %.0f s", len(scenes), time.time() - t0)
-        return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return arrays_to_tensor(array)
 
     # ---------------------------------------------------------------- checkpoints
     def _ckpt_path(self) -> Path:
