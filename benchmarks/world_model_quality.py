@@ -13,6 +13,7 @@ DDIM / SPDInv inversion + reconstruction PSNR.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import time
@@ -32,8 +33,16 @@ from spdinv.world.scene import random_scene
 from spdinv.world.train import TrainConfig
 
 
+@functools.cache
+def training_scenes() -> frozenset:
+    """The scenes the embedded model was trained on (TrainConfig's seed and count)."""
+    config = TrainConfig()
+    rng = random.Random(config.seed)
+    return frozenset(random_scene(rng) for _ in range(config.n_scenes))
+
+
 def held_out_scenes(n: int, seed: int, n_objects: int | None = None):
-    training = set(TrainerScenes.get())
+    training = training_scenes()
     rng = random.Random(seed)
     scenes = []
     while len(scenes) < n:
@@ -41,18 +50,6 @@ def held_out_scenes(n: int, seed: int, n_objects: int | None = None):
         if scene not in training:
             scenes.append(scene)
     return scenes
-
-
-class TrainerScenes:
-    _cache = None
-
-    @classmethod
-    def get(cls):
-        if cls._cache is None:
-            config = TrainConfig()
-            rng = random.Random(config.seed)
-            cls._cache = [random_scene(rng) for _ in range(config.n_scenes)]
-        return cls._cache
 
 
 def accuracy(flags: list[dict], keys) -> dict[str, float]:
