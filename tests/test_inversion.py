@@ -44,6 +44,18 @@ def test_spdinv_noise_error_below_ddim(pair):
     assert spd.gradient_calls == sum(s.iterations for s in spd.steps)
 
 
+def test_relative_delta_asks_each_step_to_cut_its_own_residual(tiny, image):
+    """Scale-aware stopping: a step stops only below delta *and* below relative_delta x its first
+    residual, so steps whose DDIM guess is already under the absolute delta still iterate."""
+    absolute = invert(tiny, image, PROMPT, "spdinv", 10, progress=False, K=200, lr=1e-2, delta=1.0)
+    relative = invert(tiny, image, PROMPT, "spdinv", 10, progress=False, K=200, lr=1e-2, delta=1.0, relative_delta=0.1)
+    assert all(s.iterations == 0 for s in absolute.steps)  # delta 1.0: every guess passes at once
+    assert sum(s.iterations for s in relative.steps) > 0
+    for step in relative.steps:
+        assert step.iterations == 200 or step.residual_after < 0.1 * step.residual_before
+    assert relative.noise_error < absolute.noise_error
+
+
 def test_default_settings_are_the_papers(tiny, image):
     inv = invert(tiny, image, PROMPT, "spdinv", 3, progress=False)
     assert {k: inv.settings[k] for k in ("K", "lr", "delta", "optimizer")} == dict(K=25, lr=1e-3, delta=5e-6, optimizer="adamw")
@@ -108,7 +120,7 @@ def test_registry_and_bad_options(tiny, image):
     assert {"ddim", "spdinv"} <= set(METHODS)
     with pytest.raises(SpdinvError, match="valid: ddim, spdinv"):
         invert(tiny, image, PROMPT, "nope", 3)
-    for bad in (dict(K=0), dict(lr=0.0), dict(delta=-1.0), dict(optimizer="rmsprop")):
+    for bad in (dict(K=0), dict(lr=0.0), dict(delta=-1.0), dict(optimizer="rmsprop"), dict(relative_delta=1.0)):
         with pytest.raises(SpdinvError):
             invert(tiny, image, PROMPT, "spdinv", 3, **bad)
     with pytest.raises(SpdinvError, match="steps"):

@@ -56,6 +56,8 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     spd.add_argument("--lr", type=_positive_float, default=None,
                      help="step size (spdinv default 1e-3; null_text: Adam's, default 1e-2)")
     spd.add_argument("--delta", type=_positive_float, default=None, help="early-stop threshold on the mean squared residual (default 5e-6)")
+    spd.add_argument("--relative-delta", type=_positive_float, default=None,
+                     help="also stop only below this fraction of each step's first residual (scale-aware; default off)")
     spd.add_argument("--optimizer", default=None, help="adamw (default), adam or sgd")
     guided = parser.add_argument_group("null_text, negative_prompt and direct options")
     guided.add_argument("--guidance", type=float, default=None,
@@ -76,7 +78,7 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     aidi.add_argument("--tol", type=_positive_float, default=None,
                       help="early-stop threshold on the mean squared residual (default 5e-6)")
 
-INVERSION_OPTIONS = ("K", "lr", "delta", "optimizer", "guidance", "inner_steps", "lr_decay", "early_stop",
+INVERSION_OPTIONS = ("K", "lr", "delta", "relative_delta", "optimizer", "guidance", "inner_steps", "lr_decay", "early_stop",
                      "early_stop_growth", "iterations", "window", "damping", "tol")
 
 

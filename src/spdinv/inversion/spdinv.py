@@ -22,11 +22,14 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch
 @dataclass(frozen=True)
 class SPDInvOptions:
     """K: most gradient steps per timestep; lr: step size; delta: stop once the mean squared
-    residual is below it; optimizer: adamw (the paper's code, weight decay 0.01), adam or sgd."""
+    residual is below it; relative_delta (scale-aware, off by default): stop only once the residual
+    is also below this fraction of the step's first (DDIM-guess) residual; optimizer: adamw (the
+    paper's code, weight decay 0.01), adam or sgd."""
 
     K: int = 25
     lr: float = 1e-3
     delta: float = 5e-6
+    relative_delta: float | None = None
     optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
@@ -36,6 +39,8 @@ class SPDInvOptions:
             raise SpdinvError(f"lr must be > 0, got {self.lr}")
         if not self.delta > 0 or not math.isfinite(self.delta):
             raise SpdinvError(f"delta must be > 0, got {self.delta}")
+        if self.relative_delta is not None and not 0 < self.relative_delta < 1:
+            raise SpdinvError(f"relative_delta must be in (0, 1), got {self.relative_delta}")
         if self.optimizer not in OPTIMIZERS:
             raise SpdinvError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
@@ -50,13 +55,20 @@ def solve_fixed_point(f, z_init: Tensor, options: SPDInvOptions) -> StepResult:
     while True:
         residual = F.mse_loss(f(z), z)
         value = float(residual.detach())
-        if not tracker.observe(value, z, steps) or value < options.delta or steps == options.K:
+        if not tracker.observe(value, z, steps) or converged(value, tracker.first_residual, options) or steps == options.K:
             break
         optimizer.zero_grad(set_to_none=True)
         residual.backward()
         optimizer.step()
         steps += 1
     return tracker.result(steps, gradient_calls=steps)
+
+
+def converged(residual: float, first_residual: float, options: SPDInvOptions) -> bool:
+    """The paper's absolute test, and the relative one when asked for."""
+    if options.relative_delta is not None and residual >= options.relative_delta * first_residual:
+        return False
+    return residual < options.delta
 
 
 def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
