@@ -2,14 +2,15 @@
 iteration profile and the scale of DDIM's own fixed-point residual.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ablation.py DATA --limit 50 --out ablation \
-        [--processes 2] [--configs default,K5,K50,delta5e-4,lr5e-3,relative0.01,ddim] [--model DIR]
+        [--processes 2] [--configs default,K5,...] [--model DIR]
 
 DATA is a PIE-Bench-format folder (`spdinv world export DATA --n 100 --seed 0`). Each configuration
 is one resumable `spdinv bench DATA --inversion spdinv --engine p2p ...` run (DINO and CLIP off)
 in OUT/<config>, under torchrun when --processes > 1. One factor changes at a time around the
 paper's defaults (K 25, delta 5e-6, lr 1e-3); `relativeF` adds the scale-aware stop (each step must
 also cut its residual to F x its first one); `ddim` is plain DDIM inversion, whose per-step residual
-shows how large the fixed-point error is on this model. Writes OUT/ablation.md, OUT/ablation.json
+shows how large the fixed-point error is on this model; `uncond-source` edits with the source
+prompt as the unconditional embedding, as the official P2P script does. Writes OUT/ablation.md, OUT/ablation.json
 and OUT/ablation-steps.png.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from spdinv.bench.report import load_results, mean
 
 PAPER_DELTA = 5e-6
-CONFIG_PATTERN = re.compile(r"^(default|ddim|K(\d+)|delta([0-9.e-]+)|lr([0-9.e-]+)|relative([0-9.e-]+))$")
+CONFIG_PATTERN = re.compile(r"^(default|ddim|uncond-source|K(\d+)|delta([0-9.e-]+)|lr([0-9.e-]+)|relative([0-9.e-]+))$")
 METRICS = "psnr,mse,ssim,gt_psnr,gt_ssim,edit_accuracy,noise_error,reconstruction_error,network_calls,seconds,edit_seconds"
 
 
@@ -36,9 +37,12 @@ def config_arguments(name: str) -> list[str]:
     """`spdinv bench` arguments for one configuration name."""
     match = CONFIG_PATTERN.match(name)
     if not match:
-        raise SystemExit(f"unknown configuration {name!r}: use default, ddim, K<int>, delta<x>, lr<x>, relative<x>")
+        raise SystemExit(f"unknown configuration {name!r}: use default, ddim, uncond-source, K<int>, delta<x>, lr<x>, "
+                         "relative<x>")
     if name == "ddim":
         return ["--inversion", "ddim"]
+    if name == "uncond-source":  # the official P2P script's setting: the source prompt as the unconditional
+        return ["--inversion", "spdinv", "--engine-option", "uncond=source"]
     arguments = ["--inversion", "spdinv"]
     for flag, value in zip(("--K", "--delta", "--lr", "--relative-delta"), match.groups()[1:]):
         if value is not None:
@@ -142,7 +146,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("ablation"))
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--configs", default="default,K5,K50,delta5e-4,lr5e-3,relative0.01,ddim")
+    parser.add_argument("--configs", default="default,K5,K50,delta5e-4,lr5e-3,relative0.1,uncond-source,ddim")
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
     names = [n.strip() for n in args.configs.split(",") if n.strip()]

@@ -50,6 +50,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     checkpoint_every: int = 200
     threads: int = 1
+    device: str = "cpu"  # e.g. cuda: the same seeded run (random draws stay on the CPU generator)
 
 
 def build_vae() -> AutoencoderKL:
@@ -82,6 +83,12 @@ def sd_ddim_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+def resumed_schedule(optimizer: torch.optim.Optimizer, factor, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR positioned at `step`, so the next update uses factor(step) (setting last_epoch after
+    construction would leave the first resumed update at factor(0))."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
+
+
 class Trainer:
     def __init__(self, work_dir: Path, config: TrainConfig):
         self.work_dir = Path(work_dir)
@@ -93,6 +100,9 @@ class Trainer:
         self.vae = build_vae()
         self.text_encoder = build_text_encoder(self.tokenizer)
         self.unet = build_unet()
+        self.device = torch.device(config.device)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.to(self.device)
         self.state = {"phase": "vae", "step": 0, "scaling_factor": None}
 
     # ---------------------------------------------------------------- data
@@ -109,7 +119,7 @@ class Trainer:
             array = np.stack([render_array(s) for s in scenes])
             np.save(cache, array)
             log.info("rendered %d scenes in %.0f s", len(scenes), time.time() - t0)
-        return arrays_to_tensor(array)
+        return arrays_to_tensor(array).to(self.device)
 
     # ---------------------------------------------------------------- checkpoints
     def _ckpt_path(self) -> Path:
@@ -125,7 +135,7 @@ class Trainer:
     def load_checkpoint(self) -> dict | None:
         if not self._ckpt_path().exists():
             return None
-        payload = torch.load(self._ckpt_path(), weights_only=False)
+        payload = torch.load(self._ckpt_path(), weights_only=False, map_location=self.device)
         self.state = payload["state"]
         self.vae.load_state_dict(payload["vae"])
         self.text_encoder.load_state_dict(payload["text_encoder"])
@@ -139,19 +149,19 @@ class Trainer:
         opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         if resume and "vae_opt" in resume:
             opt.load_state_dict(resume["vae_opt"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.vae_steps) / cfg.vae_steps)))
-        sched.last_epoch = self.state["step"]
+        sched = resumed_schedule(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.vae_steps) / cfg.vae_steps)),
+                                 self.state["step"])
         self.vae.train()
         t0 = time.time()
         while self.state["step"] < cfg.vae_steps:
             step = self.state["step"]
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen)
+            idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen).to(self.device)
             grid = 64 // 4 - cfg.vae_crop // 4 + 1
             oy, ox = (torch.randint(0, grid, (2,), generator=gen) * 4).tolist()
             x = images[idx, :, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
             posterior = self.vae.encode(x).latent_dist
-            recon = self.vae.decode(posterior.sample(generator=gen)).sample
+            recon = self.vae.decode(posterior.sample(generator=gen)).sample  # CPU generator, any device
             recon_loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
             loss = recon_loss + cfg.vae_kl_weight * posterior.kl().mean()
             opt.zero_grad(set_to_none=True)
@@ -193,9 +203,9 @@ class Trainer:
             opt.load_state_dict(resume["unet_opt"])
             ema.load_state_dict(resume["ema"])
         warm = cfg.unet_warmup
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * min(s, cfg.unet_steps) / cfg.unet_steps)))
-        sched.last_epoch = self.state["step"]
+        sched = resumed_schedule(
+            opt, lambda s: min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * min(s, cfg.unet_steps) / cfg.unet_steps)),
+            self.state["step"])
         self.unet.train()
         self.text_encoder.train()
         t0 = time.time()
@@ -205,11 +215,14 @@ class Trainer:
             rng = random.Random(cfg.seed * 7_000_003 + step)
             idx = torch.randint(0, len(scenes), (cfg.unet_batch,), generator=gen)
             texts = ["" if rng.random() < cfg.caption_dropout else caption(scenes[i], Phrasing.random(rng)) for i in idx.tolist()]
-            latents = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=gen)) * scale
-            noise = torch.randn(latents.shape, generator=gen)
+            on_device = idx.to(self.device)
+            draw = torch.randn(latent_mean[on_device].shape, generator=gen).to(self.device)
+            latents = (latent_mean[on_device] + latent_std[on_device] * draw) * scale
+            noise = torch.randn(latents.shape, generator=gen).to(self.device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+            timesteps = timesteps.to(self.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            embedding = self.text_encoder(self.tokenize(texts))[0]
+            embedding = self.text_encoder(self.tokenize(texts).to(self.device))[0]
             prediction = self.unet(noisy, timesteps, embedding).sample
             loss = F.mse_loss(prediction, noise)
             opt.zero_grad(set_to_none=True)
@@ -260,6 +273,8 @@ class Trainer:
         return self.save_pipeline(out_dir)
 
     def save_pipeline(self, out_dir: Path) -> Path:
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.to("cpu")
         self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet.eval(),
