@@ -64,3 +64,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, uninterrupt
     assert weights.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(weights[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_finished_run_extends_with_more_steps(tmp_path, uninterrupted):
+    trainer = Trainer(tmp_path / "work", TrainConfig(**TINY))
+    trainer.run(tmp_path / "model")
+    finished = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)
+    assert finished["state"]["step"] == TINY["unet_steps"] and {"unet_opt", "ema"} <= finished.keys()
+    longer = Trainer(tmp_path / "work", TrainConfig(**{**TINY, "unet_steps": TINY["unet_steps"] + 2}))
+    longer.run(tmp_path / "model")
+    assert longer.state["step"] == TINY["unet_steps"] + 2
+    _, four_steps = uninterrupted
+    assert any(not torch.equal(v, four_steps[k]) for k, v in final_weights(longer).items() if k.startswith("unet."))

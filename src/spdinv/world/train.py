@@ -192,19 +192,24 @@ class Trainer:
         return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids
 
-    def train_unet(self, scenes, latent_mean, latent_std, resume: dict | None) -> EMAModel:
+    def train_unet(self, scenes, latent_mean, latent_std, resume: dict | None) -> tuple[EMAModel, dict]:
+        """Train until unet_steps; returns the EMA and the optimizer/EMA state a later, longer run
+        continues from."""
         cfg = self.config
         scale = self.state["scaling_factor"]
         noise_scheduler = DDPMScheduler(**SD_BETAS)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
         ema = EMAModel(params, decay=cfg.ema_decay)
+        warm, warm_from = cfg.unet_warmup, 0
         if resume and "unet_opt" in resume:
             opt.load_state_dict(resume["unet_opt"])
             ema.load_state_dict(resume["ema"])
-        warm = cfg.unet_warmup
+        elif self.state["step"]:  # an older checkpoint without optimizer state: a fresh optimizer warms up again
+            warm_from = self.state["step"]
         sched = resumed_schedule(
-            opt, lambda s: min(1.0, (s + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * min(s, cfg.unet_steps) / cfg.unet_steps)),
+            opt, lambda s: min(1.0, (s - warm_from + 1) / warm)
+            * (0.55 + 0.45 * math.cos(math.pi * min(s, cfg.unet_steps) / cfg.unet_steps)),
             self.state["step"])
         self.unet.train()
         self.text_encoder.train()
@@ -238,7 +243,7 @@ class Trainer:
                 t0 = time.time()
             if (step + 1) % cfg.checkpoint_every == 0:
                 self.save_checkpoint({"unet_opt": opt.state_dict(), "ema": ema.state_dict()})
-        return ema
+        return ema, {"unet_opt": opt.state_dict(), "ema": ema.state_dict()}
 
     # ---------------------------------------------------------------- whole run
     def run(self, out_dir: Path) -> Path:
@@ -254,10 +259,9 @@ class Trainer:
             log.info("latent std %.4f -> scaling factor %.4f", float(mean.std()), self.state["scaling_factor"])
             self.save_checkpoint({})
             resume = None
-        ema = self.train_unet(scenes, mean, std, resume)
+        ema, continuation = self.train_unet(scenes, mean, std, resume)
+        self.save_checkpoint(continuation)  # raw weights + optimizer + EMA: `--unet-steps M` (M > N) continues
         ema.copy_to(list(self.unet.parameters()) + list(self.text_encoder.parameters()))
-        self.state["phase"] = "done"
-        self.save_checkpoint({})
         return self.save_pipeline(out_dir)
 
     def export_checkpoint(self, out_dir: Path) -> Path:
