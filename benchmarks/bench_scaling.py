@@ -5,7 +5,8 @@
 
 Exports a shapes-world PIE-Bench folder, then times `spdinv bench` once as one process and once
 under `torchrun --nproc-per-node N` (each process single-threaded, evaluation models off), each
-into a fresh output folder, and checks that the two merged CSVs agree outside the timing columns.
+into a fresh output folder, then once more as one process with N threads (what a user gets without
+torchrun), and checks that the two merged CSVs agree outside the timing columns.
 Wall time includes each process's start-up (imports, model load): the cost a user pays.
 Default model: a tiny random SD pipeline saved to the work folder (use --model for a real one).
 """
@@ -23,8 +24,8 @@ import time
 from pathlib import Path
 
 
-def timed(command: list[str]) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def timed(command: list[str], threads: int = 1) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -66,17 +67,20 @@ def main() -> None:
 
     bench = ["bench", str(data), "--inversion", args.inversion, "--engine", args.engine, "--model", model,
              "--steps", str(args.steps), "--dino", "none", "--clip", "none", "--quiet", "--no-diagnostics"]
-    outs = {1: work / "out-1", args.processes: work / f"out-{args.processes}"}
+    outs = {1: work / "out-1", args.processes: work / f"out-{args.processes}", "threaded": work / "out-1-threaded"}
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     one = timed([sys.executable, "-m", "spdinv", *bench, "--out", str(outs[1])])
     many = timed([torchrun, f"--nproc-per-node={args.processes}", "-m", "spdinv", *bench,
                   "--out", str(outs[args.processes])])
+    # the single process a user gets by default: one process using as many threads as there are processes
+    threaded = timed([sys.executable, "-m", "spdinv", *bench, "--out", str(outs["threaded"])], threads=args.processes)
     same = deterministic_part(outs[1] / "results.csv") == deterministic_part(outs[args.processes] / "results.csv")
     rows = len((outs[1] / "results.csv").read_text().splitlines()) - 1
     result = {"rows": rows, "seconds_1": round(one, 2), f"seconds_{args.processes}": round(many, 2),
-              "speedup": round(one / many, 3), "csv_identical_outside_timings": same,
+              "speedup": round(one / many, 3), f"seconds_1_process_{args.processes}_threads": round(threaded, 2),
+              "speedup_vs_threaded": round(threaded / many, 3), "csv_identical_outside_timings": same,
               "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     print(json.dumps(result, indent=2))
     if args.json:
