@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spdinv.bench.report import load_results, mean
+from spdinv.bench.report import load_results, mean, save_figure
 
 PAPER_DELTA = 5e-6
 CONFIG_PATTERN = re.compile(r"^(default|ddim|uncond-source|K(\d+)|delta([0-9.e-]+)|lr([0-9.e-]+)|relative([0-9.e-]+))$")
@@ -135,9 +135,7 @@ def plot(summaries: list[dict], path: Path) -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

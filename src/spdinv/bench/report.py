@@ -238,12 +238,17 @@ def bar_charts(results: Results, folder: Path) -> list[Path]:
         axis.set_xticks(range(len(labels)), labels, fontsize=8)
         axis.set_title(column.title)
         axis.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = folder / f"{metric}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, folder / f"{metric}.png"))
     return paths
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def step_profiles(diagnostics: Path, folder: Path) -> list[Path]:
@@ -282,11 +287,7 @@ def step_profiles(diagnostics: Path, folder: Path) -> list[Path]:
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-        fig.tight_layout()
-        path = folder / f"{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, folder / f"{name}.png"))
     return paths
 
 
