@@ -487,6 +487,21 @@ def test_report_tables_in_paper_scales_with_categories_and_plots(tmp_path, world
     plots = {p.name for p in (out / "report" / "plots").iterdir()}
     assert {"psnr.png", "mse.png", "steps-iterations.png", "steps-residuals.png"} <= plots
     assert load_results(results).methods == [("ddim", "p2p"), ("spdinv", "p2p"), ("ddim", "pnp"), ("spdinv", "pnp")]
+    assert "examples.png" not in plots  # no saved images, no example grid
+
+
+def test_report_example_grid_from_saved_images(tmp_path, world, tiny):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    run_benchmark(options(world, out, limit=3, save_images=True), fake_edit, tiny)
+    text = write_report(out).read_text()
+    grid = Image.open(out / "report" / "plots" / "examples.png")
+    assert "plots/examples.png" in text
+    categories = {item.category for item in load_dataset(world).items}
+    cell = 192  # 64-pixel images enlarged 3x
+    assert grid.width > 6 * cell  # source, target and four inversion + engine columns
+    assert grid.height > len(categories) * cell
 
 
 def test_cli_bench_then_report(tmp_path, world, tiny_dir, capsys):

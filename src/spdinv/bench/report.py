@@ -291,6 +291,36 @@ def step_profiles(diagnostics: Path, folder: Path) -> list[Path]:
     return paths
 
 
+def example_grid(results: Results, folder: Path, out: Path) -> list[Path]:
+    """With --save-images: the first image of each category, one row each: source, ground-truth
+    target (if any), then every inversion + engine's edit."""
+    from PIL import Image
+
+    from ..editing.grid import labelled_grid
+    from .datasets import load_dataset
+
+    images = folder / "images"
+    data = results.settings.get("data")
+    if not images.is_dir() or not data or not Path(data).is_dir():
+        return []
+    firsts = {}
+    for item in load_dataset(data).items:
+        firsts.setdefault(item.category, item)
+    methods = [m for m in results.methods if (images / f"{m[0]}+{m[1]}").is_dir()]
+    rows = []
+    for category in sorted(firsts, key=int):
+        item = firsts[category]
+        edits = [images / f"{inv}+{eng}" / item.image_path.name for inv, eng in methods]
+        cells = [item.load_image(), item.load_target()] + [Image.open(p) if p.is_file() else None for p in edits]
+        rows.append((f"{category} {item.category_name}: {item.editing_prompt}", cells))
+    if not rows:
+        return []
+    columns = ["source", "target"] + [f"{inv}+{eng}" for inv, eng in methods]
+    path = out / "examples.png"
+    labelled_grid(rows, columns).save(path)
+    return [path]
+
+
 def write_report(results_path: str | Path, out: str | Path | None = None) -> Path:
     """report.md plus plots/ in `out` (default: a report/ folder beside the results)."""
     results = load_results(results_path)
@@ -299,7 +329,8 @@ def write_report(results_path: str | Path, out: str | Path | None = None) -> Pat
     out = Path(out) if out else folder / "report"
     plots_folder = out / "plots"
     plots_folder.mkdir(parents=True, exist_ok=True)
-    plots = bar_charts(results, plots_folder) + step_profiles(folder / "diagnostics", plots_folder)
+    plots = (example_grid(results, folder, plots_folder) + bar_charts(results, plots_folder)
+             + step_profiles(folder / "diagnostics", plots_folder))
     path = out / "report.md"
     path.write_text(markdown(results, plots, base=out))
     return path
