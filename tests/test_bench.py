@@ -504,15 +504,23 @@ def test_report_example_grid_from_saved_images(tmp_path, world, tiny):
     assert grid.height > len(categories) * cell
 
 
-def test_cli_bench_then_report(tmp_path, world, tiny_dir, capsys):
+def test_cli_bench_then_report(tmp_path, world, tiny_dir, capsys, monkeypatch):
     out = tmp_path / "out"
-    code, stdout, err = run_cli(["bench", world, "--inversion", "ddim,spdinv", "--engine", "p2p", "--limit", "1",
-                                 "--model", tiny_dir, "--steps", "2", "--K", "2", "--dino", "none", "--clip", "none",
-                                 "--metrics", "psnr,ssim,noise_error", "--quiet", "--out", out], capsys)
+    common = ["--inversion", "ddim,spdinv", "--limit", "1", "--model", tiny_dir, "--steps", "2", "--K", "2", "--dino", "none",
+              "--clip", "none", "--metrics", "psnr,ssim,noise_error", "--quiet", "--out", out]
+    first = ["bench", world, "--engine", "p2p", *common]
+    monkeypatch.setattr(sys, "argv", ["spdinv", *map(str, first)])
+    code, stdout, err = run_cli(first, capsys)
     assert code == 0 and "2 rows computed" in stdout, err
     assert read_rows(out / "results.csv")[1]["inversion"] == "spdinv"
+    second = ["bench", world, "--engine", "pnp", *common]  # the same settings, another engine, same folder
+    monkeypatch.setattr(sys, "argv", ["spdinv", *map(str, second)])
+    code, stdout, err = run_cli(second, capsys)
+    assert code == 0 and "2 rows computed" in stdout, err
+    assert [r["engine"] for r in read_rows(out / "results.csv")] == ["p2p", "p2p", "pnp", "pnp"]
     code, stdout, _ = run_cli(["report", out], capsys)
-    assert code == 0 and (out / "report" / "report.md").is_file()
+    report = (out / "report" / "report.md").read_text()
+    assert code == 0 and "--engine p2p" in report and "--engine pnp" in report
 
 
 def test_cli_bad_input_is_one_line(tmp_path, world, capsys):

@@ -208,8 +208,9 @@ def _settings_lines(settings: dict, results: Results) -> list[str]:
     lines = [f"{len(results.rows)} rows: {len({r['id'] for r in results.rows})} images × "
              f"{len(results.methods)} inversion+engine pairs."]
     if settings:
-        command = " ".join(settings.get("command", [])) or "?"
-        lines += ["", f"- command: `{command}`", f"- model: {settings.get('model')}, steps {settings.get('steps')}, "
+        commands = settings.get("commands", [settings.get("command", [])])
+        lines += [""] + [f"- command: `{' '.join(command) or '?'}`" for command in commands]
+        lines += [f"- model: {settings.get('model')}, steps {settings.get('steps')}, "
                   f"seed {settings.get('seed')}, dtype {settings.get('dtype')}, processes {settings.get('world_size', 1)}"]
         if settings.get("machine"):
             lines.append("- machine: " + ", ".join(f"{k} {v}" for k, v in settings["machine"].items() if v))

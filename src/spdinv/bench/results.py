@@ -149,7 +149,8 @@ def finished_keys(out: Path, header: list[str]) -> set[Key]:
 
 def merge(out: Path, header: list[str], order: list[Key], extra_rows: Iterable[dict] = ()) -> Path:
     """Write results.csv from results.csv, the part files and `extra_rows` (rows gathered from
-    other nodes), in canonical order, atomically; the part files are left for the caller."""
+    other nodes), atomically: rows of other runs into the same folder first, as they were, then this
+    run's in canonical `order`; the part files are left for the caller."""
     found: dict[Key, dict] = {}
     sources = [read_rows(out / RESULTS_FILE, header), *(read_rows(p, header) for p in part_paths(out)), extra_rows]
     for rows in sources:
@@ -159,7 +160,7 @@ def merge(out: Path, header: list[str], order: list[Key], extra_rows: Iterable[d
     ranked = sorted((k for k in found if k in position), key=position.__getitem__)
     others = [k for k in found if k not in position]
     lines = [encode_row(header, dict(zip(header, header)))]
-    lines += [encode_row(header, found[k]) for k in ranked + others]
+    lines += [encode_row(header, found[k]) for k in others + ranked]
     return write_atomically(out / RESULTS_FILE, "".join(lines))
 
 

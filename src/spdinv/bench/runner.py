@@ -361,6 +361,12 @@ def check_settings(options: BenchOptions, shard: Shard) -> None:
             first = differing[0]
             raise SpdinvError(f"{options.out} holds a run with other settings ({first}: {recorded.get(first)!r} "
                               f"vs {settings[first]!r}); use another --out")
+        command = command_line(shard)
+        commands = recorded.get("commands", [recorded.get("command")])
+        if command not in commands and (shard.is_main or not shard.distributed):
+            # the same settings, other methods or engines (or a resume typed differently): remember it too
+            recorded["commands"] = commands + [command]
+            write_atomically(path, json.dumps(recorded, indent=2) + "\n")
         return
     if shard.is_main or not shard.distributed:
         record = {**settings, "command": command_line(shard), "world_size": shard.world_size, "machine": machine()}
