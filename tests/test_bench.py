@@ -204,6 +204,18 @@ def test_bad_dataset_input_is_one_line(tmp_path, world):
 # ---------------------------------------------------------------- metrics against their definitions
 
 
+def test_psnr_matches_torchmetrics():
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from spdinv.images import psnr
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 16, 16, generator=generator) * 2 - 1
+    b = (a + 0.1 * torch.randn(a.shape, generator=generator)).clamp(-1, 1)
+    expected = float(peak_signal_noise_ratio((a + 1) / 2, (b + 1) / 2, data_range=1.0))
+    assert psnr(a, b) == pytest.approx(expected, rel=1e-5)
+
+
 def test_identical_images_give_inf_psnr_zero_mse_unit_ssim():
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     scores = M.background_scores(image, image.clone(), torch.zeros(1, 1, 32, 32))

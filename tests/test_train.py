@@ -76,3 +76,17 @@ def test_a_finished_run_extends_with_more_steps(tmp_path, uninterrupted):
     assert longer.state["step"] == TINY["unet_steps"] + 2
     _, four_steps = uninterrupted
     assert any(not torch.equal(v, four_steps[k]) for k, v in final_weights(longer).items() if k.startswith("unet."))
+
+
+def test_a_checkpoint_without_optimizer_state_continues_with_a_fresh_warm_optimizer(tmp_path):
+    """Checkpoints written before the optimizer state was kept at the end (phase "done") still extend."""
+    Trainer(tmp_path / "work", TrainConfig(**TINY)).run(tmp_path / "model")
+    path = tmp_path / "work" / "checkpoint.pt"
+    old = torch.load(path, weights_only=False)
+    for key in ("unet_opt", "ema"):
+        old.pop(key)
+    old["state"]["phase"] = "done"
+    torch.save(old, path)
+    longer = Trainer(tmp_path / "work", TrainConfig(**{**TINY, "unet_steps": TINY["unet_steps"] + 2}))
+    longer.run(tmp_path / "model")
+    assert longer.state["step"] == TINY["unet_steps"] + 2

@@ -85,7 +85,9 @@ def sd_ddim_scheduler() -> DDIMScheduler:
 
 def resumed_schedule(optimizer: torch.optim.Optimizer, factor, step: int) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR positioned at `step`, so the next update uses factor(step) (setting last_epoch after
-    construction would leave the first resumed update at factor(0))."""
+    construction would leave the first resumed update at factor(0)). A fresh optimizer's lr is the base."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
