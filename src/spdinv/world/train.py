@@ -261,6 +261,7 @@ class Trainer:
             log.info("latent std %.4f -> scaling factor %.4f", float(mean.std()), self.state["scaling_factor"])
             self.save_checkpoint({})
             resume = None
+        self.state["phase"] = "unet"  # also for checkpoints of older versions, which ended on "done"
         ema, continuation = self.train_unet(scenes, mean, std, resume)
         self.save_checkpoint(continuation)  # raw weights + optimizer + EMA: `--unet-steps M` (M > N) continues
         ema.copy_to(list(self.unet.parameters()) + list(self.text_encoder.parameters()))
