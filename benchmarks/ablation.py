@@ -66,15 +66,14 @@ def run_config(name: str, args: argparse.Namespace) -> Path:
 
 
 def step_profile(out: Path) -> dict[int, dict[str, list[float]]]:
-    """Per sampling-step index (0 = the first inversion step, nearest the image): iterations,
-    residual before (the DDIM guess's) and after."""
+    """Per sampling-step index (0 = the first inversion step, nearest the image): iterations and
+    the residual before iterating (the DDIM guess's)."""
     profile: dict[int, dict[str, list[float]]] = {}
     for file in sorted((out / "diagnostics").glob("*.json")):
         for step in json.loads(file.read_text())["steps"]:
-            bucket = profile.setdefault(int(step["index"]), {"iterations": [], "before": [], "after": []})
+            bucket = profile.setdefault(int(step["index"]), {"iterations": [], "before": []})
             bucket["iterations"].append(float(step["iterations"]))
             bucket["before"].append(float(step["residual_before"]))
-            bucket["after"].append(float(step["residual_after"]))
     return dict(sorted(profile.items()))
 
 

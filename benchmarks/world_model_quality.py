@@ -22,12 +22,11 @@ import time
 import numpy as np
 import torch
 
-from spdinv.images import psnr
+from spdinv.images import arrays_to_tensor, psnr, to_tensor
 from spdinv.inversion import invert
 from spdinv.model import load_model
 from spdinv.sampling import reconstruct
 from spdinv.world.captions import Phrasing, caption
-from spdinv.images import arrays_to_tensor
 from spdinv.world.classifier import compare, compare_unplaced, load_classifier, read_scenes
 from spdinv.world.render import render, render_array
 from spdinv.world.scene import random_scene
@@ -100,8 +99,6 @@ def inversion_psnr(model, n: int, methods=("ddim", "spdinv")) -> dict:
             image = render(scene)
             inv = invert(model, image, caption(scene), method, 50, progress=False)
             seconds.append(time.perf_counter() - start)
-            from spdinv.images import to_tensor
-
             values.append(reconstruct(model, inv, to_tensor(image).to(model.device)).psnr)
         out[method] = {"psnr": float(np.mean(values)), "min_psnr": float(np.min(values)), "seconds": float(np.mean(seconds))}
     return out

@@ -203,6 +203,10 @@ class Trainer:
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
         ema = EMAModel(params, decay=cfg.ema_decay)
+
+        def resumable() -> dict:  # what a checkpoint needs beyond the weights to continue exactly
+            return {"unet_opt": opt.state_dict(), "ema": ema.state_dict()}
+
         warm, warm_from = cfg.unet_warmup, 0
         if resume and "unet_opt" in resume:
             opt.load_state_dict(resume["unet_opt"])
@@ -244,8 +248,8 @@ class Trainer:
                          (time.time() - t0) / 50)
                 t0 = time.time()
             if (step + 1) % cfg.checkpoint_every == 0:
-                self.save_checkpoint({"unet_opt": opt.state_dict(), "ema": ema.state_dict()})
-        return ema, {"unet_opt": opt.state_dict(), "ema": ema.state_dict()}
+                self.save_checkpoint(resumable())
+        return ema, resumable()
 
     # ---------------------------------------------------------------- whole run
     def run(self, out_dir: Path) -> Path:
