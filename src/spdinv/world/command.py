@@ -21,7 +21,7 @@ def add_world_parser(sub) -> None:
     train.add_argument("--work", type=Path, required=True, help="checkpoints and caches")
     train.add_argument("--out", type=Path, required=True, help="where the diffusers folder is written")
     train.add_argument("--export-only", action="store_true", help="write the latest checkpoint (EMA weights) to --out and stop")
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     for name, value in asdict(TrainConfig()).items():
         train.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..images import arrays_to_tensor
 from .captions import Phrasing, caption
+from .config import TrainConfig
 from .render import render_array
 from .scene import random_scene
 from .tokenizer import build_tokenizer, save_tokenizer
@@ -31,26 +32,6 @@ from .tokenizer import build_tokenizer, save_tokenizer
 log = logging.getLogger("spdinv.world.train")
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
-
-@dataclass
-class TrainConfig:
-    seed: int = 0
-    n_scenes: int = 20000
-    vae_steps: int = 2000
-    vae_batch: int = 32
-    vae_crop: int = 32
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    unet_steps: int = 3600
-    unet_batch: int = 32
-    unet_lr: float = 6e-4
-    unet_warmup: int = 200
-    ema_decay: float = 0.998
-    caption_dropout: float = 0.1
-    checkpoint_every: int = 200
-    threads: int = 1
-    device: str = "cpu"  # e.g. cuda: the same seeded run (random draws stay on the CPU generator)
 
 
 def build_vae() -> AutoencoderKL:
@@ -247,7 +228,7 @@ class Trainer:
                 log.info("unet step %d loss %.5f lr %.2e (%.2f s/step)", step + 1, loss.item(), sched.get_last_lr()[0],
                          (time.time() - t0) / 50)
                 t0 = time.time()
-            if (step + 1) % cfg.checkpoint_every == 0:
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:  # run() saves the last
                 self.save_checkpoint(resumable())
         return ema, resumable()
 

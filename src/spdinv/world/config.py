@@ -1,0 +1,26 @@
+"""Training settings of the shapes-world model, kept apart from the trainer so the CLI can list
+them as options without importing torch, diffusers and transformers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    n_scenes: int = 20000
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 3600
+    unet_batch: int = 32
+    unet_lr: float = 6e-4
+    unet_warmup: int = 200
+    ema_decay: float = 0.998
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 200
+    threads: int = 1
+    device: str = "cpu"  # e.g. cuda: the same seeded run (random draws stay on the CPU generator)
