@@ -1,8 +1,4 @@
-import argparse
-import gc
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,9 +6,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from spdinv import cli
 from spdinv.cli import main
-from spdinv.errors import SpdinvError
 
 PROMPT = "a large red circle in the centre on a white background"
 
@@ -111,44 +105,3 @@ def test_odd_images_are_converted_with_a_notice(tmp_path, tiny_dir, capsys, mode
     code, _, err = run(invert_args(path, tmp_path / "out", tiny_dir, "--method", "ddim"), capsys)
     assert code == 0 and note in err
     assert Image.open(tmp_path / "out" / "source.png").size == (32, 32)
-
-
-def _console(monkeypatch, run) -> tuple[int, dict]:
-    """Run `cli.console()` on a stand-in command; undo its gc.freeze for the rest of the suite."""
-    seen = {}
-
-    def command(args):
-        seen["collector_on"] = gc.isenabled()
-        run()
-
-    monkeypatch.setattr(cli, "parse", lambda argv=None: argparse.Namespace(run=command))
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            cli.console()
-    finally:
-        gc.unfreeze()
-    return exit_.value.code, seen
-
-
-def test_console_runs_the_command_with_the_collector_on(monkeypatch):
-    code, seen = _console(monkeypatch, lambda: None)
-    assert code == 0 and seen == {"collector_on": True}
-    assert gc.isenabled()
-
-
-def test_console_passes_a_bad_input_exit_code_through(monkeypatch, capsys):
-    def fail():
-        raise SpdinvError("unreadable image 'x.png'")
-
-    code, _ = _console(monkeypatch, fail)
-    assert code == 2
-    assert capsys.readouterr().err == "spdinv: error: unreadable image 'x.png'\n"
-
-
-def test_python_dash_m_spdinv_reports_a_bad_input_in_one_line(tmp_path):
-    missing = tmp_path / "missing.png"
-    done = subprocess.run([sys.executable, "-m", "spdinv", "invert", str(missing), "--prompt", "a red circle",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "missing.png" in done.stderr, done.stderr
-    assert not (tmp_path / "out").exists()

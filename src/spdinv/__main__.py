@@ -1,3 +1,5 @@
-from .cli import console
+import sys
 
-console()
+from .cli import main
+
+sys.exit(main())

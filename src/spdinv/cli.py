@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import warnings
@@ -159,19 +158,13 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace | int:
-    """The command line's arguments, or the exit code when argparse already answered (--help, an error)."""
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # a bad command line or --help: argparse already printed
         return int(exit_.code or 0)
     quiet_libraries()
-    return args
-
-
-def execute(args: argparse.Namespace) -> int:
-    """Run a parsed command; a problem with its input is one line on stderr and exit code 2."""
     try:
         args.run(args)
     except SpdinvError as error:
@@ -183,25 +176,5 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    return args if isinstance(args, int) else execute(args)
-
-
-def console() -> None:
-    """The `spdinv` executable: `main()` with the cyclic garbage collector kept off the start-up and
-    the exit, the recipe of the `gc.freeze` documentation. Importing torch, diffusers and transformers
-    creates a few hundred thousand long-lived objects; with the collector on, they set off repeated
-    full collections that find nothing, and the interpreter's exit walks them all once more.
-    Frozen, they are skipped; the command itself runs with the collector on as usual."""
-    gc.disable()
-    args = parse()
-    gc.freeze()
-    gc.enable()
-    code = args if isinstance(args, int) else execute(args)
-    gc.freeze()
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    console()
+    sys.exit(main())
