@@ -1,5 +1,5 @@
-"""Training settings of the shapes-world model, kept apart from the trainer so the CLI can list
-them as options without importing torch, diffusers and transformers."""
+"""Training settings of the shapes-world model, kept apart from the trainer so that listing them
+as command-line options does not import the trainer and its diffusers / transformers classes."""
 
 from __future__ import annotations
 
