@@ -105,3 +105,34 @@ def test_odd_images_are_converted_with_a_notice(tmp_path, tiny_dir, capsys, mode
     code, _, err = run(invert_args(path, tmp_path / "out", tiny_dir, "--method", "ddim"), capsys)
     assert code == 0 and note in err
     assert Image.open(tmp_path / "out" / "source.png").size == (32, 32)
+
+
+def test_the_executable_pauses_the_collector_only_to_parse_and_exits_with_mains_status(monkeypatch):
+    """`spdinv` (cli.run): the cyclic GC is off while the command line is parsed (the heavy
+    imports), then on again with the start-up objects frozen; the exit runs the atexit handlers
+    and passes the command's status to os._exit."""
+    import gc
+    import os
+
+    import spdinv.cli
+
+    class Exited(Exception):
+        pass
+
+    seen, exits = {}, []
+    monkeypatch.setattr(spdinv.cli, "parse", lambda argv=None: seen.setdefault("collecting", gc.isenabled()) or 3)
+    monkeypatch.setattr(spdinv.cli.atexit, "_run_exitfuncs", lambda: exits.append("atexit"))
+
+    def exit_(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    try:
+        with pytest.raises(Exited):
+            spdinv.cli.run()
+        assert seen == {"collecting": False} and gc.isenabled() and gc.get_freeze_count() > 0
+        assert exits == ["atexit", 3]
+    finally:
+        gc.unfreeze()
+        gc.enable()

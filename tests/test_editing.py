@@ -2,12 +2,16 @@
 PnP behaviour, bad input, the `spdinv edit` command and its inversion cache."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
 import spdinv.editing.cache
+import spdinv.sampling
 from spdinv.cli import main
 from spdinv.editing import ENGINES, edit, run_editor
 from spdinv.editing.attention import attention_layers, nearest_scale
@@ -191,6 +195,27 @@ def test_pnp_injection_changes_the_target(tiny, inversions):
     assert not torch.allclose(features.latents[-1, 1], plain.latents[-1, 1], atol=1e-3)
 
 
+@pytest.mark.parametrize("engine, rows", [("none", 3), ("p2p", 3), ("pnp", 3), ("masactrl", 4)])
+def test_an_unguided_source_branch_costs_no_unconditional_row(tiny, inversions, monkeypatch, engine, rows):
+    """The source samples at guidance 1, so its unconditional row would be discarded: the UNet batch
+    is [target uncond, source cond, target cond] (MasaCtrl keeps it: the target's unconditional row
+    reads it), and the edit is the one the full [uncond, cond] batch gives."""
+    inversion = inversions["spdinv"]
+    batches = []
+    hook = tiny.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        lean = edit(tiny, None, SOURCE, TARGET, inversion, engine, **engine_options(engine))
+    finally:
+        hook.remove()
+    assert batches == [rows] * STEPS
+    full_rows = spdinv.sampling.batch_rows
+    monkeypatch.setattr(spdinv.sampling, "batch_rows", lambda branches, every_uncond=False: full_rows(branches, True))
+    full = edit(tiny, None, SOURCE, TARGET, inversion, engine, **engine_options(engine))
+    assert torch.allclose(full.latents, lean.latents, rtol=0, atol=1e-5)
+    if engine == "p2p":
+        assert torch.equal(full.mask, lean.mask)
+
+
 def test_attention_layers_follow_the_module_tree_not_the_dict_order(tiny):
     layers = attention_layers(tiny.unet)
     assert [layer.place for layer in layers] == ["down", "down", "mid", "mid", "up", "up", "up", "up"]
@@ -335,6 +360,24 @@ def test_cli_edit_all_inversions_and_engines(tmp_path, tiny_dir, red_circle):
     for m in METHODS:
         assert (out / f"edit-{m}-pnp.png").exists() and (out / f"mask-{m}-p2p.png").exists()
     assert Image.open(out / "grid.png").height > len(runs) * 192
+
+
+def test_the_executable_flushes_its_output_before_its_fast_exit(tmp_path, tiny_dir, red_circle):
+    """`python -m spdinv` (like the `spdinv` script) leaves through os._exit: piped stdout and
+    stderr must still arrive whole, with the right exit status."""
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
+
+    def spdinv_process(*args):
+        return subprocess.run([sys.executable, "-m", "spdinv", *args], capture_output=True, text=True,
+                              env=environment, timeout=300)
+
+    out = tmp_path / "out"
+    done = spdinv_process(*edit_args(red_circle, out, tiny_dir, tmp_path / "cache", "--inversion", "ddim"))
+    assert done.returncode == 0, done.stderr
+    assert "ddim + p2p: reconstruction PSNR" in done.stdout and done.stdout.endswith(" s\n")
+    assert json.loads((out / "config.json").read_text())["runs"][0]["inversion"] == "ddim"
+    failed = spdinv_process(*edit_args(red_circle, tmp_path / "bad", tiny_dir, tmp_path / "cache", "--blend", "green"))
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "'green'" in failed.stderr
 
 
 @pytest.mark.parametrize("flags, message", [

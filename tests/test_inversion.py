@@ -1,10 +1,13 @@
+import functools
 import math
+import sys
 
 import pytest
 import torch
 
 from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
+from spdinv.inversion.base import fixed_point_inversion
 from spdinv.inversion.spdinv import SPDInvOptions, solve_fixed_point
 from spdinv.sampling import reconstruct
 
@@ -42,6 +45,45 @@ def test_spdinv_noise_error_below_ddim(pair):
     assert spd.noise_error < ddim.noise_error / 10
     assert spd.network_calls > ddim.network_calls == 10
     assert spd.gradient_calls == sum(s.iterations for s in spd.steps)
+
+
+@pytest.mark.parametrize("method, options", [("spdinv", dict(K=5, lr=1e-2, delta=1e-3)),
+                                             ("aidi", dict(iterations=3, tol=8e-4))])
+def test_looking_ahead_gives_the_same_inversion_in_fewer_unet_calls(tiny, image, monkeypatch, method, options):
+    """A step after one that kept its DDIM guess evaluates f(guess) and the next step's DDIM noise in
+    one UNet call of two rows; the inversion is the one evaluating them one by one gives."""
+    def run(look_ahead: bool):
+        module = sys.modules[f"spdinv.inversion.{method}"]
+        monkeypatch.setattr(module, "fixed_point_inversion", functools.partial(fixed_point_inversion, look_ahead=look_ahead))
+        calls = []
+        hook = tiny.unet.register_forward_pre_hook(lambda unet, args: calls.append(args[0].shape[0]))
+        try:
+            return invert(tiny, image, PROMPT, method, 10, progress=False, diagnose=False, **options), calls
+        finally:
+            hook.remove()
+
+    (alone, alone_calls), (ahead, ahead_calls) = run(False), run(True)
+    iterations = [s.iterations for s in alone.steps]
+    assert 0 < iterations[1:].count(0) < 9  # kept and iterated steps both follow kept ones
+    assert [s.iterations for s in ahead.steps] == iterations
+    # equal up to rounding: CPU convolutions take another kernel for two rows than for one
+    assert torch.allclose(ahead.trajectory, alone.trajectory, rtol=0, atol=5e-5)
+    assert set(alone_calls) == {1} and 2 in ahead_calls and len(ahead_calls) < len(alone_calls)
+    assert ahead.network_calls == sum(ahead_calls)  # rows evaluated, each counted once
+    assert alone.network_calls == sum(alone_calls)
+
+
+def test_an_inversion_whose_guesses_all_pass_is_ddim_at_one_unet_call_a_step(tiny, image):
+    ddim = invert(tiny, image, PROMPT, "ddim", 10, progress=False)
+    calls = []
+    hook = tiny.unet.register_forward_pre_hook(lambda unet, args: calls.append(args[0].shape[0]))
+    try:
+        spd = invert(tiny, image, PROMPT, "spdinv", 10, progress=False, delta=1.0, diagnose=False)
+    finally:
+        hook.remove()
+    assert torch.allclose(spd.trajectory, ddim.trajectory, rtol=0, atol=1e-5)
+    assert calls == [1] + [2] * 9 + [1]  # step 1's guess, nine guess+next rows, step 10's residual
+    assert spd.network_calls == 20
 
 
 def test_relative_delta_asks_each_step_to_cut_its_own_residual(tiny, image):

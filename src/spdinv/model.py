@@ -73,13 +73,14 @@ class DiffusionModel:
     def eps(
         self,
         z: Tensor,
-        t: int,
+        t: int | list[int],
         embedding: Tensor,
         guidance_scale: float = 1.0,
         uncond_embedding: Tensor | None = None,
     ) -> Tensor:
-        """Predicted noise at timestep t, fp32; with guidance > 1, classifier-free guidance against
-        `uncond_embedding` (the empty prompt's when None). Differentiable in z."""
+        """Predicted noise at timestep t (one for the batch, or one per row), fp32; with guidance > 1,
+        classifier-free guidance against `uncond_embedding` (the empty prompt's when None).
+        Differentiable in z."""
         batch = z.shape[0]
         embedding = embedding.expand(batch, -1, -1) if embedding.shape[0] == 1 else embedding
         if guidance_scale == 1.0:
@@ -87,11 +88,12 @@ class DiffusionModel:
         if uncond_embedding is None:
             uncond_embedding = self.encode_prompt("")
         uncond_embedding = uncond_embedding.expand(batch, -1, -1) if uncond_embedding.shape[0] == 1 else uncond_embedding
-        eps_uncond, eps_cond = self._unet(torch.cat([z, z]), t, torch.cat([uncond_embedding, embedding])).chunk(2)
+        both = t if isinstance(t, int) else [*t, *t]
+        eps_uncond, eps_cond = self._unet(torch.cat([z, z]), both, torch.cat([uncond_embedding, embedding])).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
-    def _unet(self, z: Tensor, t: int, embedding: Tensor) -> Tensor:
-        timestep = torch.tensor(t, device=self.device)
+    def _unet(self, z: Tensor, t: int | list[int], embedding: Tensor) -> Tensor:
+        timestep = torch.as_tensor(t, device=self.device)
         out = self.unet(z.to(self.device, self.dtype), timestep, encoder_hidden_states=embedding.to(self.device, self.dtype))
         return out.sample.float()
 

@@ -45,10 +45,14 @@ class Branch:
 
 
 class StepHooks:
-    """Per-step callbacks of `step`: `guide` may replace classifier-free guidance (None keeps it);
-    `end_step` sees, and may change, the latents after the DDIM step."""
+    """Per-step callbacks of `step`: `begin_step` learns the UNet batch's rows (see `batch_rows`);
+    `guide` may replace classifier-free guidance (None keeps it); `end_step` sees, and may change,
+    the latents after the DDIM step. Hooks that read every branch's unconditional row, guided or
+    not, set `every_uncond`."""
 
-    def begin_step(self, i: int, t: int, z: Tensor) -> None:
+    every_uncond: bool = False
+
+    def begin_step(self, i: int, t: int, z: Tensor, rows: list[int]) -> None:
         pass
 
     def guide(self, i: int, t: int, eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor | None:
@@ -74,14 +78,31 @@ def source_branch(model: DiffusionModel, inversion: Inversion, guidance_scale: f
                   None if offsets is None else offsets.to(model.device))
 
 
-def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i: int) -> tuple[Tensor | None, Tensor]:
-    """(eps_uncond, eps_cond) of every branch from one UNet call on the batch [uncond..., cond...];
-    eps_uncond is None (and the batch only the conditional half) when no branch is guided."""
+def batch_rows(branches: list[Branch], every_uncond: bool = False) -> list[int]:
+    """The branch of each row of the UNet batch: the unconditional rows of the guided branches,
+    then every branch's conditional row. A branch at guidance scale 1 needs no unconditional row
+    (guidance would discard it); with `every_uncond`, once any branch is guided all get theirs."""
+    uncond = [b for b, branch in enumerate(branches) if branch.guidance_scale != 1.0]
+    if uncond and every_uncond:
+        uncond = list(range(len(branches)))
+    return uncond + list(range(len(branches)))
+
+
+def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i: int,
+            rows: list[int]) -> tuple[Tensor | None, Tensor]:
+    """(eps_uncond, eps_cond) of every branch from one UNet call on the batch `rows` (`batch_rows`).
+    eps_uncond is None when the batch has no unconditional row; a branch without one gets its
+    eps_cond there (scale 1 ignores it)."""
+    count = len(branches)
+    uncond_rows = rows[:-count]
     cond = torch.cat([b.embedding for b in branches])
-    if all(b.guidance_scale == 1.0 for b in branches):
+    if not uncond_rows:
         return None, model.eps(z, t, cond)
-    uncond = torch.cat([b.uncond_at(i) for b in branches])
-    eps_uncond, eps_cond = model.eps(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+    uncond = torch.cat([branches[b].uncond_at(i) for b in uncond_rows])
+    eps = model.eps(torch.cat([z[uncond_rows], z]), t, torch.cat([uncond, cond]))
+    eps_uncond, eps_cond = eps[:-count], eps[-count:]
+    if len(uncond_rows) < count:
+        eps_uncond = eps_cond.index_copy(0, torch.tensor(uncond_rows, device=eps.device), eps_uncond)
     return eps_uncond, eps_cond
 
 
@@ -98,8 +119,9 @@ def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branc
     update, offsets and pins, then the hooks' end_step."""
     k = schedule.num_steps - i
     t = schedule.timesteps[k - 1]
-    hooks.begin_step(i, t, z)
-    eps_uncond, eps_cond = predict(model, z, t, branches, i)
+    rows = batch_rows(branches, hooks.every_uncond)
+    hooks.begin_step(i, t, z, rows)
+    eps_uncond, eps_cond = predict(model, z, t, branches, i, rows)
     scales = torch.tensor([b.guidance_scale for b in branches], dtype=z.dtype, device=z.device).view(-1, 1, 1, 1)
     eps = hooks.guide(i, t, eps_uncond, eps_cond, scales)
     if eps is None:

@@ -100,9 +100,10 @@ def nearest_scale(layers: list[AttentionLayer], scale: float) -> list[AttentionL
 
 class AttentionEditor:
     """What an engine does inside attention: rewrite q, k, v (B, heads, N, d), and/or the softmax
-    maps of the conditional [source, target] rows (2, heads, Nq, Nk). The batch is laid out
-    [uncond..., cond...] halves of [source, target] rows. With `record`, the conditional maps
-    each probability-editing layer used last are kept in `recorded`."""
+    maps of the conditional [source, target] rows (2, heads, Nq, Nk). The batch ends with those
+    two conditional rows; unconditional rows come before them (`spdinv.editing.base.Editor`).
+    With `record`, the conditional maps each probability-editing layer used last are kept in
+    `recorded`."""
 
     record: bool = False
 

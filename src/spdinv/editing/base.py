@@ -35,9 +35,11 @@ def round_half_up(x: float) -> int:
 
 
 class Editor(AttentionEditor, StepHooks):
-    """One edit's engine state. The batch the UNet sees is [uncond..., cond...] halves of
-    [source, target] rows: even rows are the source, odd rows the target, row -2 the source's
-    conditional one. `prepare` binds it to a model and an inversion before sampling."""
+    """One edit's engine state. The batch the UNet sees (`spdinv.sampling.batch_rows`) is the
+    unconditional rows of the guided branches, then the conditional [source, target] rows: row
+    -2 is the source's conditional row, row -1 the target's, and `rows` names each row's branch
+    (0 source, 1 target). With `every_uncond` it is [uncond, cond] halves of [source, target]
+    whenever a branch is guided. `prepare` binds it to a model and an inversion before sampling."""
 
     pin_source: bool = False
 
@@ -49,6 +51,7 @@ class Editor(AttentionEditor, StepHooks):
         self.latent_hw: tuple[int, int] = (0, 0)
         self.layers: list[AttentionLayer] = []
         self.trajectory: Tensor | None = None
+        self.rows: list[int] = [0, 1]
 
     def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
         self.layers = attention_layers(model.unet)
@@ -70,8 +73,8 @@ class Editor(AttentionEditor, StepHooks):
         with installed_processors(unet, processors), forward_hooks(self.feature_hooks(unet)):
             yield
 
-    def begin_step(self, i: int, t: int, z: Tensor) -> None:
-        self.step_index, self.timestep, self.latent_hw = i, t, tuple(z.shape[-2:])
+    def begin_step(self, i: int, t: int, z: Tensor, rows: list[int]) -> None:
+        self.step_index, self.timestep, self.latent_hw, self.rows = i, t, tuple(z.shape[-2:]), rows
 
     @property
     def mask(self) -> Tensor | None:

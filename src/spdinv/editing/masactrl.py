@@ -40,6 +40,8 @@ class MasaCtrlOptions:
 class MasaCtrlEditor(Editor):
     """MutualSelfAttentionControl: target queries against the source's keys and values."""
 
+    every_uncond = True  # the target's unconditional row reads the source's unconditional row
+
     def __init__(self, options: MasaCtrlOptions) -> None:
         super().__init__()
         self.options = options

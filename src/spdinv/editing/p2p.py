@@ -191,6 +191,7 @@ class P2PEditor(Editor):
         self.maps: dict[str, Tensor] = {}
         self._mask: Tensor | None = None
         self.prox: ProximalGuidance | None = None
+        self.every_uncond = options.prox  # ProxEdit thresholds the guidance difference of both branches
 
     def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
         super().prepare(model, inversion)

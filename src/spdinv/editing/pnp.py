@@ -76,9 +76,12 @@ class PnPEditor(Editor):
     def edit_qkv(self, layer: AttentionLayer, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.step_index >= self.attention_steps:
             return q, k, v
-        q, k = q.clone(), k.clone()
-        q[1::2], k[1::2] = q[-2], k[-2]
-        return q, k, v
+        return self._source_into_target(q), self._source_into_target(k), v
+
+    def _source_into_target(self, x: Tensor) -> Tensor:
+        """x (one row per UNet batch row) with every target row replaced by the source's conditional row."""
+        source = len(self.rows) - 2
+        return x[[source if branch == 1 else row for row, branch in enumerate(self.rows)]]
 
     def feature_hooks(self, unet: torch.nn.Module) -> list[tuple[torch.nn.Module, FeatureHook]]:
         return [(self.resnet.conv2, self._inject_features)]
@@ -87,9 +90,7 @@ class PnPEditor(Editor):
         """Forward hook on the resnet's conv2, i.e. its residual branch before the skip is added."""
         if self.step_index >= self.feature_steps:
             return None
-        output = output.clone()
-        output[1::2] = output[-2]
-        return output
+        return self._source_into_target(output)
 
 
 def pnp_editor(model: DiffusionModel, source_prompt: str, target_prompt: str, options: PnPOptions) -> PnPEditor:

@@ -69,16 +69,17 @@ def anderson_update(iterates: list[Tensor], residuals: list[Tensor], damping: fl
 
 
 @torch.no_grad()
-def solve_anderson(f, z_init: Tensor, options: AIDIOptions) -> StepResult:
+def solve_anderson(f, z_init: Tensor, options: AIDIOptions, f_init: Tensor | None = None) -> StepResult:
     """Iterate z <- f(z) from z_init with Anderson acceleration; return the best *measured*
-    iterate. A non-finite residual stops the search and falls back to the best iterate."""
+    iterate. A non-finite residual stops the search and falls back to the best iterate.
+    `f_init` is f(z_init) when the caller has it."""
     shape = z_init.shape
     z = z_init.detach().float()
     iterates: deque[Tensor] = deque(maxlen=options.window)
     residuals: deque[Tensor] = deque(maxlen=options.window)
     tracker, updates = ResidualTracker(best_latent=z), 0
     while True:
-        g = f(z) - z
+        g = (f_init.float() if updates == 0 and f_init is not None else f(z)) - z
         value = float(g.pow(2).mean())
         if not tracker.observe(value, z, updates) or value < options.tol or updates == options.iterations:
             break
@@ -92,5 +93,5 @@ def solve_anderson(f, z_init: Tensor, options: AIDIOptions) -> StepResult:
 def aidi(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
          options: AIDIOptions = AIDIOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """AIDI: DDIM guess, then Anderson-accelerated fixed-point iteration z <- f(z) (forwards only)."""
-    return fixed_point_inversion(model, z0, embedding, schedule, lambda f, guess: solve_anderson(f, guess, options),
+    return fixed_point_inversion(model, z0, embedding, schedule, lambda f, guess, f_guess: solve_anderson(f, guess, options, f_guess),
                                  method="aidi", settings=asdict(options), diagnose=diagnose, progress=progress)

@@ -133,12 +133,36 @@ class Inversion:
 StepSolver = Callable[[Tensor, int], StepResult]
 
 
-def fixed_point_map(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor, embedding: Tensor):
-    """f(x) = C1 z_{k-1} + C2 eps(x, t_k, c): the map whose fixed point is the ideal inversion step."""
+@dataclass(frozen=True)
+class FixedPointMap:
+    """f(x) = C1 z_{k-1} + C2 eps(x, t_k, c) of inversion step k: the map whose fixed point is the
+    ideal inversion step."""
+
+    model: DiffusionModel
+    z_prev: Tensor
+    embedding: Tensor
+    timestep: int
+    c1: float
+    c2: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.of_eps(self.model.eps(x, self.timestep, self.embedding))
+
+    def of_eps(self, eps: Tensor) -> Tensor:
+        return self.c1 * self.z_prev + self.c2 * eps
+
+    @torch.no_grad()
+    def with_next_eps(self, x: Tensor, next_timestep: int) -> tuple[Tensor, Tensor]:
+        """(f(x), eps(x, next_timestep, c)) from one UNet call on a batch of two rows."""
+        eps = self.model.eps(torch.cat([x, x]), [self.timestep, next_timestep], self.embedding)
+        return self.of_eps(eps[:1]), eps[1:]
+
+
+def fixed_point_map(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor,
+                    embedding: Tensor) -> FixedPointMap:
+    """The fixed-point map f of inversion step k."""
     c1, c2 = schedule.coefficients(k)
-    c1, c2 = float(c1), float(c2)
-    t = schedule.timesteps[k - 1]
-    return lambda x: c1 * z_prev + c2 * model.eps(x, t, embedding)
+    return FixedPointMap(model, z_prev, embedding, schedule.timesteps[k - 1], float(c1), float(c2))
 
 
 @torch.no_grad()
@@ -148,11 +172,15 @@ def fixed_point_residual(model, schedule, k: int, z_prev: Tensor, z: Tensor, emb
     return float((f(z) - z).pow(2).mean())
 
 
+def guess_from_eps(schedule: DDIMSchedule, k: int, z_prev: Tensor, eps: Tensor) -> Tensor:
+    """Plain DDIM inversion step k given eps(z_{k-1}, t_k)."""
+    return ddim_inverse_step(z_prev, eps, schedule.abar(k - 1), schedule.abar(k))
+
+
 @torch.no_grad()
 def ddim_guess(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor, embedding: Tensor) -> Tensor:
     """Plain DDIM inversion step k: eps evaluated at (z_{k-1}, t_k)."""
-    eps = model.eps(z_prev, schedule.timesteps[k - 1], embedding)
-    return ddim_inverse_step(z_prev, eps, schedule.abar(k - 1), schedule.abar(k))
+    return guess_from_eps(schedule, k, z_prev, model.eps(z_prev, schedule.timesteps[k - 1], embedding))
 
 
 def run_inversion(
@@ -199,21 +227,45 @@ def fixed_point_inversion(
     z0: Tensor,
     embedding: Tensor,
     schedule: DDIMSchedule,
-    solver: Callable[[Callable[[Tensor], Tensor], Tensor], StepResult],
+    solver: Callable[[FixedPointMap, Tensor, Tensor | None], StepResult],
     *,
     method: str,
     settings: dict,
     diagnose: bool = True,
     progress: bool = True,
+    look_ahead: bool = True,
     **fields,
 ) -> Inversion:
-    """The inversion SPDInv and AIDI share: per step, the DDIM guess, then `solver(f, guess)` on
-    the step's fixed-point map f; they differ only in the solver."""
+    """The inversion SPDInv and AIDI share: per step, the DDIM guess, then `solver(f, guess, f_guess)`
+    on the step's fixed-point map f; they differ only in the solver.
+
+    Most steps keep their guess (it already meets the tolerance), and then z_t is the guess, so
+    the next step's DDIM noise eps(z_t, t_{k+1}) can be evaluated in the same UNet call as
+    f(guess): one call of two rows instead of two calls in sequence. With `look_ahead`, a step
+    whose predecessor kept its guess does that and hands f(guess) to the solver (`f_guess`,
+    evaluated without a graph, not to be evaluated again); after a step that iterated, the next
+    one leaves f(guess) to its solver. The result is the same either way, up to rounding."""
+    ahead: dict[int, Tensor] = {}  # step -> its DDIM guess, found by the step before
+    kept_previous = True
 
     def solve(z_prev: Tensor, k: int) -> StepResult:
-        guess = ddim_guess(model, schedule, k, z_prev, embedding)
-        result = solver(fixed_point_map(model, schedule, k, z_prev, embedding), guess)
-        result.network_calls += 1  # the DDIM guess
+        nonlocal kept_previous
+        f = fixed_point_map(model, schedule, k, z_prev, embedding)
+        calls = 1  # the DDIM guess: evaluated here, or as one row of the step before's call
+        guess = ahead.pop(k, None)
+        if guess is None:
+            guess = ddim_guess(model, schedule, k, z_prev, embedding)
+        f_guess = next_eps = None
+        if look_ahead and kept_previous and k < schedule.num_steps:
+            f_guess, next_eps = f.with_next_eps(guess, schedule.timesteps[k])
+        result = solver(f, guess, f_guess)  # counts the evaluations of f, f_guess included
+        kept_previous = torch.equal(result.latent, guess)
+        if next_eps is not None:
+            if kept_previous:
+                ahead[k + 1] = guess_from_eps(schedule, k + 1, guess, next_eps)
+            else:
+                calls += 1  # the next step's row, unused
+        result.network_calls += calls
         return result
 
     trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method=method, diagnose=diagnose,

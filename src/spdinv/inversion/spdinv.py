@@ -45,18 +45,28 @@ class SPDInvOptions:
             raise SpdinvError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
-def solve_fixed_point(f, z_init: Tensor, options: SPDInvOptions) -> StepResult:
+def solve_fixed_point(f, z_init: Tensor, options: SPDInvOptions, f_init: Tensor | None = None) -> StepResult:
     """Minimise mean((f(z) - z)^2) over z from z_init. Returns the best *measured* iterate, so the
     reported residual is that of the returned latent (the paper's code returns one unmeasured
-    step later). A non-finite residual stops the search and falls back to the best iterate."""
+    step later). A non-finite residual stops the search and falls back to the best iterate.
+    `f_init`, f(z_init) when the caller has it (without a graph), is not evaluated again unless
+    a gradient step needs its graph."""
     z = z_init.detach().float().clone().requires_grad_(True)
     optimizer = OPTIMIZERS[options.optimizer]([z], lr=options.lr)
     tracker, steps = ResidualTracker(best_latent=z_init.detach().float()), 0
+    if f_init is not None:
+        value = float(F.mse_loss(f_init.float(), z_init.float()))
+        if not tracker.observe(value, z, steps) or converged(value, value, options):
+            return tracker.result(steps)
     while True:
         residual = F.mse_loss(f(z), z)
-        value = float(residual.detach())
-        if not tracker.observe(value, z, steps) or converged(value, tracker.first_residual, options) or steps == options.K:
-            break
+        if steps == 0 and f_init is not None:
+            tracker.calls += 1  # f(z_init) again, for its graph: measured already
+        else:
+            value = float(residual.detach())
+            if not tracker.observe(value, z, steps) or converged(value, tracker.first_residual, options) \
+                    or steps == options.K:
+                break
         optimizer.zero_grad(set_to_none=True)
         residual.backward()
         optimizer.step()
@@ -75,9 +85,9 @@ def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMS
            options: SPDInvOptions = SPDInvOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """SPDInv: DDIM guess, then up to K gradient steps on the fixed-point residual (frozen UNet)."""
 
-    def solver(f, guess: Tensor) -> StepResult:
+    def solver(f, guess: Tensor, f_guess: Tensor | None) -> StepResult:
         with torch.enable_grad():
-            return solve_fixed_point(f, guess, options)
+            return solve_fixed_point(f, guess, options, f_guess)
 
     # The official code edits with the source prompt's embedding as the unconditional one; that is
     # negative-prompt inversion's ingredient, not SPDInv's, so it is the editor's explicit switch
