@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `spdinv` executable: `main()` with two economies only a short-lived process can make,
-    worth about 1.6 s of an edit's wall time on a 2-core CPU (benchmarks/edit_time.py).
+    """The `spdinv` executable: `main()` with two economies only a short-lived process can make
+    (together about 1.5 s of an edit's wall time on a 2-core CPU; docs/results.md, "Edit time").
 
     - Start-up: parsing imports torch, diffusers and transformers, hundreds of thousands of
       objects the cyclic garbage collector would traverse again and again (~0.7 s). It is paused

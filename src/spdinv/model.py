@@ -88,7 +88,7 @@ class DiffusionModel:
         if uncond_embedding is None:
             uncond_embedding = self.encode_prompt("")
         uncond_embedding = uncond_embedding.expand(batch, -1, -1) if uncond_embedding.shape[0] == 1 else uncond_embedding
-        both = t if isinstance(t, int) else [*t, *t]
+        both = [*t, *t] if isinstance(t, (list, tuple)) else t
         eps_uncond, eps_cond = self._unet(torch.cat([z, z]), both, torch.cat([uncond_embedding, embedding])).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 

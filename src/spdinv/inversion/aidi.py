@@ -93,5 +93,8 @@ def solve_anderson(f, z_init: Tensor, options: AIDIOptions, f_init: Tensor | Non
 def aidi(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
          options: AIDIOptions = AIDIOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """AIDI: DDIM guess, then Anderson-accelerated fixed-point iteration z <- f(z) (forwards only)."""
-    return fixed_point_inversion(model, z0, embedding, schedule, lambda f, guess, f_guess: solve_anderson(f, guess, options, f_guess),
-                                 method="aidi", settings=asdict(options), diagnose=diagnose, progress=progress)
+    def solver(f, guess: Tensor, f_guess: Tensor | None) -> StepResult:
+        return solve_anderson(f, guess, options, f_guess)
+
+    return fixed_point_inversion(model, z0, embedding, schedule, solver, method="aidi", settings=asdict(options),
+                                 diagnose=diagnose, progress=progress)

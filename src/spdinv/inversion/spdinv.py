@@ -64,8 +64,8 @@ def solve_fixed_point(f, z_init: Tensor, options: SPDInvOptions, f_init: Tensor 
             tracker.calls += 1  # f(z_init) again, for its graph: measured already
         else:
             value = float(residual.detach())
-            if not tracker.observe(value, z, steps) or converged(value, tracker.first_residual, options) \
-                    or steps == options.K:
+            stop = not tracker.observe(value, z, steps) or converged(value, tracker.first_residual, options)
+            if stop or steps == options.K:
                 break
         optimizer.zero_grad(set_to_none=True)
         residual.backward()
