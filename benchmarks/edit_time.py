@@ -68,5 +68,6 @@ def main() -> None:
         medians = [statistics.median(parts[name] for parts in runs[method]) for name in names]
         print(f"| {label} | {' | '.join(f'{m:.2f}' for m in medians)} |")
 
+
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from spdinv.editing.tokens import refinement_mapper, word_positions
 from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
 from spdinv.sampling import reconstruct_latent
+from spdinv.testing import unet_batch_sizes
 
 SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"
@@ -201,12 +202,8 @@ def test_an_unguided_source_branch_costs_no_unconditional_row(tiny, inversions, 
     is [target uncond, source cond, target cond] (MasaCtrl keeps it: the target's unconditional row
     reads it), and the edit is the one the full [uncond, cond] batch gives."""
     inversion = inversions["spdinv"]
-    batches = []
-    hook = tiny.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
-    try:
+    with unet_batch_sizes(tiny.unet) as batches:
         lean = edit(tiny, None, SOURCE, TARGET, inversion, engine, **engine_options(engine))
-    finally:
-        hook.remove()
     assert batches == [rows] * STEPS
     full_rows = spdinv.sampling.batch_rows
     monkeypatch.setattr(spdinv.sampling, "batch_rows", lambda branches, every_uncond=False: full_rows(branches, True))

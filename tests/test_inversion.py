@@ -10,6 +10,7 @@ from spdinv.inversion import METHODS, invert
 from spdinv.inversion.base import fixed_point_inversion
 from spdinv.inversion.spdinv import SPDInvOptions, solve_fixed_point
 from spdinv.sampling import reconstruct
+from spdinv.testing import unet_batch_sizes
 
 PROMPT = "a large red circle in the centre on a white background"
 
@@ -55,12 +56,8 @@ def test_looking_ahead_gives_the_same_inversion_in_fewer_unet_calls(tiny, image,
     def run(look_ahead: bool):
         module = sys.modules[f"spdinv.inversion.{method}"]
         monkeypatch.setattr(module, "fixed_point_inversion", functools.partial(fixed_point_inversion, look_ahead=look_ahead))
-        calls = []
-        hook = tiny.unet.register_forward_pre_hook(lambda unet, args: calls.append(args[0].shape[0]))
-        try:
+        with unet_batch_sizes(tiny.unet) as calls:
             return invert(tiny, image, PROMPT, method, 10, progress=False, diagnose=False, **options), calls
-        finally:
-            hook.remove()
 
     (alone, alone_calls), (ahead, ahead_calls) = run(False), run(True)
     iterations = [s.iterations for s in alone.steps]
@@ -75,12 +72,8 @@ def test_looking_ahead_gives_the_same_inversion_in_fewer_unet_calls(tiny, image,
 
 def test_an_inversion_whose_guesses_all_pass_is_ddim_at_one_unet_call_a_step(tiny, image):
     ddim = invert(tiny, image, PROMPT, "ddim", 10, progress=False)
-    calls = []
-    hook = tiny.unet.register_forward_pre_hook(lambda unet, args: calls.append(args[0].shape[0]))
-    try:
+    with unet_batch_sizes(tiny.unet) as calls:
         spd = invert(tiny, image, PROMPT, "spdinv", 10, progress=False, delta=1.0, diagnose=False)
-    finally:
-        hook.remove()
     assert torch.allclose(spd.trajectory, ddim.trajectory, rtol=0, atol=1e-5)
     assert calls == [1] + [2] * 9 + [1]  # step 1's guess, nine guess+next rows, step 10's residual
     assert spd.network_calls == 20

@@ -3,6 +3,9 @@ diffusers' own fast tests build theirs. For tests and quick experiments."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -39,3 +42,14 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 def tiny_model(seed: int = 0) -> DiffusionModel:
     return from_pipeline(tiny_pipeline(seed), name=f"tiny-{seed}")
+
+
+@contextmanager
+def unet_batch_sizes(unet: torch.nn.Module) -> Iterator[list[int]]:
+    """The batch size of every UNet call made inside the block, in order."""
+    sizes: list[int] = []
+    hook = unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        yield sizes
+    finally:
+        hook.remove()
