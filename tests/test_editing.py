@@ -21,7 +21,7 @@ from spdinv.editing.tokens import refinement_mapper, word_positions
 from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
 from spdinv.sampling import reconstruct_latent
-from spdinv.testing import unet_batch_sizes
+from spdinv.testing import same_up_to_rounding, unet_batch_sizes
 
 SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"
@@ -64,14 +64,14 @@ def test_every_inversion_with_every_engine(tiny, inversions, method, engine):
     assert (result.mask is not None) == (engine == "p2p")
     assert set(result.timings) >= {"invert", "edit", "total"}
     if engine != "pnp":  # the source branch is the reconstruction (PnP pins it to the trajectory)
-        assert torch.allclose(result.latents[-1, :1], reconstruct_latent(tiny, inversion), atol=1e-4)
+        assert same_up_to_rounding(result.latents[-1, :1], reconstruct_latent(tiny, inversion))  # batch 3-4 vs 1-2
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_direct_inversion_source_branch_walks_the_trajectory(tiny, inversions, engine):
     direct = inversions["direct"]
     result = edit(tiny, None, SOURCE, TARGET, direct, engine, **engine_options(engine))
-    assert torch.allclose(result.latents[:, 0].flip(0), direct.trajectory, rtol=0, atol=1e-5)
+    assert torch.equal(result.latents[:, 0].flip(0), direct.trajectory)  # exact by construction, in any batch
     assert not torch.allclose(result.latents[-1, 1], result.latents[-1, 0], atol=1e-3)
 
 
@@ -170,7 +170,8 @@ def test_prox_guidance_is_off_by_default_and_changes_the_edit(tiny, inversions):
     assert P2POptions().prox is False
     plain = edit(tiny, None, SOURCE, TARGET, inversion, "p2p")
     prox = edit(tiny, None, SOURCE, TARGET, inversion, "p2p", prox=True, prox_timestep=1000)
-    assert torch.equal(plain.latents[:, 0], prox.latents[:, 0])
+    # ProxEdit reads every unconditional row, so the source branch is sampled in a batch of 4, not 3
+    assert same_up_to_rounding(prox.latents[:, 0], plain.latents[:, 0])
     assert not torch.allclose(plain.latents[-1, 1], prox.latents[-1, 1])
 
 
@@ -179,10 +180,10 @@ def test_masactrl_before_its_start_step_is_plain_sampling(tiny, inversions):
     plain = edit(tiny, None, SOURCE, TARGET, inversion, "none")
     mutual = edit(tiny, None, SOURCE, TARGET, inversion, "masactrl", start_step=0.5, start_layer=0.0)
     start = 3  # round(0.5 * 6): steps 0, 1, 2 are plain
-    assert torch.allclose(mutual.latents[: start + 1], plain.latents[: start + 1], atol=1e-6)
-    assert not torch.allclose(mutual.latents[start + 1, 1], plain.latents[start + 1, 1], atol=1e-4)
+    assert same_up_to_rounding(mutual.latents[: start + 1], plain.latents[: start + 1])  # batch of 4 against 3
+    assert not same_up_to_rounding(mutual.latents[start + 1, 1], plain.latents[start + 1, 1])
     pinned = edit(tiny, None, SOURCE, TARGET, inversion, "masactrl", pin_source=True)
-    assert torch.allclose(pinned.latents[:, 0].flip(0), inversion.trajectory.to(pinned.latents), atol=1e-6)
+    assert torch.equal(pinned.latents[:, 0].flip(0), inversion.trajectory.to(pinned.latents))
 
 
 def test_pnp_injection_changes_the_target(tiny, inversions):
@@ -208,7 +209,7 @@ def test_an_unguided_source_branch_costs_no_unconditional_row(tiny, inversions, 
     full_rows = spdinv.sampling.batch_rows
     monkeypatch.setattr(spdinv.sampling, "batch_rows", lambda branches, every_uncond=False: full_rows(branches, True))
     full = edit(tiny, None, SOURCE, TARGET, inversion, engine, **engine_options(engine))
-    assert torch.allclose(full.latents, lean.latents, rtol=0, atol=1e-5)
+    assert same_up_to_rounding(full.latents, lean.latents)
     if engine == "p2p":
         assert torch.equal(full.mask, lean.mask)
 

@@ -12,7 +12,7 @@ from spdinv.errors import SpdinvError
 from spdinv.export import load_inversion, save_inversion
 from spdinv.inversion import METHODS, invert
 from spdinv.inversion.aidi import AIDIOptions, anderson_update, solve_anderson
-from spdinv.sampling import loop, reconstruction_error, source_branch
+from spdinv.sampling import Branch, loop, reconstruction_error, source_branch
 
 PROMPT = "a large red circle in the centre on a white background"
 STEPS = 10
@@ -82,12 +82,13 @@ def test_negative_prompt_samples_with_the_source_prompt_as_negative(tiny, invers
 
 
 def test_direct_inversion_source_branch_walks_the_inverted_trajectory(tiny, inversions):
-    direct = inversions["direct"]
-    assert direct.source_offsets.shape == (STEPS, *direct.z_0.shape[1:])
-    assert direct.source_offsets.abs().max() > 1e-3  # guided sampling alone would drift
+    direct, ddim = inversions["direct"], inversions["ddim"]
+    assert direct.pin_source and torch.equal(direct.trajectory, ddim.trajectory)
     latents = loop(tiny, direct.schedule, direct.z_T, [source_branch(tiny, direct)])  # sampling order
-    assert torch.allclose(latents[:, 0].flip(0), direct.trajectory, rtol=0, atol=1e-5)
-    assert all(s.network_calls == 1 + 2 for s in direct.steps)
+    assert torch.equal(latents[:, 0].flip(0), direct.trajectory)  # exact by construction, in any batch
+    drifting = loop(tiny, direct.schedule, direct.z_T, [Branch(direct.prompt_embedding, 7.5, tiny.encode_prompt(""))])
+    assert (drifting[:, 0].flip(0) - direct.trajectory).abs().max() > 1e-3  # guided sampling alone would drift
+    assert direct.network_calls == ddim.network_calls == STEPS  # its work happens inside the edit's steps
 
 
 def test_aidi_reduces_the_residual_and_the_noise_error(inversions):
@@ -144,14 +145,15 @@ def test_every_method_round_trips_through_safetensors(tiny, image, tmp_path, met
     assert loaded.method == method and loaded.settings == inversion.settings
     assert torch.equal(loaded.trajectory, inversion.trajectory)
     assert (loaded.guidance_scale, loaded.source_as_uncond) == (inversion.guidance_scale, inversion.source_as_uncond)
-    for name in ("uncond_embeddings", "source_offsets"):
+    assert loaded.pin_source == inversion.pin_source == (method == "direct")
+    for name in ("uncond_embeddings",):
         ours, theirs = getattr(inversion, name), getattr(loaded, name)
         assert (ours is None and theirs is None) or torch.equal(ours.cpu(), theirs)
     assert reconstruction_error(tiny, loaded) == pytest.approx(reconstruction_error(tiny, inversion), rel=1e-5)
 
 
 SIDE_INFORMATION = {"null_text": ("uncond_embeddings", "7.5", "False"), "negative_prompt": (None, "7.5", "True"),
-                    "direct": ("source_offsets", "7.5", "False"), "aidi": (None, "1.0", "False")}
+                    "direct": (None, "1.0", "False"), "aidi": (None, "1.0", "False")}
 
 
 @pytest.mark.parametrize("method", PEERS)
@@ -164,6 +166,7 @@ def test_cli_writes_the_side_information(tiny_dir, red_circle, tmp_path, method)
     with safe_open(out / "trajectory.safetensors", "pt") as handle:
         names, metadata = set(handle.keys()), handle.metadata()
     assert {"uncond_embeddings", "source_offsets"} & names == ({side} if side else set())
+    assert metadata["pin_source"] == str(method == "direct")
     saved = (metadata["method"], metadata["guidance_scale"], metadata["source_as_uncond"])
     assert saved == (method, guidance, source_as_uncond)
     assert json.loads((out / "diagnostics.json").read_text())["method"] == method
@@ -182,7 +185,7 @@ def test_cli_method_options_reach_the_method(tiny_dir, red_circle, tmp_path):
                  "--damping", "0.5", "--tol", "1e-7", "--out", str(tmp_path / "a")]) == 0
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (config["iterations"], config["window"], config["damping"], config["tol"]) == (2, 3, 0.5, 1e-7)
-    assert main(["invert", str(red_circle), *common, "--method", "direct", "--guidance", "3",
+    assert main(["invert", str(red_circle), *common, "--method", "negative_prompt", "--guidance", "3",
                  "--out", str(tmp_path / "d")]) == 0
     assert json.loads((tmp_path / "d" / "config.json").read_text())["guidance"] == 3.0
 
@@ -208,7 +211,8 @@ def test_bad_options_raise(tiny, image, method, options):
     (["--method", "aidi", "--window", "0"], "window must be a positive integer"),
     (["--method", "aidi", "--damping", "2"], "damping must be in (0, 1]"),
     (["--method", "null_text", "--inner-steps", "-1"], "inner_steps must be a non-negative integer"),
-    (["--method", "direct", "--guidance", "0.5"], "guidance must be a finite number >= 1"),
+    (["--method", "negative_prompt", "--guidance", "0.5"], "guidance must be a finite number >= 1"),
+    (["--method", "direct", "--guidance", "7.5"], "do not apply to direct"),
     (["--method", "spdinv", "--guidance", "7.5"], "do not apply to spdinv"),
     (["--method", "ddim", "--window", "3"], "do not apply to ddim"),
 ])

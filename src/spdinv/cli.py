@@ -62,7 +62,7 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     spd.add_argument("--relative-delta", type=_positive_float, default=None,
                      help="also stop only below this fraction of each step's first residual (scale-aware; default off)")
     spd.add_argument("--optimizer", default=None, help="adamw (default), adam or sgd")
-    guided = parser.add_argument_group("null_text, negative_prompt and direct options")
+    guided = parser.add_argument_group("null_text and negative_prompt options")
     guided.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale, >= 1 (default 7.5)")
     nti = parser.add_argument_group("null_text options (and --lr)")

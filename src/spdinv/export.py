@@ -18,7 +18,7 @@ from .plots import plot_residuals
 from .sampling import reconstruct
 from .schedule import DDIMSchedule
 
-_SIDE_INFO = ("uncond_embeddings", "source_offsets")
+_SIDE_INFO = ("uncond_embeddings",)
 
 
 def save_inversion(inversion: Inversion, folder: Path) -> None:
@@ -32,7 +32,8 @@ def save_inversion(inversion: Inversion, folder: Path) -> None:
     }
     tensors.update({name: getattr(inversion, name).contiguous().cpu() for name in _SIDE_INFO if getattr(inversion, name) is not None})
     metadata = {"method": inversion.method, "guidance_scale": str(inversion.guidance_scale),
-                "source_as_uncond": str(inversion.source_as_uncond), "settings": json.dumps(inversion.settings)}
+                "source_as_uncond": str(inversion.source_as_uncond),
+                "pin_source": str(inversion.pin_source), "settings": json.dumps(inversion.settings)}
     save_file(tensors, folder / "trajectory.safetensors", metadata=metadata)
     write_json(folder / "diagnostics.json", inversion.diagnostics())
 
@@ -54,6 +55,7 @@ def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
         prompt_embedding=tensors["prompt_embedding"].to(model.device),
         steps=[StepReport(**s) for s in diagnostics["steps"]], settings=json.loads(metadata["settings"]),
         guidance_scale=float(metadata["guidance_scale"]), source_as_uncond=metadata["source_as_uncond"] == "True",
+        pin_source=metadata.get("pin_source", str(metadata["method"] == "direct")) == "True",
         noise_error=diagnostics["noise_error"], reconstruction_error=diagnostics["reconstruction_error"],
         **{name: tensors.get(name) for name in _SIDE_INFO},
     )

@@ -29,14 +29,18 @@ def source_uncond(model: DiffusionModel, inversion: Inversion, i: int) -> Tensor
 @dataclass
 class Branch:
     """One image being sampled. `uncond` is (1, L, D) or one embedding per sampling step (n, L, D);
-    `offsets` (n, C, H, W) are added after each step (DirectInversion); with `pin` (an inverted
-    trajectory, latent 0 = clean) the latent is reset onto the trajectory after each step."""
+    with `pin` (an inverted trajectory, latent 0 = clean) the latent is reset onto the trajectory
+    after each step: the step's own offset to the trajectory is added, whatever the batch rounded."""
 
     embedding: Tensor
     guidance_scale: float = 1.0
     uncond: Tensor | None = None
-    offsets: Tensor | None = None
     pin: Tensor | None = None
+
+    @property
+    def needs_uncond(self) -> bool:
+        """Guidance would use an unconditional row (a pinned branch discards its own step)."""
+        return self.guidance_scale != 1.0 and self.pin is None
 
     def uncond_at(self, i: int) -> Tensor:
         if self.uncond is None:
@@ -65,24 +69,27 @@ class StepHooks:
 NO_HOOKS = StepHooks()
 
 
-def source_branch(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None) -> Branch:
+def source_branch(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None,
+                  pin: bool = False) -> Branch:
     """The branch that samples the source image back as the inversion prescribes: its guidance
-    scale, per-step null embeddings or source-as-unconditional, and source-branch offsets."""
+    scale, per-step null embeddings or source-as-unconditional, and the pin to the trajectory
+    (DirectInversion, or `pin`)."""
     scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
     if inversion.uncond_embeddings is not None:
         uncond = inversion.uncond_embeddings.to(model.device)
     else:
         uncond = source_uncond(model, inversion, 0).to(model.device)
-    offsets = inversion.source_offsets
+    pinned = pin or inversion.pin_source
     return Branch(inversion.prompt_embedding.to(model.device), scale, uncond,
-                  None if offsets is None else offsets.to(model.device))
+                  inversion.trajectory.to(model.device) if pinned else None)
 
 
 def batch_rows(branches: list[Branch], every_uncond: bool = False) -> list[int]:
-    """The branch of each row of the UNet batch: the unconditional rows of the guided branches,
-    then every branch's conditional row. A branch at guidance scale 1 needs no unconditional row
-    (guidance would discard it); with `every_uncond`, once any branch is guided all get theirs."""
-    uncond = [b for b, branch in enumerate(branches) if branch.guidance_scale != 1.0]
+    """The branch of each row of the UNet batch: the unconditional rows of the branches that need
+    one, then every branch's conditional row. A branch at guidance scale 1, or pinned to a
+    trajectory, needs no unconditional row (its guided step would be discarded); with
+    `every_uncond`, once any branch needs one all get theirs."""
+    uncond = [b for b, branch in enumerate(branches) if branch.needs_uncond]
     if uncond and every_uncond:
         uncond = list(range(len(branches)))
     return uncond + list(range(len(branches)))
@@ -92,7 +99,7 @@ def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i:
             rows: list[int]) -> tuple[Tensor | None, Tensor]:
     """(eps_uncond, eps_cond) of every branch from one UNet call on the batch `rows` (`batch_rows`).
     eps_uncond is None when the batch has no unconditional row; a branch without one gets its
-    eps_cond there (scale 1 ignores it)."""
+    eps_cond there (scale 1, or a pin, ignores it)."""
     count = len(branches)
     uncond_rows = rows[:-count]
     cond = torch.cat([b.embedding for b in branches])
@@ -116,7 +123,7 @@ def guided(eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tenso
 def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branches: list[Branch],
          hooks: StepHooks = NO_HOOKS) -> Tensor:
     """DDIM sampling step i (0 = the step from z_T) of every branch: eps, guidance, the DDIM
-    update, offsets and pins, then the hooks' end_step."""
+    update, pins, then the hooks' end_step."""
     k = schedule.num_steps - i
     t = schedule.timesteps[k - 1]
     rows = batch_rows(branches, hooks.every_uncond)
@@ -129,12 +136,7 @@ def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branc
     z = ddim_step(z, eps, schedule.abar(k), schedule.abar(k - 1))
     rows = []
     for b, branch in enumerate(branches):
-        row = z[b : b + 1]
-        if branch.offsets is not None:
-            row = row + branch.offsets[i : i + 1].to(row)
-        if branch.pin is not None:
-            row = branch.pin[k - 1 : k].to(row)
-        rows.append(row)
+        rows.append(z[b : b + 1] if branch.pin is None else branch.pin[k - 1 : k].to(z))
     return hooks.end_step(i, t, torch.cat(rows))
 
 
@@ -154,7 +156,7 @@ def loop(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: l
 def reconstruct_latent(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None,
                        progress: bool = False) -> Tensor:
     """Sample z_0 back from z_T with the source prompt, using what the inversion prescribes
-    (its guidance scale, null embeddings, source-branch offsets): `loop` with one branch."""
+    (its guidance scale, null embeddings, pin): `loop` with one branch."""
     branch = source_branch(model, inversion, guidance_scale)
     return loop(model, inversion.schedule, inversion.z_T, [branch], progress=progress, desc="reconstruct")[-1]
 

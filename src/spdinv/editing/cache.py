@@ -21,7 +21,7 @@ from ..images import conform_image
 from ..inversion import Inversion, invert, make_options
 from ..model import DiffusionModel
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: DirectInversion pins its source branch instead of storing offsets
 
 
 def default_cache_dir() -> Path:

@@ -2,8 +2,8 @@
 as one batch by `spdinv.sampling.loop` with per-branch guidance and per-step hooks.
 
 The source branch consumes the inversion's side information exactly as a reconstruction does
-(its guidance scale, per-step null embeddings, source-as-unconditional, offsets), so it *is* the
-reconstruction; PnP (and MasaCtrl on request) pin it to the inverted trajectory instead. The
+(its guidance scale, per-step null embeddings, source-as-unconditional, DirectInversion's pin to
+the trajectory), so it *is* the reconstruction; PnP (and MasaCtrl on request) pin it too. The
 target branch shares the source's unconditional embedding(s), as the official null-text + P2P
 and negative-prompt code do.
 """
@@ -55,11 +55,9 @@ def uncond_embedding(model: DiffusionModel, inversion: Inversion, mode: str = "i
 
 def edit_branches(model: DiffusionModel, inversion: Inversion, target_prompt: str, options: SamplerOptions,
                   pin_source: bool = False) -> list[Branch]:
-    """[source, target] for an edit; only the source gets the offsets (or the pin)."""
-    source = source_branch(model, inversion, options.source_guidance_scale)
+    """[source, target] for an edit; only the source can be pinned to the trajectory."""
+    source = source_branch(model, inversion, options.source_guidance_scale, pin=pin_source)
     source.uncond = uncond_embedding(model, inversion, options.uncond)
-    if pin_source:
-        source.pin = inversion.trajectory.to(model.device)
     target = Branch(model.encode_prompt(target_prompt), options.guidance_scale, source.uncond)
     return [source, target]
 

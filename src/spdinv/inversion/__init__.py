@@ -41,7 +41,7 @@ METHODS: dict[str, Method] = {
                         "null-text inversion, per-step Adam on the null embedding (CVPR 2023)"),
     "negative_prompt": Method(negative_prompt, NegativePromptOptions,
                               "negative-prompt inversion, source prompt as the unconditional one (2023)"),
-    "direct": Method(direct, DirectOptions, "DirectInversion, source-branch offsets (ICLR 2024)"),
+    "direct": Method(direct, DirectOptions, "DirectInversion, source branch pinned to the trajectory (ICLR 2024)"),
     "aidi": Method(aidi, AIDIOptions, "AIDI fixed-point iteration with Anderson acceleration (ICCV 2023)"),
 }
 

@@ -79,7 +79,8 @@ class Inversion:
     """An inverted image: the trajectory z_0 ... z_T and whatever an editor needs besides it.
 
     Per-sampling-step side information is indexed in *sampling* order (index 0 = the step
-    from z_T), the order an editor consumes it.
+    from z_T), the order an editor consumes it. With `pin_source` the source branch is reset onto
+    the trajectory after every sampling step (DirectInversion), so it reconstructs exactly.
     """
 
     method: str
@@ -91,7 +92,7 @@ class Inversion:
     guidance_scale: float = 1.0
     uncond_embeddings: Tensor | None = None
     source_as_uncond: bool = False
-    source_offsets: Tensor | None = None
+    pin_source: bool = False
     noise_error: float | None = None
     reconstruction_error: float | None = None
 
