@@ -161,6 +161,7 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
+    from ..cli import check_model_settings
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
@@ -177,13 +178,15 @@ def run_edit(args: argparse.Namespace) -> None:
     sampler = SamplerOptions(guidance_scale=args.target_guidance, source_guidance_scale=args.source_guidance,
                              uncond=args.uncond)
     check_output_dir(args.out)
-    raw_image = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
+    raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
+    check_model_settings(args)
 
     from ..model import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     loaded = time.perf_counter() - wall
     image, notices = conform_image(raw_image, model.image_size)
+    notices = opened + notices
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
         ENGINES[engine].editor(model, source, target, per_engine[engine])
     for notice in notices:
