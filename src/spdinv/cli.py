@@ -151,6 +151,28 @@ def check_model_settings(args: argparse.Namespace) -> None:
               "use --dtype float32 on a CPU", file=sys.stderr)
 
 
+def prompt_notices(model, prompt: str, what: str = "prompt") -> list[str]:
+    """One line each: the words the text encoder's window cuts off, and, for a word-level
+    tokenizer like the embedded model's, the words it does not know (spelled out in letters,
+    which the model never learnt)."""
+    tokenizer, notices = model.tokenizer, []
+    ids = tokenizer(prompt, truncation=False).input_ids
+    window = tokenizer.model_max_length
+    if len(ids) > window:
+        cut = tokenizer.decode(ids[window - 1:-1]).strip()
+        cut = cut if len(cut) <= 60 else cut[:57] + "..."
+        notices.append(f"the {what} is {len(ids)} tokens; the text encoder reads {window}, so it ignores: {cut!r}")
+    if len(tokenizer) < WORD_LEVEL_VOCABULARY:
+        words = dict.fromkeys(re.findall(r"[a-z]+", prompt.lower()))
+        unknown = [w for w in words if len(tokenizer.tokenize(w)) != 1]
+        if unknown:
+            notices.append(f"the model does not know these {what} words: {', '.join(unknown)}")
+    return notices
+
+
+WORD_LEVEL_VOCABULARY = 5000  # fewer tokens than this: whole words (the shapes world's 333), not sub-word pieces
+
+
 def inversion_options(args: argparse.Namespace, method: str) -> dict:
     """Only the options given on the command line, checked against the method's options."""
     from .inversion import make_options
@@ -207,7 +229,7 @@ def run_invert(args: argparse.Namespace) -> None:
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     image, notices = conform_image(raw_image, model.image_size)
-    notices = opened + notices
+    notices = opened + notices + prompt_notices(model, prompt)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
     summary = invert_to_folder(model, image, prompt, args.method, args.steps, options, args.out, seed=args.seed,

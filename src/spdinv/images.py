@@ -59,8 +59,9 @@ def conform_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    """8-bit RGB: transparency composited on white; 16-bit and 32-bit integer and float grey scaled
-    by their value range (PIL's own conversion clips them: all white or all black)."""
+    """8-bit RGB: transparency composited on white; integer grey (16-bit files, mode I) scaled by the
+    bit depth its values use, float grey by its range, [0, 1] or [0, 255] (PIL's own conversion
+    clips them: all white or all black)."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -90,10 +91,9 @@ def _deep_grey(image: Image.Image) -> tuple[np.ndarray, str]:
     elif low < 0 or high > 65535:
         raise SpdinvError(f"integer image (mode {image.mode}) with values in [{low:.0f}, {high:.0f}]; "
                           "expected 16-bit values in [0, 65535]")
-    elif image.mode.startswith("I;16") or high > 255:
-        full, what = 65535.0, f"16-bit grey (mode {image.mode}, values {low:.0f}-{high:.0f} of 0-65535)"
-    else:
-        full, what = 255.0, f"mode {image.mode} grey (values within 0-255)"
+    else:  # 10-, 12- and 14-bit sensor data come in 16-bit files: the smallest depth holding the values
+        bits = next(b for b in (8, 10, 12, 14, 16) if high <= 2**b - 1)
+        full, what = 2.0**bits - 1, f"mode {image.mode} grey (values {low:.0f}-{high:.0f}, read as {bits}-bit)"
     return np.round(values / full * 255).clip(0, 255).astype(np.uint8), what
 
 

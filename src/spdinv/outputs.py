@@ -44,16 +44,16 @@ _REPLACED = ".spdinv-replaced"  # inside a merge's staging folder: what the comm
 # ---------------------------------------------------------------- checks before any compute
 
 
-def check_output_dir(out: str | Path) -> Path:
+def check_output_dir(out: str | Path, what: str = "output") -> Path:
     """`out` as a Path, once it is known that it can be written: not a file nor inside one, names
     within the file system's limit, and a folder can be created where it goes (tried, then removed)."""
     out = Path(out)
     existing = _nearest_existing(out)
-    _check_name_lengths(out, existing)
+    _check_name_lengths(out, existing, what)
     if existing == out and not out.is_dir():
-        raise SpdinvError(f"output path is a file, not a folder: {out}")
+        raise SpdinvError(f"{what} path is a file, not a folder: {out}")
     if existing != out and not existing.is_dir():
-        raise SpdinvError(f"output path is inside a file: {existing}")
+        raise SpdinvError(f"{what} path is inside a file: {existing}")
     try:
         os.rmdir(_scratch_folder(existing, "probe"))
     except OSError as error:
@@ -76,14 +76,14 @@ def _nearest_existing(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def _check_name_lengths(out: Path, existing: Path) -> None:
+def _check_name_lengths(out: Path, existing: Path, what: str) -> None:
     try:
         limit = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
     for part in out.parts:
         if len(os.fsencode(part)) > limit:
-            raise SpdinvError(f"output name too long ({len(os.fsencode(part))} bytes; the file system allows "
+            raise SpdinvError(f"{what} name too long ({len(os.fsencode(part))} bytes; the file system allows "
                               f"{limit}): {part[:40]}...")
 
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SpdinvError
+from ..errors import SpdinvError, require_finite
 
 # command-line dest -> (engine, option field)
 ENGINE_FLAGS = {
@@ -34,6 +34,9 @@ ENGINE_FLAGS = {
     "feature_injection": ("pnp", "feature_injection"),
     "attention_injection": ("pnp", "attention_injection"),
 }
+
+
+_FLOAT16_HINT = {"torch.float16": " (float16 overflows easily: try --dtype float32)"}
 
 
 def _flag(dest: str) -> str:
@@ -161,7 +164,7 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from ..cli import check_model_settings
+    from ..cli import check_model_settings, prompt_notices
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
@@ -186,7 +189,8 @@ def run_edit(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     loaded = time.perf_counter() - wall
     image, notices = conform_image(raw_image, model.image_size)
-    notices = opened + notices
+    notices = opened + notices + prompt_notices(model, source, "source prompt") + prompt_notices(model, target,
+                                                                                                "target prompt")
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
         ENGINES[engine].editor(model, source, target, per_engine[engine])
     for notice in notices:
@@ -212,6 +216,9 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
     from .cache import InversionCache, default_cache_dir
 
     cache = None if args.no_cache else InversionCache(args.cache or default_cache_dir())
+    if cache is not None and (problem := cache.unusable()):
+        print(f"warning: not caching inversions: {problem}", file=sys.stderr)
+        cache = None
     runs = []
     for method in methods:
         start = time.perf_counter()
@@ -223,12 +230,19 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
                                           progress=not args.quiet, **per_method[method])
             status = "cache hit" if hit else "cache miss"
         inverting = time.perf_counter() - start
+        require_finite(inversion.trajectory, f"the {method} inversion" + _FLOAT16_HINT.get(str(model.dtype), ""))
         for engine in engines:
             editor = ENGINES[engine].editor(model, source, target, per_engine[engine])
             images, _, seconds = run_editor(model, inversion, target, editor, sampler, progress=not args.quiet,
                                             desc=f"edit ({method} + {engine})")
+            require_finite(images, f"the {method} + {engine} result" + _FLOAT16_HINT.get(str(model.dtype), ""))
             runs.append(Run(method, engine, images[1:], images[:1], editor.mask, float("nan"), status,
                             {"invert": inverting, "edit": seconds}))
+    if cache is not None and cache.dropped:
+        print(f"note: removed {cache.dropped} damaged inversion cache entr{'y' if cache.dropped == 1 else 'ies'} "
+              "and inverted again", file=sys.stderr)
+    if cache is not None and cache.problem:
+        print(f"warning: inversions not cached: {cache.problem}", file=sys.stderr)
     return runs
 
 
