@@ -29,11 +29,11 @@ def open_image(path: str | Path) -> tuple[Image.Image, list[str]]:
             with Image.open(path) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)
-            image, converted = to_rgb(image)  # a bad value range fails before any model loads
         except Image.DecompressionBombError as error:
             raise SpdinvError(f"image too large to decode: {path} ({error})") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise SpdinvError(f"not a readable image: {path} ({type(error).__name__})") from None
+        image, converted = to_rgb(image)  # a bad value range fails before any model loads
     return image, converted + _notices(caught)
 
 
