@@ -3,7 +3,6 @@ note, and leaves nothing partial behind. Tiny models only; whatever can fail bef
 is made to fail there (the model path or loader is poisoned to prove it)."""
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from spdinv.bench.runner import BenchOptions, EditOutcome, run_benchmark
 from spdinv.bench.metrics import EvaluationModels
 from spdinv.cli import main
 from spdinv.editing.cache import InversionCache
-from spdinv.errors import SpdinvError
 from spdinv.images import open_image
 from spdinv.outputs import write_manifest
 

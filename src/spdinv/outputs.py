@@ -21,13 +21,13 @@ a commit that had begun is finished, anything else removed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import secrets
 import shutil
 import socket
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +146,7 @@ def _swappable(out: Path) -> bool:
 def _swap(stage: Path, out: Path) -> None:
     aside = None
     if out.exists():
+        os.chmod(stage, stat.S_IMODE(out.stat().st_mode))  # the folder keeps its permissions
         aside = stage.with_name(stage.name.replace(".stage.", ".old.", 1))
         os.rename(out, aside)
     try:
