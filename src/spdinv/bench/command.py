@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 
-
 def _names(values: list[str]) -> list[str]:
     """`--inversion ddim,spdinv` and `--inversion ddim spdinv` alike; order kept, repeats dropped."""
     return list(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
