@@ -126,7 +126,7 @@ def test_a_merge_failing_midway_is_undone(tmp_path, monkeypatch):
         return real(source, target)
 
     monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(SpdinvError, match=r"could not write .*out \(No space left on device\); it is unchanged"):
         write(out, {"a.png": "new a", "b.png": "new b", "d.png": "new d"})
     monkeypatch.setattr(os, "replace", real)
     assert contents(out) == before and not scratch_left(tmp_path, out)

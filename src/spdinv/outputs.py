@@ -93,7 +93,8 @@ def _check_name_lengths(out: Path, existing: Path, what: str) -> None:
 @contextmanager
 def staged_output(out: str | Path) -> Iterator[Path]:
     """Yield a staging folder; on success its files become the content of `out` (see the module
-    docstring); on any failure `out` is as it was and the staging folder is gone."""
+    docstring); on any failure `out` is as it was and the staging folder is gone (an OSError, such
+    as a full disk, becomes a one-line SpdinvError)."""
     out = check_output_dir(out)
     created = _make_parents(out)
     clean_abandoned(out)
@@ -105,13 +106,16 @@ def staged_output(out: str | Path) -> Iterator[Path]:
             _swap(stage, out)
         else:
             _merge(stage, out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(stage, ignore_errors=True)
         for folder in created:  # deepest first; only the ones this call made, and only when empty
             try:
                 folder.rmdir()
             except OSError:
                 break
+        if isinstance(error, OSError):  # disk full, a folder where a file goes, ...
+            where = f": {error.filename}" if error.filename else ""
+            raise SpdinvError(f"could not write {out} ({error.strerror or error}{where}); it is unchanged") from None
         raise
 
 
@@ -138,9 +142,8 @@ def _swappable(out: Path) -> bool:
         return True
     if out.is_symlink() or os.path.ismount(out) or out.stat().st_dev != out.parent.stat().st_dev:
         return False
-    listed = set(manifest_files(out))
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()} - {MANIFEST}
-    return present <= listed
+    listed = set(manifest_files(out)) | {MANIFEST}
+    return all(p.is_dir() or str(p.relative_to(out)) in listed for p in out.rglob("*"))  # stops at a foreign file
 
 
 def _swap(stage: Path, out: Path) -> None:
@@ -319,7 +322,7 @@ def clean_abandoned(out: str | Path) -> None:
             shutil.rmtree(stage.path, ignore_errors=True)
     for stage in stages.values():
         shutil.rmtree(stage.path, ignore_errors=True)
-    if out.is_dir() and not out.is_symlink():
+    if out.is_dir():
         for stage in _scratches(out, _INSIDE):
             if (stage.path / MANIFEST).is_file():
                 _merge(stage.path, out)

@@ -200,7 +200,7 @@ def _image_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as image:
             return image.size
-    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError):
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
         return None
 
 
