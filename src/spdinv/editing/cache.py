@@ -1,7 +1,8 @@
 """An on-disk cache of inversions, so that trying several engines or target prompts on one image
 inverts it once. Entries are `export.save_inversion` folders named by a hash of the image's
 pixels, the model (name and a weight fingerprint), the prompt, the method, the steps, the seed
-and the method's full settings; they are written to a temporary folder and renamed into place."""
+and the method's full settings; they are written all-or-nothing with a manifest of checksums
+(spdinv.outputs) and checked when read."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from ..errors import SpdinvError
 from ..images import conform_image
 from ..inversion import Inversion, invert, make_options
 from ..model import DiffusionModel
-from ..outputs import check_manifest, check_output_dir, write_manifest
+from ..outputs import check_manifest, check_output_dir, staged_output
 
 CACHE_VERSION = 2  # 2: entries carry a manifest of checksums
 
@@ -102,29 +102,18 @@ class InversionCache:
         return None
 
     def store(self, key: str, inversion: Inversion) -> None:
-        """Write the entry atomically (a temporary folder renamed into place) with a manifest of its
-        files' checksums; a non-finite inversion is not stored; errors are not fatal."""
+        """Write the entry all-or-nothing (spdinv.outputs: staged, renamed into place, with a
+        manifest of checksums); a non-finite inversion is not stored; a failure is not fatal (the
+        cache is an optimisation) but kept in `problem`."""
         from ..export import save_inversion
 
         if not all(bool(t.isfinite().all()) for t in _tensors(inversion)):
             return
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        except OSError as error:
-            self.problem = f"cannot write to the inversion cache {self.root} ({error.strerror})"
-            return
-        try:
-            save_inversion(inversion, staging)
-            write_manifest(staging)
-            final = self.root / key
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-        except OSError:
-            pass  # another process won the race, or the disk is full: the cache is an optimisation
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            with staged_output(self.root / key) as staging:
+                save_inversion(inversion, staging)
+        except SpdinvError as error:
+            self.problem = str(error)
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
                seed: int = 0, progress: bool = False, **options) -> tuple[Inversion, bool]:
