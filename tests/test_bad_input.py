@@ -244,9 +244,9 @@ def test_notes_for_float16_unknown_words_and_long_prompts_and_an_unusable_cache(
     code, _, err = run(args, capsys)
     lines = err.strip().splitlines()
     assert code == 0, err
-    assert any("float16 on the CPU is several times slower" in line for line in lines)
-    assert "note: the model does not know these source prompt words: circel" in lines
-    assert any("the target prompt is" in line and "so it ignores: 'red red" in line for line in lines)
+    assert any(line.startswith("warning: float16 on the CPU is several times slower") for line in lines)
+    assert "warning: the model does not know these source prompt words: circel" in lines
+    assert any(line.startswith("warning: the target prompt is") and "so it ignores: 'red red" in line for line in lines)
     assert any(line.startswith("warning: not caching inversions: cache path is a file") for line in lines)
     assert (tmp_path / "cache-file").read_text() == "not a folder"
 

@@ -55,7 +55,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def seed(text: str) -> int:
+def parse_seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -65,7 +65,7 @@ def seed(text: str) -> int:
     return value
 
 
-def device(text: str) -> str:
+def parse_device(text: str) -> str:
     """A device this torch build can use: cpu, cuda, cuda:N or mps."""
     import torch
 
@@ -89,9 +89,9 @@ def device(text: str) -> str:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="diffusers SD folder or hub id (local files only); default: the embedded shapes-world model")
-    parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    parser.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
+    parser.add_argument("--seed", type=parse_seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -147,27 +147,27 @@ def check_model_settings(args: argparse.Namespace) -> None:
     if train_timesteps is not None:
         check_steps(args.steps, train_timesteps)
     if args.dtype == "float16" and torch.device(args.device).type == "cpu":
-        print("note: float16 on the CPU is several times slower than float32 (no half-precision kernels there); "
+        print("warning: float16 on the CPU is several times slower than float32 (no half-precision kernels there); "
               "use --dtype float32 on a CPU", file=sys.stderr)
 
 
-def prompt_notices(model, prompt: str, what: str = "prompt") -> list[str]:
+def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
     """One line each: the words the text encoder's window cuts off, and, for a word-level
     tokenizer like the embedded model's, the words it does not know (spelled out in letters,
     which the model never learnt)."""
-    tokenizer, notices = model.tokenizer, []
+    tokenizer, found = model.tokenizer, []
     ids = tokenizer(prompt, truncation=False).input_ids
     window = tokenizer.model_max_length
     if len(ids) > window:
         cut = tokenizer.decode(ids[window - 1:-1]).strip()
         cut = cut if len(cut) <= 60 else cut[:57] + "..."
-        notices.append(f"the {what} is {len(ids)} tokens; the text encoder reads {window}, so it ignores: {cut!r}")
+        found.append(f"the {what} is {len(ids)} tokens; the text encoder reads {window}, so it ignores: {cut!r}")
     if len(tokenizer) < WORD_LEVEL_VOCABULARY:
         words = dict.fromkeys(re.findall(r"[a-z]+", prompt.lower()))
         unknown = [w for w in words if len(tokenizer.tokenize(w)) != 1]
         if unknown:
-            notices.append(f"the model does not know these {what} words: {', '.join(unknown)}")
-    return notices
+            found.append(f"the model does not know these {what} words: {', '.join(unknown)}")
+    return found
 
 
 WORD_LEVEL_VOCABULARY = 5000  # fewer tokens than this: whole words (the shapes world's 333), not sub-word pieces
@@ -229,9 +229,10 @@ def run_invert(args: argparse.Namespace) -> None:
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     image, notices = conform_image(raw_image, model.image_size)
-    notices = opened + notices + prompt_notices(model, prompt)
-    for notice in notices:
+    for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
+    for warning in prompt_warnings(model, prompt):
+        print(f"warning: {warning}", file=sys.stderr)
     summary = invert_to_folder(model, image, prompt, args.method, args.steps, options, args.out, seed=args.seed,
                                progress=not args.quiet, command=sys.argv)
     print(summary)

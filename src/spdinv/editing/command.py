@@ -164,7 +164,7 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from ..cli import check_model_settings, prompt_notices
+    from ..cli import check_model_settings, prompt_warnings
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
@@ -189,12 +189,12 @@ def run_edit(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     loaded = time.perf_counter() - wall
     image, notices = conform_image(raw_image, model.image_size)
-    notices = opened + notices + prompt_notices(model, source, "source prompt") + prompt_notices(model, target,
-                                                                                                "target prompt")
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
         ENGINES[engine].editor(model, source, target, per_engine[engine])
-    for notice in notices:
+    for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
+    for warning in prompt_warnings(model, source, "source prompt") + prompt_warnings(model, target, "target prompt"):
+        print(f"warning: {warning}", file=sys.stderr)
     runs = edit_all(model, image, source, target, methods, engines, per_method, per_engine, sampler, args)
     source_tensor = to_tensor(image)
     for run in runs:

@@ -42,7 +42,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def check_config(config) -> None:
     """Every training setting in its range, as a one-line error before anything is built."""
-    from ..cli import MAX_SEED, device
+    from ..cli import MAX_SEED, parse_device
     from ..errors import SpdinvError
 
     positive = ("n_scenes", "vae_batch", "vae_crop", "unet_batch", "unet_warmup", "checkpoint_every", "threads",
@@ -61,7 +61,7 @@ def check_config(config) -> None:
     if not 0 <= config.seed <= MAX_SEED // 8_000_000:  # the trainer derives per-step seeds seed * 7_000_003 + step
         raise SpdinvError(f"--seed must be in [0, {MAX_SEED // 8_000_000}], got {config.seed}")
     try:
-        device(config.device)
+        parse_device(config.device)
     except argparse.ArgumentTypeError as error:
         raise SpdinvError(f"--device {error}") from None
 
