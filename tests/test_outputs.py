@@ -189,3 +189,46 @@ def test_a_read_only_file_system_is_refused_in_one_line(tmp_path, monkeypatch, r
                  "--model", str(tmp_path / "no-model")])
     err = capsys.readouterr().err
     assert code == 2 and "Read-only file system" in err and len(err.strip().splitlines()) == 1
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+from spdinv.outputs import staged_output
+
+out, call, kill_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real, count = getattr(os, call), [0]
+
+def killed(*args, **kwargs):
+    count[0] += 1
+    if count[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+setattr(os, call, killed)
+with staged_output(out) as stage:
+    for name in ("a.png", "b.png", "c.png"):
+        (stage / name).write_text("new " + name)
+"""
+
+
+@pytest.mark.parametrize("foreign, call, kill_at, result", [
+    (False, "rename", 1, "old"),  # a swap killed before moving the old folder aside: not committed
+    (False, "rename", 2, "new"),  # between its two renames: the complete staging folder is put in place
+    (True, "replace", 1, "new"), (True, "replace", 3, "new"), (True, "replace", 6, "new"),  # a begun merge
+])
+def test_sigkill_while_committing_loses_nothing_and_the_next_run_finishes(tmp_path, foreign, call, kill_at, result):
+    out = tmp_path / "out"
+    write(out, {"a.png": "old a", "old.png": "old only"})
+    if foreign:
+        (out / "keep.txt").write_text("mine")  # makes the commit a merge
+    killer = subprocess.run([sys.executable, "-c", KILLER, str(out), call, str(kill_at)],
+                            env={**os.environ, "PYTHONPATH": str(Path(outputs.__file__).parents[1])})
+    assert killer.returncode == -9
+    clean_abandoned(out)
+    files = contents(out)
+    files.pop(MANIFEST)
+    expected = {"old": {"a.png": "old a", "old.png": "old only"},
+                "new": {"a.png": "new a.png", "b.png": "new b.png", "c.png": "new c.png"}}[result]
+    assert files == ({**expected, "keep.txt": "mine"} if foreign else expected)
+    assert check_manifest(out) == [] and not scratch_left(tmp_path, out)
