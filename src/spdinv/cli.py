@@ -130,8 +130,8 @@ INVERSION_OPTIONS = ("K", "lr", "delta", "relative_delta", "optimizer", "guidanc
 
 def check_model_settings(args: argparse.Namespace) -> None:
     """Before the model loads: --steps within the timesteps its scheduler was trained with (read
-    from the model folder; a hub id is checked once loaded), and a note that float16 is slow on
-    the CPU."""
+    from the model folder; a hub id is checked once loaded), and a warning that float16 is slow
+    on the CPU."""
     import json
 
     import torch
@@ -151,6 +151,9 @@ def check_model_settings(args: argparse.Namespace) -> None:
               "use --dtype float32 on a CPU", file=sys.stderr)
 
 
+WORD_LEVEL_VOCABULARY = 5000  # fewer tokens than this: whole words (the shapes world's 333), not sub-word pieces
+
+
 def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
     """One line each: the words the text encoder's window cuts off, and, for a word-level
     tokenizer like the embedded model's, the words it does not know (spelled out in letters,
@@ -168,9 +171,6 @@ def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
         if unknown:
             found.append(f"the model does not know these {what} words: {', '.join(unknown)}")
     return found
-
-
-WORD_LEVEL_VOCABULARY = 5000  # fewer tokens than this: whole words (the shapes world's 333), not sub-word pieces
 
 
 def inversion_options(args: argparse.Namespace, method: str) -> dict:

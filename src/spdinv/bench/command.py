@@ -83,10 +83,9 @@ def bench_options(args: argparse.Namespace):
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from .runner import run_benchmark
-
     from ..cli import check_model_settings
     from ..outputs import check_output_dir
+    from .runner import run_benchmark
 
     options = bench_options(args)
     check_output_dir(options.out)

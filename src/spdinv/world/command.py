@@ -45,14 +45,13 @@ def check_config(config) -> None:
     from ..cli import MAX_SEED, parse_device
     from ..errors import SpdinvError
 
-    positive = ("n_scenes", "vae_batch", "vae_crop", "unet_batch", "unet_warmup", "checkpoint_every", "threads",
-                "vae_lr", "unet_lr")
+    positive = ("n_scenes", "vae_steps", "vae_batch", "vae_crop", "unet_steps", "unet_batch", "unet_warmup",
+                "checkpoint_every", "threads", "vae_lr", "unet_lr")  # steps: the cosine schedules divide by them
     for name in positive:
         if not getattr(config, name) > 0:
             raise SpdinvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
-    for name in ("vae_steps", "unet_steps", "vae_kl_weight"):
-        if not getattr(config, name) >= 0:
-            raise SpdinvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if not config.vae_kl_weight >= 0:
+        raise SpdinvError(f"--vae-kl-weight must be >= 0, got {config.vae_kl_weight}")
     if config.vae_crop > 64 or config.vae_crop % 4:
         raise SpdinvError(f"--vae-crop must be a multiple of 4 up to 64 (the world's image size), got {config.vae_crop}")
     for name in ("ema_decay", "caption_dropout"):
