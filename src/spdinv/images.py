@@ -71,7 +71,10 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
         grey, scale = _deep_grey(image)
         return Image.fromarray(grey, mode="L").convert("RGB"), [f"converted {scale} to 8-bit RGB"]
     if image.mode != "RGB":
-        return image.convert("RGB"), [f"converted from mode {image.mode} to RGB"]
+        try:
+            return image.convert("RGB"), [f"converted from mode {image.mode} to RGB"]
+        except ValueError:
+            raise SpdinvError(f"cannot convert an image of mode {image.mode} to RGB") from None
     return image, []
 
 
