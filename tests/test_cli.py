@@ -26,7 +26,8 @@ def test_invert_writes_every_output(tmp_path, tiny_dir, red_circle, capsys):
     code, stdout, _ = run(invert_args(red_circle, out, tiny_dir, "--K", "3"), capsys)
     assert code == 0 and "noise error" in stdout
     assert {p.name for p in out.iterdir()} == {"z_T.safetensors", "trajectory.safetensors", "diagnostics.json",
-                                               "config.json", "reconstruction.png", "residuals.png", "source.png"}
+                                               "config.json", "reconstruction.png", "residuals.png", "source.png",
+                                               ".spdinv-manifest.json"}
     trajectory = load_file(out / "trajectory.safetensors")["trajectory"]
     assert trajectory.shape == (5, 4, 8, 8)
     diagnostics = json.loads((out / "diagnostics.json").read_text())

@@ -329,7 +329,7 @@ def test_cli_edit_writes_everything_and_reuses_the_cached_inversion(tmp_path, ti
     out, cache = tmp_path / "out", tmp_path / "cache"
     assert main(edit_args(red_circle, out, tiny_dir, cache, "--blend", "red blue", "--K", "2")) == 0
     assert {p.name for p in out.iterdir()} == {"source.png", "edit.png", "reconstruction.png", "mask.png",
-                                               "grid.png", "config.json"}
+                                               "grid.png", "config.json", ".spdinv-manifest.json"}
     config = json.loads((out / "config.json").read_text())
     run = config["runs"][0]
     assert (run["inversion"], run["engine"], run["cache"]) == ("spdinv", "p2p", "cache miss")

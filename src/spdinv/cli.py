@@ -6,6 +6,7 @@ import argparse
 import atexit
 import gc
 import os
+import re
 import sys
 import threading
 import warnings
@@ -17,8 +18,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from .errors import SpdinvError  # noqa: E402
 
 
+# argparse's own pattern takes "-1e-6" or "-inf" for an option ("expected one argument")
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line."""
+    """argparse that reports a bad command line in one line, and reads any negative number
+    (-1, -0.5, -1e-6) as a value, so that a range check, not the parser, answers it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def error(self, message: str) -> None:  # noqa: D401
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -44,11 +55,43 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def parse_seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63 - 1], got {text}")
+    return value
+
+
+def parse_device(text: str) -> str:
+    """A device this torch build can use: cpu, cuda, cuda:N or mps."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise argparse.ArgumentTypeError(f"{text}: {build} (torch {torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: MPS is not available in this torch build or on this machine")
+    elif parsed.type != "cpu":
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; expected cpu, cuda, cuda:N or mps")
+    return text
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="diffusers SD folder or hub id (local files only); default: the embedded shapes-world model")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    parser.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=parse_seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -83,6 +126,51 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
 
 INVERSION_OPTIONS = ("K", "lr", "delta", "relative_delta", "optimizer", "guidance", "inner_steps", "lr_decay", "early_stop",
                      "early_stop_growth", "iterations", "window", "damping", "tol")
+
+
+def check_model_settings(args: argparse.Namespace) -> None:
+    """Before the model loads: --steps within the timesteps its scheduler was trained with (read
+    from the model folder; a hub id is checked once loaded), and a warning that float16 is slow
+    on the CPU."""
+    import json
+
+    import torch
+
+    from .inversion import check_steps
+    from .model import resolve_model
+
+    config = Path(resolve_model(args.model)) / "scheduler" / "scheduler_config.json"
+    try:
+        train_timesteps = int(json.loads(config.read_text())["num_train_timesteps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        train_timesteps = None
+    if train_timesteps is not None:
+        check_steps(args.steps, train_timesteps)
+    if args.dtype == "float16" and torch.device(args.device).type == "cpu":
+        print("warning: float16 on the CPU is several times slower than float32 (no half-precision kernels there); "
+              "use --dtype float32 on a CPU", file=sys.stderr)
+
+
+WORD_LEVEL_VOCABULARY = 5000  # fewer tokens than this: whole words (the shapes world's 333), not sub-word pieces
+
+
+def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
+    """One line each: the words the text encoder's window cuts off, and, for a word-level
+    tokenizer like the embedded model's, the words it does not know (spelled out in letters,
+    which the model never learnt)."""
+    tokenizer, found = model.tokenizer, []
+    ids = tokenizer(prompt, truncation=False).input_ids
+    window = tokenizer.model_max_length
+    if len(ids) > window:
+        cut = tokenizer.decode(ids[window - 1:-1]).strip()
+        cut = cut if len(cut) <= 60 else cut[:57] + "..."
+        found.append(f"the {what} is {len(ids)} tokens; the text encoder reads {window}, so it ignores: {cut!r}")
+    if len(tokenizer) < WORD_LEVEL_VOCABULARY:
+        words = dict.fromkeys(re.findall(r"[a-z]+", prompt.lower()))
+        unknown = [w for w in words if len(tokenizer.tokenize(w)) != 1]
+        if unknown:
+            found.append(f"the model does not know these {what} words: {', '.join(unknown)}")
+    return found
 
 
 def inversion_options(args: argparse.Namespace, method: str) -> dict:
@@ -134,14 +222,17 @@ def run_invert(args: argparse.Namespace) -> None:
     get_method(args.method)
     options = inversion_options(args, args.method)
     check_output_dir(args.out)
-    raw_image = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
+    raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
+    check_model_settings(args)
     from .model import load_model
     from .export import invert_to_folder
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     image, notices = conform_image(raw_image, model.image_size)
-    for notice in notices:
+    for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
+    for warning in prompt_warnings(model, prompt):
+        print(f"warning: {warning}", file=sys.stderr)
     summary = invert_to_folder(model, image, prompt, args.method, args.steps, options, args.out, seed=args.seed,
                                progress=not args.quiet, command=sys.argv)
     print(summary)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from .errors import require_finite
 from .images import to_pil, to_tensor
 from .inversion import Inversion, invert
 from .inversion.base import StepReport
@@ -65,7 +66,9 @@ def invert_to_folder(model: DiffusionModel, image: Image.Image, prompt: str, met
                      options: dict, out: Path, *, seed: int = 0, progress: bool = True, command=None) -> str:
     """The `spdinv invert` job: invert, reconstruct, and write everything to `out` all-or-nothing."""
     inversion = invert(model, image, prompt, method, num_steps, seed=seed, progress=progress, **options)
+    require_finite(inversion.trajectory, f"the {method} inversion")
     recon = reconstruct(model, inversion, to_tensor(image))
+    require_finite(recon.image, f"the {method} reconstruction")
     with staged_output(out) as stage:
         save_inversion(inversion, stage)
         image.save(stage / "source.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,44 +14,90 @@ from torch import Tensor
 from .errors import SpdinvError
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Read and decode an image file (as it is; `conform_image` fits it to a model)."""
+def open_image(path: str | Path) -> tuple[Image.Image, list[str]]:
+    """Read and decode an image file into 8-bit RGB (`conform_image` fits it to a model), with a
+    notice for each conversion and each warning the decoder gave (so no raw library warning
+    reaches the terminal)."""
     path = Path(path)
     if not path.exists():
         raise SpdinvError(f"image not found: {path}")
     if path.is_dir():
         raise SpdinvError(f"image path is a folder: {path}")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise SpdinvError(f"not a readable image: {path} ({type(error).__name__})") from None
-    return image
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+        except Image.DecompressionBombError as error:
+            raise SpdinvError(f"image too large to decode: {path} ({error})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise SpdinvError(f"not a readable image: {path} ({type(error).__name__})") from None
+        image, converted = to_rgb(image)  # a bad value range fails before any model loads
+    return image, converted + _notices(caught)
+
+
+def _notices(caught: list[warnings.WarningMessage]) -> list[str]:
+    return list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
 
 
 def conform_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
-    """Convert to RGB, centre-crop to a square and resize to `size`, noting each change."""
-    notices = []
+    """Convert to 8-bit RGB, centre-crop to a square and resize to `size`, noting each change."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, notices = to_rgb(image)
+        w, h = image.size
+        if w != h:
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+            notices.append(f"centre-cropped {w}x{h} to {side}x{side}")
+        if image.size != (size, size):
+            notices.append(f"resized {image.size[0]}x{image.size[1]} to {size}x{size}")
+            image = image.resize((size, size), Image.LANCZOS)
+    return image, notices + _notices(caught)
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """8-bit RGB: transparency composited on white; integer grey (16-bit files, mode I) scaled by the
+    bit depth its values use, float grey by its range, [0, 1] or [0, 255] (PIL's own conversion
+    clips them: all white or all black)."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
-        image = flat
-        notices.append("transparency composited on white")
-    elif image.mode != "RGB":
-        notices.append(f"converted from mode {image.mode} to RGB")
-        image = image.convert("RGB")
-    w, h = image.size
-    if w != h:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        notices.append(f"centre-cropped {w}x{h} to {side}x{side}")
-    if image.size != (size, size):
-        notices.append(f"resized {image.size[0]}x{image.size[1]} to {size}x{size}")
-        image = image.resize((size, size), Image.LANCZOS)
-    return image, notices
+        return flat, ["transparency composited on white"]
+    if image.mode.startswith("I") or image.mode == "F":
+        grey, scale = _deep_grey(image)
+        return Image.fromarray(grey, mode="L").convert("RGB"), [f"converted {scale} to 8-bit RGB"]
+    if image.mode != "RGB":
+        try:
+            return image.convert("RGB"), [f"converted from mode {image.mode} to RGB"]
+        except ValueError:
+            raise SpdinvError(f"cannot convert an image of mode {image.mode} to RGB") from None
+    return image, []
+
+
+def _deep_grey(image: Image.Image) -> tuple[np.ndarray, str]:
+    """uint8 grey from a 16/32-bit integer or float image, and a description of the scaling."""
+    values = np.asarray(image).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise SpdinvError(f"the image (mode {image.mode}) has non-finite pixel values")
+    low, high = float(values.min()), float(values.max())
+    if image.mode == "F":
+        if low >= 0 and high <= 1:
+            full, what = 1.0, "float grey in [0, 1]"
+        elif low >= 0 and high <= 255:
+            full, what = 255.0, "float grey in [0, 255]"
+        else:
+            raise SpdinvError(f"float image with values in [{low:.4g}, {high:.4g}]; expected [0, 1] or [0, 255]")
+    elif low < 0 or high > 65535:
+        raise SpdinvError(f"integer image (mode {image.mode}) with values in [{low:.0f}, {high:.0f}]; "
+                          "expected 16-bit values in [0, 65535]")
+    else:  # 10-, 12- and 14-bit sensor data come in 16-bit files: the smallest depth holding the values
+        bits = next(b for b in (8, 10, 12, 14, 16) if high <= 2**b - 1)
+        full, what = 2.0**bits - 1, f"mode {image.mode} grey (values {low:.0f}-{high:.0f}, read as {bits}-bit)"
+    return np.round(values / full * 255).clip(0, 255).astype(np.uint8), what
 
 
 def to_tensor(image: Image.Image) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,12 +99,27 @@ class DiffusionModel:
         return out.sample.float()
 
 
-def _resolve(name_or_path: str | Path | None) -> str:
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(name_or_path: str | Path | None) -> str:
+    """The embedded model's folder, an existing model folder, or a hub id; a path that does not
+    exist is a one-line error here (not diffusers' hub-cache wording)."""
     if name_or_path is None:
         if not (EMBEDDED_MODEL / "model_index.json").exists():
             raise SpdinvError(f"the embedded model is missing from {EMBEDDED_MODEL}; reinstall spdinv or pass --model")
         return str(EMBEDDED_MODEL)
-    return str(name_or_path)
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise SpdinvError(f"not a diffusers Stable Diffusion folder (no model_index.json): {path}")
+        return str(path)
+    if path.exists():
+        raise SpdinvError(f"the model path is a file, not a folder: {path}")
+    if not _HUB_ID.match(text) or ".." in text:
+        raise SpdinvError(f"model path does not exist: {text}")
+    return text
 
 
 def load_model(
@@ -115,12 +131,15 @@ def load_model(
     from diffusers import StableDiffusionPipeline
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    source = _resolve(name_or_path)
+    source = resolve_model(name_or_path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError, EnvironmentError) as error:
+        if not Path(source).exists():  # a hub id that is not in the local cache
+            raise SpdinvError(f"model not found: {source!r} is neither a folder nor a model in the Hugging Face "
+                              "cache (nothing is downloaded)") from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SpdinvError(f"cannot load model {source!r}: {first}") from None
     return from_pipeline(pipe, name=source, device=device)

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import SpdinvError
-
 
 def _names(values: list[str]) -> list[str]:
     """`--inversion ddim,spdinv` and `--inversion ddim spdinv` alike; order kept, repeats dropped."""
@@ -85,11 +83,13 @@ def bench_options(args: argparse.Namespace):
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    from ..cli import check_model_settings
+    from ..outputs import check_output_dir
     from .runner import run_benchmark
 
     options = bench_options(args)
-    if options.out.exists() and not options.out.is_dir():
-        raise SpdinvError(f"output path is a file, not a folder: {options.out}")
+    check_output_dir(options.out)
+    check_model_settings(args)
     summary = run_benchmark(options)
     if summary.results is not None:
         print(summary)

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import SpdinvError
+from ..images import open_image
 from .masks import rle_decode
 
 MAPPING_FILE = "mapping_file.json"
@@ -158,6 +159,9 @@ def _make_item(root: Path, item_id: str, entry: dict, image_path: Path, size: tu
     absent = [key for key in REQUIRED_KEYS if key not in entry]
     if absent:
         raise SpdinvError(f"item {item_id} in {MAPPING_FILE} lacks {', '.join(absent)}")
+    for key in ("original_prompt", "editing_prompt", "editing_instruction", "blended_word"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise SpdinvError(f"item {item_id} in {MAPPING_FILE}: {key} must be text, got {entry[key]!r}")
     mask_rle = entry["mask"]
     try:
         rle_decode(mask_rle, (size[1], size[0]))
@@ -196,10 +200,10 @@ def _image_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as image:
             return image.size
-    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError):
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
         return None
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """8-bit RGB; damaged pixel data is a one-line SpdinvError (the runner records it in the row)."""
+    return open_image(path)[0]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import SpdinvError
+from ..errors import SpdinvError, require_finite
 from ..images import conform_image
 from .datasets import BenchDataset, BenchItem, load_dataset
 from .distributed import ProcessGroup, Shard, current_shard
@@ -129,9 +129,11 @@ class SpdinvEdit:
         from ..images import to_pil
 
         inversion = self.invert(request)
+        require_finite(inversion.trajectory, f"the {request.inversion} inversion")
         result = edit(request.model, request.image, request.item.source_prompt, request.item.target_prompt,
                       inversion=inversion, engine=request.engine, num_steps=request.steps, seed=request.seed,
                       **engine_arguments(request.engine, request.engine_options, request.item))
+        require_finite(result.edited, f"the {request.inversion} + {request.engine} edit")
         return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"])
 
     def invert(self, request: EditRequest):
@@ -242,18 +244,20 @@ def _run_jobs(jobs: list[Job], model, evaluator: Evaluator, edit_fn: EditFunctio
 
 def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, options: BenchOptions) -> dict[str, str]:
     """Edit one image with one inversion and engine, score it, save its side files; the row.
-    A one-line SpdinvError from the edit is recorded in the row's error column."""
+    A one-line SpdinvError from reading the images or from the edit is recorded in the row's error
+    column (the row counts as done: a resume does not retry it)."""
     item = job.item
-    source = item.load_image()
-    model_input, _ = conform_image(source, model.image_size)
     diagnose = options.save_diagnostics or bool({"noise_error", "reconstruction_error"} & set(options.metrics))
-    request = EditRequest(model, model_input, item, job.inversion, job.engine, options.steps, options.seed,
-                          options.inversion_options, options.engine_options, diagnose)
     row = {"id": item.id, "category": item.category, "inversion": job.inversion, "engine": job.engine,
            ERROR_COLUMN: ""}
-    torch.manual_seed(options.seed)  # each job starts from the same state, whichever rank runs it
-    started = time.perf_counter()
     try:
+        source = item.load_image()  # a damaged image is this row's error, not the run's
+        target = item.load_target()
+        model_input, _ = conform_image(source, model.image_size)
+        request = EditRequest(model, model_input, item, job.inversion, job.engine, options.steps, options.seed,
+                              options.inversion_options, options.engine_options, diagnose)
+        torch.manual_seed(options.seed)  # each job starts from the same state, whichever rank runs it
+        started = time.perf_counter()
         outcome = edit_fn(request)
     except SpdinvError as error:
         row[ERROR_COLUMN] = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -265,7 +269,7 @@ def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, option
         edited = edited.resize(source.size, Image.LANCZOS)
     truth = item.ground_truth
     sample = Sample(source=source, edited=edited, mask=item.mask(), target_prompt=item.target_prompt,
-                    target=item.load_target(), target_scene=truth.target_scene if truth else None,
+                    target=target, target_scene=truth.target_scene if truth else None,
                     inversion=outcome.inversion, edit_seconds=seconds)
     row.update({name: format_value(value) for name, value in evaluator.evaluate(sample).items()})
     _save_side_files(job, edited, outcome, options)

@@ -1,7 +1,8 @@
 """An on-disk cache of inversions, so that trying several engines or target prompts on one image
 inverts it once. Entries are `export.save_inversion` folders named by a hash of the image's
 pixels, the model (name and a weight fingerprint), the prompt, the method, the steps, the seed
-and the method's full settings; they are written to a temporary folder and renamed into place."""
+and the method's full settings; they are written all-or-nothing with a manifest of checksums
+(spdinv.outputs) and checked when read."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from torch import Tensor
 
+from ..errors import SpdinvError
 from ..images import conform_image
 from ..inversion import Inversion, invert, make_options
 from ..model import DiffusionModel
+from ..outputs import check_manifest, check_output_dir, staged_output
 
-CACHE_VERSION = 2  # 2: DirectInversion pins its source branch instead of storing offsets
+CACHE_VERSION = 2  # 2: entries carry a manifest of checksums; DirectInversion pins instead of storing offsets
 
 
 def default_cache_dir() -> Path:
@@ -57,6 +59,8 @@ class InversionCache:
     root: Path
     hits: int = 0
     misses: int = 0
+    dropped: int = 0  # damaged entries removed
+    problem: str | None = None  # why the last store failed
 
     def key(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int,
             seed: int, options: dict) -> str:
@@ -68,43 +72,54 @@ class InversionCache:
         digest.update(_image_bytes(model, image))
         return f"{method}-{digest.hexdigest()[:32]}"
 
-    def load(self, key: str, model: DiffusionModel) -> Inversion | None:
-        """The cached inversion, or None when absent or unreadable."""
+    def load(self, key: str, model: DiffusionModel, steps: int) -> Inversion | None:
+        """The cached inversion, or None when absent. An entry whose files differ from their
+        checksums, or whose tensors are not finite or not of the model's shapes, is removed (a miss:
+        it is computed and stored again)."""
         from ..export import load_inversion
 
         folder = self.root / key
-        if not (folder / "trajectory.safetensors").is_file():
+        if not folder.is_dir():
             return None
         try:
-            return load_inversion(folder, model)
-        except Exception:  # a damaged entry is a miss; it gets rewritten
+            problems = check_manifest(folder)
+            if problems:
+                raise ValueError(problems[0])
+            inversion = load_inversion(folder, model)
+            check_entry(inversion, model, steps)
+        except Exception:  # noqa: BLE001 - whatever is wrong with an entry, it is dropped
+            shutil.rmtree(folder, ignore_errors=True)
+            self.dropped += 1
             return None
+        return inversion
+
+    def unusable(self) -> str | None:
+        """Why the cache folder cannot be written (a file, read-only, ...), or None."""
+        try:
+            check_output_dir(self.root, "cache")
+        except SpdinvError as error:
+            return str(error)
+        return None
 
     def store(self, key: str, inversion: Inversion) -> None:
-        """Write the entry atomically (a temporary folder renamed into place); errors are not fatal."""
+        """Write the entry all-or-nothing (spdinv.outputs: staged, renamed into place, with a
+        manifest of checksums); a non-finite inversion is not stored; a failure is not fatal (the
+        cache is an optimisation) but kept in `problem`."""
         from ..export import save_inversion
 
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        except OSError:
+        if not all(bool(t.isfinite().all()) for t in _tensors(inversion)):
             return
         try:
-            save_inversion(inversion, staging)
-            final = self.root / key
-            if final.exists():
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-        except OSError:
-            pass  # another process won the race, or the disk is read-only: the cache is an optimisation
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            with staged_output(self.root / key) as staging:
+                save_inversion(inversion, staging)
+        except SpdinvError as error:
+            self.problem = str(error)
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
                seed: int = 0, progress: bool = False, **options) -> tuple[Inversion, bool]:
         """(inversion, whether it came from the cache)."""
         key = self.key(model, image, prompt, method, steps, seed, options)
-        cached = self.load(key, model)
+        cached = self.load(key, model, steps)
         if cached is not None:
             self.hits += 1
             return cached, True
@@ -114,4 +129,22 @@ class InversionCache:
         return inversion, False
 
 
-__all__ = ["InversionCache", "default_cache_dir", "model_fingerprint"]
+def _tensors(inversion: Inversion) -> list[Tensor]:
+    side = (inversion.uncond_embeddings, inversion.source_offsets)
+    return [inversion.trajectory, inversion.prompt_embedding, *(t for t in side if t is not None)]
+
+
+def check_entry(inversion: Inversion, model: DiffusionModel, steps: int) -> None:
+    """ValueError unless a loaded inversion has the model's latent and embedding shapes, `steps`
+    steps, and finite values."""
+    config = model.unet.config
+    latent = (steps + 1, config.in_channels, config.sample_size, config.sample_size)
+    if tuple(inversion.trajectory.shape) != latent:
+        raise ValueError(f"trajectory {tuple(inversion.trajectory.shape)}, expected {latent}")
+    if inversion.prompt_embedding.shape[-1] != model.text_encoder.config.hidden_size:
+        raise ValueError("prompt embedding of another width")
+    if not all(bool(t.isfinite().all()) for t in _tensors(inversion)):
+        raise ValueError("non-finite values")
+
+
+__all__ = ["InversionCache", "check_entry", "default_cache_dir", "model_fingerprint"]

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SpdinvError
+from ..errors import SpdinvError, require_finite
 
 # command-line dest -> (engine, option field)
 ENGINE_FLAGS = {
@@ -34,6 +34,9 @@ ENGINE_FLAGS = {
     "feature_injection": ("pnp", "feature_injection"),
     "attention_injection": ("pnp", "attention_injection"),
 }
+
+
+_FLOAT16_HINT = {"torch.float16": " (float16 overflows easily: try --dtype float32)"}
 
 
 def _flag(dest: str) -> str:
@@ -161,6 +164,7 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
+    from ..cli import check_model_settings, prompt_warnings
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
@@ -177,7 +181,8 @@ def run_edit(args: argparse.Namespace) -> None:
     sampler = SamplerOptions(guidance_scale=args.target_guidance, source_guidance_scale=args.source_guidance,
                              uncond=args.uncond)
     check_output_dir(args.out)
-    raw_image = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
+    raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
+    check_model_settings(args)
 
     from ..model import load_model
 
@@ -186,8 +191,10 @@ def run_edit(args: argparse.Namespace) -> None:
     image, notices = conform_image(raw_image, model.image_size)
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
         ENGINES[engine].editor(model, source, target, per_engine[engine])
-    for notice in notices:
+    for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
+    for warning in prompt_warnings(model, source, "source prompt") + prompt_warnings(model, target, "target prompt"):
+        print(f"warning: {warning}", file=sys.stderr)
     runs = edit_all(model, image, source, target, methods, engines, per_method, per_engine, sampler, args)
     source_tensor = to_tensor(image)
     for run in runs:
@@ -209,6 +216,9 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
     from .cache import InversionCache, default_cache_dir
 
     cache = None if args.no_cache else InversionCache(args.cache or default_cache_dir())
+    if cache is not None and (problem := cache.unusable()):
+        print(f"warning: not caching inversions: {problem}", file=sys.stderr)
+        cache = None
     runs = []
     for method in methods:
         start = time.perf_counter()
@@ -220,12 +230,19 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
                                           progress=not args.quiet, **per_method[method])
             status = "cache hit" if hit else "cache miss"
         inverting = time.perf_counter() - start
+        require_finite(inversion.trajectory, f"the {method} inversion" + _FLOAT16_HINT.get(str(model.dtype), ""))
         for engine in engines:
             editor = ENGINES[engine].editor(model, source, target, per_engine[engine])
             images, _, seconds = run_editor(model, inversion, target, editor, sampler, progress=not args.quiet,
                                             desc=f"edit ({method} + {engine})")
+            require_finite(images, f"the {method} + {engine} result" + _FLOAT16_HINT.get(str(model.dtype), ""))
             runs.append(Run(method, engine, images[1:], images[:1], editor.mask, float("nan"), status,
                             {"invert": inverting, "edit": seconds}))
+    if cache is not None and cache.dropped:
+        print(f"note: removed {cache.dropped} damaged inversion cache entr{'y' if cache.dropped == 1 else 'ies'} "
+              "and inverted again", file=sys.stderr)
+    if cache is not None and cache.problem:
+        print(f"warning: inversions not cached: {cache.problem}", file=sys.stderr)
     return runs
 
 

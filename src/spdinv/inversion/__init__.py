@@ -69,6 +69,13 @@ def check_prompt(prompt: str, what: str = "prompt") -> str:
     return prompt.strip()
 
 
+def check_steps(num_steps: int, train_timesteps: int) -> None:
+    """DDIM takes at most one step per timestep the model's scheduler was trained with."""
+    if num_steps > train_timesteps:
+        raise SpdinvError(f"--steps {num_steps} exceeds the {train_timesteps} timesteps the model's scheduler was "
+                          "trained with")
+
+
 def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
     """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
     if isinstance(image, Image.Image):
@@ -95,6 +102,7 @@ def invert(
     prompt = check_prompt(prompt)
     if not isinstance(num_steps, int) or num_steps <= 0:
         raise SpdinvError(f"steps must be a positive integer, got {num_steps}")
+    check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     entry, opts = get_method(method), make_options(method, **options)
     torch.manual_seed(seed)
     z0 = image_latent(model, image)

@@ -40,13 +40,48 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} edit pairs to {args.out}")
 
 
+def check_config(config) -> None:
+    """Every training setting in its range, as a one-line error before anything is built."""
+    from ..cli import MAX_SEED, parse_device
+    from ..errors import SpdinvError
+
+    positive = ("n_scenes", "vae_steps", "vae_batch", "vae_crop", "unet_steps", "unet_batch", "unet_warmup",
+                "checkpoint_every", "threads", "vae_lr", "unet_lr")  # steps: the cosine schedules divide by them
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise SpdinvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
+    if not config.vae_kl_weight >= 0:
+        raise SpdinvError(f"--vae-kl-weight must be >= 0, got {config.vae_kl_weight}")
+    if config.vae_crop > 64 or config.vae_crop % 4:
+        raise SpdinvError(f"--vae-crop must be a multiple of 4 up to 64 (the world's image size), got {config.vae_crop}")
+    for name in ("ema_decay", "caption_dropout"):
+        if not 0 <= getattr(config, name) < 1:
+            raise SpdinvError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
+    if not 0 <= config.seed <= MAX_SEED // 8_000_000:  # the trainer derives per-step seeds seed * 7_000_003 + step
+        raise SpdinvError(f"--seed must be in [0, {MAX_SEED // 8_000_000}], got {config.seed}")
+    try:
+        parse_device(config.device)
+    except argparse.ArgumentTypeError as error:
+        raise SpdinvError(f"--device {error}") from None
+
+
 def run_train(args: argparse.Namespace) -> None:
     import logging
 
-    from .train import TrainConfig, Trainer
+    from ..errors import SpdinvError
+    from ..outputs import check_output_dir
+    from .config import TrainConfig
+
+    config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    check_config(config)
+    check_output_dir(args.work, "--work")
+    check_output_dir(args.out)
+    if args.export_only and not (args.work / "checkpoint.pt").is_file():
+        raise SpdinvError(f"no checkpoint in {args.work} to export; train first (without --export-only)")
+
+    from .train import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     trainer = Trainer(args.work, config)
     if args.export_only:
         trainer.export_checkpoint(args.out)

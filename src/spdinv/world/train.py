@@ -22,7 +22,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..errors import SpdinvError
 from ..images import arrays_to_tensor
+from ..outputs import staged_output
 from .captions import Phrasing, caption
 from .config import TrainConfig
 from .render import render_array
@@ -256,7 +258,7 @@ class Trainer:
         """Save the latest checkpoint (with its EMA weights) as a pipeline without training further."""
         payload = self.load_checkpoint()
         if payload is None or self.state["scaling_factor"] is None:
-            raise RuntimeError(f"no UNet-phase checkpoint in {self.work_dir}")
+            raise SpdinvError(f"no UNet-phase checkpoint in {self.work_dir}: the VAE phase is not finished")
         if "ema" in payload:
             params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
             ema = EMAModel(params, decay=self.config.ema_decay)
@@ -273,9 +275,11 @@ class Trainer:
             scheduler=sd_ddim_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         out_dir = Path(out_dir)
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        save_tokenizer(self.tokenizer, out_dir / "tokenizer")
-        (out_dir / "training.json").write_text(json.dumps({"config": asdict(self.config), "state": self.state}, indent=2))
+        with staged_output(out_dir) as stage:
+            pipe.save_pretrained(stage, safe_serialization=True)
+            save_tokenizer(self.tokenizer, stage / "tokenizer")
+            (stage / "training.json").write_text(json.dumps({"config": asdict(self.config), "state": self.state},
+                                                            indent=2))
         log.info("saved pipeline to %s", out_dir)
         return out_dir
 
