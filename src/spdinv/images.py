@@ -29,6 +29,13 @@ def open_image(path: str | Path) -> Image.Image:
     return image
 
 
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of the largest centred square: the crop conform_image makes."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def conform_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
     """Convert to RGB, centre-crop to a square and resize to `size`, noting each change."""
     notices = []
@@ -43,10 +50,8 @@ def conform_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]
         image = image.convert("RGB")
     w, h = image.size
     if w != h:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        notices.append(f"centre-cropped {w}x{h} to {side}x{side}")
+        image = image.crop(centre_square(w, h))
+        notices.append(f"centre-cropped {w}x{h} to {min(w, h)}x{min(w, h)}")
     if image.size != (size, size):
         notices.append(f"resized {image.size[0]}x{image.size[1]} to {size}x{size}")
         image = image.resize((size, size), Image.LANCZOS)
