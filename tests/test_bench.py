@@ -787,3 +787,17 @@ def test_non_square_sources_are_scored_on_the_square_the_model_saw(tmp_path):
     assert np.array_equal(np.asarray(sample.source), pixels[:, 8:40])
     assert np.array_equal(sample.mask, item.mask()[:, 8:40])
     assert M.background_scores(M.to_unit(sample.source), M.to_unit(scored.image), M.mask_tensor(sample.mask))["psnr"] == math.inf
+
+
+def test_cli_protocol_and_structure_resize_options(world, capsys):
+    from spdinv.bench.command import bench_options
+    from spdinv.cli import build_parser
+
+    args = build_parser().parse_args(["bench", str(world), "--inversion", "ddim", "--engine", "p2p", "--protocol",
+                                      "pie-bench", "--structure-resize", "antialias", "--lpips-backbone", "w.pth"])
+    parsed = bench_options(args)
+    assert (parsed.protocol, parsed.structure_resize, parsed.evaluation.lpips_backbone) == ("pie-bench", "antialias", "w.pth")
+    defaults = bench_options(build_parser().parse_args(["bench", str(world), "--inversion", "ddim", "--engine", "p2p"]))
+    assert (defaults.protocol, defaults.structure_resize) == (None, None)  # chosen from the folder at run time
+    code, _, err = run_cli(["bench", world, "--inversion", "ddim", "--engine", "p2p", "--protocol", "png"], capsys)
+    assert code == 2 and "invalid choice: 'png'" in err

@@ -26,7 +26,8 @@ from ..images import centre_square, conform_image
 from .datasets import BenchDataset, BenchItem, load_dataset
 from .distributed import ProcessGroup, Shard, current_shard
 from .metrics import SSIM_VARIANT, EvaluationModels, Evaluator, Sample, clip_image_processor_class, parse_metrics
-from .protocol import DEFAULT_STRUCTURE_RESIZE, PROTOCOLS, check_protocol, default_protocol, saved_name, scored_edit
+from .protocol import DEFAULT_STRUCTURE_RESIZE, PROTOCOLS, ScoredEdit, check_protocol, default_protocol, saved_name, \
+    scored_edit
 from .results import ERROR_COLUMN, Key, PartWriter, columns, finished_keys, format_value, merge, part_path, \
     part_paths, read_rows, write_atomically, RESULTS_FILE
 
@@ -293,7 +294,8 @@ def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, option
     return row
 
 
-def scoring_sample(item: BenchItem, source: Image.Image, edited: Image.Image, protocol: str):
+def scoring_sample(item: BenchItem, source: Image.Image, edited: Image.Image,
+                   protocol: str) -> tuple[Sample, ScoredEdit]:
     """The Sample to score and the edit as scored. The model saw the source's centre square (see
     conform_image), so the source, mask and ground truth are cropped to that same square and the edit
     is brought to its size (a no-op for square images at the model's size); then the protocol applies."""
@@ -313,9 +315,9 @@ def scoring_sample(item: BenchItem, source: Image.Image, edited: Image.Image, pr
     return sample, scored
 
 
-def _save_side_files(job: Job, scored, outcome: EditOutcome, options: BenchOptions) -> None:
+def _save_side_files(job: Job, scored: ScoredEdit, outcome: EditOutcome, options: BenchOptions) -> None:
     """Per-step inversion diagnostics (for the report's plots) and, if asked, the edit exactly as it
-    was scored (protocol.ScoredEdit); written before the row, so a finished row always has them."""
+    was scored; written before the row, so a finished row always has them."""
     if options.save_diagnostics and hasattr(outcome.inversion, "diagnostics"):
         folder = options.out / "diagnostics"
         folder.mkdir(exist_ok=True)
