@@ -240,7 +240,14 @@ def test_background_metrics_on_a_known_mask():
     a, b = (source[0] * keep).permute(1, 2, 0).numpy(), (edited[0] * keep).permute(1, 2, 0).numpy()
     reference = structural_similarity(a, b, channel_axis=2, data_range=1.0, gaussian_weights=True, sigma=1.5,
                                       use_sample_covariance=False)
-    assert scores["ssim"] == pytest.approx(reference, abs=0.02)  # torchmetrics crops the borders, skimage pads
+    # the official SSIM drops the map's 5-px border, as skimage does (so its padding never counts). In float32
+    # the variances E[x²] - μ² of these flat regions cancel to rounding noise (~6e-5 on SSIM); in float64
+    # the two agree to 1e-6.
+    assert scores["ssim"] == pytest.approx(reference, abs=1e-4)
+    a64, b64 = (source * (1 - mask)).double(), (edited * (1 - mask)).double()
+    reference64 = structural_similarity(a64[0].permute(1, 2, 0).numpy(), b64[0].permute(1, 2, 0).numpy(), channel_axis=2,
+                                        data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert M.ssim(a64, b64) == pytest.approx(reference64, abs=1e-6)
     assert all(math.isnan(v) for v in M.background_scores(source, edited, torch.ones(1, 1, 32, 32)).values())
 
 
@@ -544,3 +551,253 @@ def test_cli_bad_input_is_one_line(tmp_path, world, capsys):
     assert code == 2 and "unknown inversion method 'magic'" in err
     code, _, err = run_cli(["report", tmp_path / "nothing"], capsys)
     assert code == 2 and "no results" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the official evaluator, number for number
+
+
+def _random_squeezenet_file(folder: Path) -> tuple[Path, torch.nn.Sequential]:
+    """A SqueezeNet 1.1 weights file laid out as torch hub caches torchvision's (HUB/checkpoints/NAME),
+    holding random weights under torchvision's keys (features.*, classifier.1.*)."""
+    from spdinv.bench.lpips import BACKBONE_FILE, squeezenet1_1_features
+
+    torch.manual_seed(0)
+    features = squeezenet1_1_features()
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    state.update({"classifier.1.weight": torch.randn(10, 512, 1, 1), "classifier.1.bias": torch.zeros(10)})
+    path = folder / "checkpoints" / BACKBONE_FILE
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return path, features
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to download fails the test."""
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tried to download: {args[:1]}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+def test_lpips_offline_from_the_hub_cache_equals_torchmetrics_lpips(tmp_path, monkeypatch, no_network):
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    from spdinv.bench.lpips import BACKBONE_FILE
+
+    hub = tmp_path / "hub"
+    _, features = _random_squeezenet_file(hub)
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        evaluator = M.Evaluator(["lpips"], NO_MODELS)
+    finally:
+        torch.hub.set_dir(previous)
+    assert not evaluator.unavailable, evaluator.notices
+    generator = torch.Generator().manual_seed(1)
+    a = torch.rand(1, 3, 64, 64, generator=generator)
+    b = (a + 0.2 * torch.rand(1, 3, 64, 64, generator=generator)).clamp(0, 1)
+    ours = evaluator._scorers["lpips"](a, b)
+    # torchmetrics' own LPIPS module (what PIE-Bench's evaluator runs), on the same SqueezeNet layers
+    monkeypatch.setattr(tm_lpips, "_get_tv_model_features", lambda net, pretrained=False: features)
+    reference = float(tm_lpips._LPIPS(pretrained=True, net="squeeze")(a * 2 - 1, b * 2 - 1).mean())
+    assert ours == pytest.approx(reference, rel=1e-5) and reference > 0
+    assert evaluator._scorers["lpips"](a, a) == 0.0
+    # the same file given with --lpips-backbone, from anywhere
+    moved = tmp_path / "elsewhere.pth"
+    shutil.copy(hub / "checkpoints" / BACKBONE_FILE, moved)
+    direct = M.Evaluator(["lpips"], M.EvaluationModels(dino=None, clip=None, lpips_backbone=str(moved)))
+    assert direct._scorers["lpips"](a, b) == ours
+
+
+def test_lpips_weights_problems_are_one_line_unavailable_never_a_download(tmp_path, no_network):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"features.0.weight": torch.zeros(3, 3, 3, 3)}, wrong)
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "empty-hub"))
+    try:
+        hub_missing = M.Evaluator(["lpips", "psnr"], NO_MODELS)
+    finally:
+        torch.hub.set_dir(previous)
+    reason = hub_missing.unavailable["lpips"]
+    assert str(tmp_path / "empty-hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth") in reason and "--lpips-backbone" in reason
+    for backbone, expected in ((tmp_path / "absent.pth", "not found"), (garbage, "cannot read"),
+                               (wrong, "not torchvision's SqueezeNet 1.1")):
+        evaluator = M.Evaluator(["lpips", "psnr"], M.EvaluationModels(dino=None, clip=None, lpips_backbone=str(backbone)))
+        assert list(evaluator.unavailable) == ["lpips"] and expected in evaluator.unavailable["lpips"]
+        assert len(evaluator.notices) == 1 and "\n" not in evaluator.notices[0]
+
+
+def test_mask_runs_past_the_frame_are_clipped_like_the_official_decoder(tmp_path, world, tiny, capsys):
+    from spdinv.bench.masks import runs_past_frame
+
+    def official(encoded, shape):  # PIE-Bench's mask_decode, loop for loop
+        length = shape[0] * shape[1]
+        flat = np.zeros(length)
+        for i in range(0, len(encoded), 2):
+            for j in range(min(encoded[i + 1], length - encoded[i])):
+                flat[encoded[i] + j] = 1
+        array = flat.reshape(shape)
+        array[0, :] = array[-1, :] = array[:, 0] = array[:, -1] = 1
+        return array
+
+    rle = [3, 2, 15, 9, 30, 4]  # 4x5 frame: the second run ends past it, the third starts past it
+    assert np.array_equal(rle_decode(rle, (4, 5)), official(rle, (4, 5)))
+    assert runs_past_frame(rle, (4, 5)) == 2 and runs_past_frame([3, 2], (4, 5)) == 0
+    data = tmp_path / "data"
+    shutil.copytree(world, data)
+    mapping = json.loads((data / "mapping_file.json").read_text())
+    first = next(iter(mapping))
+    mapping[first]["mask"] = mapping[first]["mask"] + [64 * 64 - 10, 50]
+    (data / "mapping_file.json").write_text(json.dumps(mapping))
+    dataset = load_dataset(data)
+    item = dataset.items[0]
+    assert item.mask_runs_clipped == 1 and item.mask()[-1, -10:].all()
+    summary = run_benchmark(options(data, tmp_path / "out", limit=1, engines=["p2p"], inversions=["ddim"],
+                                    inversion_options={}), fake_edit, tiny)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "went past the frame" in line]
+    assert notes == [f"note: 1 mask run(s) in 1 item(s) went past the frame and were clipped there, "
+                     f"as PIE-Bench's decoder does ({first})"]
+    assert read_rows(summary.results)[0]["error"] == ""
+
+
+def _pie_bench_copy(world: Path, folder: Path) -> Path:
+    """The world export without its ground truth: a folder laid out like the real PIE-Bench."""
+    shutil.copytree(world, folder)
+    mapping = json.loads((folder / "mapping_file.json").read_text())
+    for entry in mapping.values():
+        for key in ("target_image_path", "source_scene", "target_scene"):
+            entry.pop(key, None)
+    (folder / "mapping_file.json").write_text(json.dumps(mapping))
+    return folder
+
+
+def _rescore(out: Path, data: Path, metrics: list[str], limit: int) -> dict[tuple, dict[str, str]]:
+    """Score the saved images with a fresh evaluator, as the official evaluator reads them (no JPEG again)."""
+    from spdinv.bench.results import format_value
+
+    evaluator = M.Evaluator(metrics, NO_MODELS)
+    rows = {}
+    for item in load_dataset(data).items[:limit]:
+        for folder in sorted((out / "images").iterdir()):
+            saved = next(folder.glob(f"{item.image_path.stem}.*"))
+            with Image.open(saved) as image:
+                edited = image.convert("RGB")
+            scores = evaluator.evaluate(M.Sample(item.load_image(), edited, item.mask(), item.target_prompt))
+            rows[(item.id, *folder.name.split("+"))] = {m: format_value(v) for m, v in scores.items()}
+    return rows
+
+
+@pytest.mark.parametrize("protocol, suffix, magic", [("pie-bench", ".jpg", b"\xff\xd8"), ("lossless", ".png", b"\x89PNG")])
+def test_saved_images_are_what_was_scored_and_rescore_to_the_csv(tmp_path, world, tiny, protocol, suffix, magic):
+    data = _pie_bench_copy(world, tmp_path / "data")
+    metrics = ["psnr", "mse", "ssim"]
+    out = tmp_path / protocol
+    summary = run_benchmark(options(data, out, limit=2, engines=["p2p"], metrics=metrics, protocol=protocol,
+                                    save_images=True), fake_edit, tiny)
+    saved = sorted((out / "images").rglob("*"))
+    assert {p.suffix for p in saved if p.is_file()} == {suffix} and all(
+        p.read_bytes().startswith(magic) for p in saved if p.is_file())
+    rescored = _rescore(out, data, metrics, limit=2)
+    rows = read_rows(summary.results)
+    assert len(rows) == len(rescored) == 4
+    for row in rows:
+        assert {m: row[m] for m in metrics} == rescored[(row["id"], row["inversion"], row["engine"])]
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["protocol"] == protocol and settings["structure_resize"] == (
+        "official" if protocol == "pie-bench" else "antialias")
+    assert "border of the SSIM map dropped" in settings["evaluator"]["ssim"]
+
+
+def test_protocol_defaults_jpeg_effect_and_report(tmp_path, world, tiny):
+    data = _pie_bench_copy(world, tmp_path / "data")
+    common = dict(limit=2, engines=["p2p"], inversions=["ddim"], inversion_options={}, metrics=["psnr", "mse", "ssim"])
+    pie = run_benchmark(options(data, tmp_path / "pie", **common), fake_edit, tiny)
+    world_run = run_benchmark(options(world, tmp_path / "world", **common), fake_edit, tiny)
+    assert json.loads((tmp_path / "pie" / "run.json").read_text())["protocol"] == "pie-bench"  # the real layout
+    assert json.loads((tmp_path / "world" / "run.json").read_text())["protocol"] == "lossless"  # a world export
+    jpeg, lossless = read_rows(pie.results), read_rows(world_run.results)
+    assert all(float(j["psnr"]) != float(l["psnr"]) for j, l in zip(jpeg, lossless))  # the round trip counts
+    with pytest.raises(SpdinvError, match="other settings \\(protocol"):
+        run_benchmark(options(data, tmp_path / "pie", protocol="lossless", **common), fake_edit, tiny)
+    text = write_report(tmp_path / "pie").read_text()
+    assert "- protocol: pie-bench (each edit scored after a JPEG quality-75 round trip" in text
+    assert "structure-distance resize official" in text and "Means: PSNR, LPIPS, MSE and SSIM" in text
+
+
+def test_structure_resize_official_is_bilinear_without_antialiasing(tiny_vit_dir):
+    image = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    official = M.Evaluator(["structure_distance"], M.EvaluationModels(dino=str(tiny_vit_dir), clip=None))
+    smooth = M.Evaluator(["structure_distance"], M.EvaluationModels(dino=str(tiny_vit_dir), clip=None,
+                                                                   structure_resize="antialias"))
+    expected = torch.nn.functional.interpolate(image * 255, size=(32, 32), mode="bilinear", align_corners=False)
+    mean, std = torch.tensor(M.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(M.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(official._scorers["dino"]._prepare(image), (expected - mean) / std, atol=1e-4)
+    other = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    assert official._scorers["dino"](image, other) != smooth._scorers["dino"](image, other)
+    with pytest.raises(SpdinvError, match="unknown structure resize"):
+        M.StructureDistance(official._scorers["dino"].model, resize="cubic")
+
+
+def test_clip_image_processor_is_pinned_to_the_pil_one(tiny_clip_dir):
+    scorer = M.load_clip(str(tiny_clip_dir))
+    assert type(scorer.processor.image_processor) is M.clip_image_processor_class()
+    assert "Pil" in M.clip_image_processor_class().__name__ or not hasattr(__import__("transformers"), "CLIPImageProcessorPil")
+
+
+def test_means_use_the_same_rows_for_every_background_column(tmp_path):
+    header = "id,category,inversion,engine,psnr,mse,ssim,clip_whole,error\n"
+    rows = ["a,1,ddim,p2p,inf,0.0,1.0,20,", "b,1,ddim,p2p,30,0.001,0.9,22,", "c,1,ddim,p2p,20,0.01,0.7,24,",
+            "d,1,ddim,p2p,nan,nan,nan,26,"]
+    (tmp_path / "results.csv").write_text(header + "\n".join(rows) + "\n")
+    results = load_results(tmp_path / "results.csv")
+    method = ("ddim", "p2p")
+    for metric, expected in (("psnr", 25.0), ("mse", 0.0055), ("ssim", 0.8)):  # rows b and c only, all three
+        stat = results.mean(metric, method)
+        assert (stat.value, stat.count, stat.left_out) == (pytest.approx(expected), 2, 2)
+    clip = results.mean("clip_whole", method)  # not a background metric: every row where it is finite
+    assert (clip.value, clip.count) == (23.0, 4)
+    text = write_report(tmp_path / "results.csv").read_text()
+    assert "| 80.00 |" in text and "mse: 2 row(s) left out of the means (identical backgrounds give PSNR +inf" in text
+
+
+def test_non_square_sources_are_scored_on_the_square_the_model_saw(tmp_path):
+    from spdinv.bench.runner import scoring_sample
+    from spdinv.images import conform_image
+
+    image = tmp_path / "annotation_images" / "wide.png"
+    image.parent.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    pixels[:, 8:40] = 128  # the centre square is flat: its reconstruction is exact
+    Image.fromarray(pixels).save(image)
+    mapping = {"wide": {"image_path": "wide.png", "original_prompt": "a", "editing_prompt": "b",
+                        "editing_type_id": "1", "mask": [40, 3]}}
+    (tmp_path / "mapping_file.json").write_text(json.dumps(mapping))
+    item = load_dataset(tmp_path).items[0]
+    source = item.load_image()
+    model_view, _ = conform_image(source, 64)
+    sample, scored = scoring_sample(item, source, item.load_target(), model_view, "lossless")
+    assert sample.source.size == sample.edited.size == (32, 32)
+    assert np.array_equal(np.asarray(sample.source), pixels[:, 8:40])
+    assert np.array_equal(sample.mask, item.mask()[:, 8:40])
+    assert M.background_scores(M.to_unit(sample.source), M.to_unit(scored.image), M.mask_tensor(sample.mask))["psnr"] == math.inf
+
+
+def test_cli_protocol_and_structure_resize_options(world, capsys):
+    from spdinv.bench.command import bench_options
+    from spdinv.cli import build_parser
+
+    args = build_parser().parse_args(["bench", str(world), "--inversion", "ddim", "--engine", "p2p", "--protocol",
+                                      "pie-bench", "--structure-resize", "antialias", "--lpips-backbone", "w.pth"])
+    parsed = bench_options(args)
+    assert (parsed.protocol, parsed.structure_resize, parsed.evaluation.lpips_backbone) == ("pie-bench", "antialias", "w.pth")
+    defaults = bench_options(build_parser().parse_args(["bench", str(world), "--inversion", "ddim", "--engine", "p2p"]))
+    assert (defaults.protocol, defaults.structure_resize) == (None, None)  # chosen from the folder at run time
+    code, _, err = run_cli(["bench", world, "--inversion", "ddim", "--engine", "p2p", "--protocol", "png"], capsys)
+    assert code == 2 and "invalid choice: 'png'" in err

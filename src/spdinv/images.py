@@ -41,6 +41,13 @@ def _notices(caught: list[warnings.WarningMessage]) -> list[str]:
     return list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
 
 
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of the largest centred square: the crop conform_image makes."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def conform_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]]:
     """Convert to 8-bit RGB, centre-crop to a square and resize to `size`, noting each change."""
     with warnings.catch_warnings(record=True) as caught:
@@ -48,10 +55,8 @@ def conform_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]
         image, notices = to_rgb(image)
         w, h = image.size
         if w != h:
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            notices.append(f"centre-cropped {w}x{h} to {side}x{side}")
+            image = image.crop(centre_square(w, h))
+            notices.append(f"centre-cropped {w}x{h} to {min(w, h)}x{min(w, h)}")
         if image.size != (size, size):
             notices.append(f"resized {image.size[0]}x{image.size[1]} to {size}x{size}")
             image = image.resize((size, size), Image.LANCZOS)

@@ -26,7 +26,9 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def add_bench_parser(sub) -> None:
     from ..cli import _positive_int, add_inversion_arguments, add_model_arguments
-    from .metrics import DEFAULT_CLIP, DEFAULT_DINO, METRICS
+    from .lpips import BACKBONE_FILE
+    from .metrics import DEFAULT_CLIP, DEFAULT_DINO, METRICS, STRUCTURE_RESIZES
+    from .protocol import PROTOCOLS
 
     bench = sub.add_parser("bench", help="benchmark inversions x engines on a PIE-Bench-format folder (resumable)",
                            description="One CSV row per image x inversion x engine. Rerun the same command to "
@@ -44,11 +46,21 @@ def add_bench_parser(sub) -> None:
     evaluation.add_argument("--dino", default=DEFAULT_DINO,
                             help=f"structure-distance ViT (default {DEFAULT_DINO}; 'none' to skip)")
     evaluation.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP for the CLIP score (default {DEFAULT_CLIP}; 'none' to skip)")
-    evaluation.add_argument("--lpips-backbone", default=None, help="torchvision SqueezeNet 1.1 weights file "
-                            "(default: torch hub's cache); LPIPS also needs torchvision installed")
+    evaluation.add_argument("--lpips-backbone", default=None, metavar="FILE",
+                            help=f"torchvision's SqueezeNet 1.1 weights ({BACKBONE_FILE}; default: torch hub's "
+                                 "cache, checkpoints/ folder); never downloaded, torchvision not needed")
+    evaluation.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
+                            help="pie-bench: score each edit after a JPEG quality-75 round trip, as the official "
+                                 "scripts do (default for the real PIE-Bench); lossless: score it as generated "
+                                 "(default for world exports)")
+    evaluation.add_argument("--structure-resize", choices=list(STRUCTURE_RESIZES), default=None,
+                            help="resize to the DINO input: official = bilinear without antialiasing, as the paper's "
+                                 "evaluator (default under --protocol pie-bench); antialias (default otherwise)")
     evaluation.add_argument("--classifier", default=None, help="attribute classifier weights (default: the packaged one)")
     bench.add_argument("--no-diagnostics", action="store_true", help="do not save per-step inversion diagnostics")
-    bench.add_argument("--save-images", action="store_true", help="also save every edited image under OUT/images/")
+    bench.add_argument("--save-images", action="store_true",
+                       help="also save every edit under OUT/images/, exactly as it was scored (the JPEG itself "
+                            "under --protocol pie-bench, else a PNG)")
     add_inversion_arguments(bench)
     add_model_arguments(bench)
     bench.set_defaults(seed=1234, run=run_bench)
@@ -78,7 +90,8 @@ def bench_options(args: argparse.Namespace):
                                     lpips_backbone=args.lpips_backbone, classifier=args.classifier),
         inversion_options={k: getattr(args, k) for k in INVERSION_OPTIONS if getattr(args, k, None) is not None},
         engine_options=dict(args.engine_option), save_diagnostics=not args.no_diagnostics,
-        save_images=args.save_images, progress=not args.quiet,
+        save_images=args.save_images, progress=not args.quiet, protocol=args.protocol,
+        structure_resize=args.structure_resize,
     )
 
 

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import SpdinvError
 from ..images import open_image
-from .masks import rle_decode
+from .masks import rle_decode, runs_past_frame
 
 MAPPING_FILE = "mapping_file.json"
 CATEGORY_NAMES = {
@@ -53,6 +53,7 @@ class BenchItem:
     mask_rle: tuple[int, ...] = field(repr=False)
     image_size: tuple[int, int] = (0, 0)  # (width, height) from the image header
     ground_truth: GroundTruth | None = None
+    mask_runs_clipped: int = 0  # runs of the mask that went past the frame (clipped, as the official decoder does)
 
     @property
     def category_name(self) -> str:
@@ -91,6 +92,21 @@ class BenchDataset:
         if limit is not None:
             items = items[:limit]
         return BenchDataset(self.root, items, self.missing)
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """True for `spdinv world export` output (rendered targets), False for the real PIE-Bench."""
+        return any(item.ground_truth is not None for item in self.items)
+
+    def clipped_masks_note(self) -> str | None:
+        """One line on the mask runs that went past the frame, or None when there were none."""
+        clipped = [item for item in self.items if item.mask_runs_clipped]
+        if not clipped:
+            return None
+        runs = sum(item.mask_runs_clipped for item in clipped)
+        shown = ", ".join(item.id for item in clipped[:10]) + (", ..." if len(clipped) > 10 else "")
+        return (f"{runs} mask run(s) in {len(clipped)} item(s) went past the frame and were clipped there, "
+                f"as PIE-Bench's decoder does ({shown})")
 
 
 def category_id(text: str) -> str:
@@ -164,7 +180,7 @@ def _make_item(root: Path, item_id: str, entry: dict, image_path: Path, size: tu
             raise SpdinvError(f"item {item_id} in {MAPPING_FILE}: {key} must be text, got {entry[key]!r}")
     mask_rle = entry["mask"]
     try:
-        rle_decode(mask_rle, (size[1], size[0]))
+        clipped = runs_past_frame(mask_rle, (size[1], size[0]))
     except SpdinvError as error:
         raise SpdinvError(f"item {item_id}: {error}") from None
     blend_source, blend_target = split_blend_words(entry.get("blended_word", ""), item_id)
@@ -174,7 +190,7 @@ def _make_item(root: Path, item_id: str, entry: dict, image_path: Path, size: tu
         editing_prompt=entry["editing_prompt"], edited_words=bracketed_words(entry["editing_prompt"]),
         instruction=entry.get("editing_instruction", ""), category=str(entry["editing_type_id"]),
         blend_source=blend_source, blend_target=blend_target, mask_rle=tuple(mask_rle), image_size=size,
-        ground_truth=_ground_truth(root, item_id, entry),
+        ground_truth=_ground_truth(root, item_id, entry), mask_runs_clipped=clipped,
     )
 
 

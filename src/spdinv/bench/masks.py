@@ -17,17 +17,27 @@ def rle_encode(mask: np.ndarray) -> list[int]:
 
 
 def rle_decode(rle: list[int], size: int | tuple[int, int], official_border: bool = True) -> np.ndarray:
-    """Decode to a uint8 (H, W) array. With `official_border`, set the first and last rows and
-    columns to 1 as PIE-Bench's evaluator does."""
+    """Decode to a uint8 (H, W) array. A run past the end of the frame is clipped there, as PIE-Bench's
+    decoder does (see runs_past_frame). With `official_border`, set the first and last rows and columns
+    to 1 as PIE-Bench's evaluator does."""
     height, width = (size, size) if isinstance(size, int) else size
-    if not isinstance(rle, (list, tuple)) or len(rle) % 2 or not all(isinstance(v, int) and v >= 0 for v in rle):
-        raise SpdinvError("malformed mask: expected a flat list of non-negative [start, length] pairs")
+    _check(rle)
     flat = np.zeros(height * width, dtype=np.uint8)
     for start, length in zip(rle[0::2], rle[1::2]):
-        if start + length > flat.size:
-            raise SpdinvError(f"malformed mask: run {start}+{length} exceeds {height}x{width}")
-        flat[start:start + length] = 1
+        flat[start:start + length] = 1  # numpy clips the slice at the end of the frame
     mask = flat.reshape(height, width)
     if official_border:
         mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
     return mask
+
+
+def runs_past_frame(rle: list[int], size: int | tuple[int, int]) -> int:
+    """How many runs end past the H x W frame (and were clipped by rle_decode)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    _check(rle)
+    return sum(start + length > height * width for start, length in zip(rle[0::2], rle[1::2]))
+
+
+def _check(rle) -> None:
+    if not isinstance(rle, (list, tuple)) or len(rle) % 2 or not all(isinstance(v, int) and v >= 0 for v in rle):
+        raise SpdinvError("malformed mask: expected a flat list of non-negative [start, length] pairs")

@@ -20,7 +20,6 @@ makes its metrics unavailable (reported once, in one line) and everything else s
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,7 +43,6 @@ METRICS: dict[str, str | None] = {
 TIMING_METRICS = ("seconds", "edit_seconds")  # wall-clock: differ between otherwise identical runs
 DEFAULT_DINO = "facebook/dino-vitb8"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-LPIPS_BACKBONE_FILE = "squeezenet1_1-b8a52dec.pth"  # torchvision's SqueezeNet 1.1 weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -92,11 +90,30 @@ def mse(a: Tensor, b: Tensor) -> float:
     return float(mean_squared_error(a.contiguous(), b.contiguous()))
 
 
-def ssim(a: Tensor, b: Tensor) -> float:
-    """SSIM (gaussian window 11, sigma 1.5, data range 1): torchmetrics' defaults, as PIE-Bench's."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+# SSIM as PIE-Bench's evaluator computed it (torchmetrics <= 1.4.1): gaussian window 11, sigma 1.5,
+# data range 1, and the mean taken over the map without its 5-pixel border (torchmetrics >= 1.4.2
+# averages the whole, reflect-padded map instead: +0.3 to +2 on the x100 scale).
+SSIM_VARIANT = "gaussian 11 / sigma 1.5, 5-px border of the SSIM map dropped (torchmetrics <= 1.4.1, as PIE-Bench)"
+SSIM_KERNEL, SSIM_SIGMA = 11, 1.5
 
-    return float(structural_similarity_index_measure(a, b, data_range=1.0))
+
+def ssim(a: Tensor, b: Tensor) -> float:
+    """Mean SSIM of images in [0, 1] over the valid (unpadded) window positions: the official variant,
+    computed here so that it does not change with the installed torchmetrics."""
+    if min(a.shape[-2:]) < SSIM_KERNEL:
+        raise SpdinvError(f"SSIM needs images of at least {SSIM_KERNEL}x{SSIM_KERNEL} pixels, got {tuple(a.shape[-2:])}")
+    channels = a.shape[1]
+    offsets = torch.arange(SSIM_KERNEL, dtype=torch.float32) - (SSIM_KERNEL - 1) / 2
+    gauss = torch.exp(-((offsets / SSIM_SIGMA) ** 2) / 2)
+    gauss = gauss / gauss.sum()
+    kernel = torch.outer(gauss, gauss).expand(channels, 1, SSIM_KERNEL, SSIM_KERNEL).to(a)
+    blur = lambda x: F.conv2d(x, kernel, groups=channels)  # noqa: E731 - no padding: the border is dropped
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    covariance = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * covariance + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(ssim_map.mean())
 
 
 def background_scores(source: Tensor, edited: Tensor, mask: Tensor,
@@ -139,21 +156,32 @@ def _last_key_projection(model: torch.nn.Module) -> torch.nn.Module:
     return keys[-1]
 
 
+STRUCTURE_RESIZES = {  # how the structure distance brings images to the ViT's size
+    "official": False,  # bilinear without antialiasing: torchvision 0.13's tensor Resize, PIE-Bench's evaluator
+    "antialias": True,  # bilinear with antialiasing: torchvision >= 0.17's default
+}
+
+
 class StructureDistance:
     """MSE between the DINO key self-similarity matrices of two images.
 
     `official_scale`: PIE-Bench's evaluator feeds pixel values in [0, 255] (it never divides by
-    255) through the ImageNet normalisation; True reproduces its numbers, False uses [0, 1]."""
+    255) through the ImageNet normalisation; True reproduces its numbers, False uses [0, 1].
+    `resize`: a STRUCTURE_RESIZES key."""
 
-    def __init__(self, model: torch.nn.Module, official_scale: bool = True):
+    def __init__(self, model: torch.nn.Module, official_scale: bool = True, resize: str = "official"):
+        if resize not in STRUCTURE_RESIZES:
+            raise SpdinvError(f"unknown structure resize {resize!r}; valid: {', '.join(STRUCTURE_RESIZES)}")
         self.model = model.eval().requires_grad_(False)
         self.size = int(model.config.image_size)
         self.official_scale = official_scale
+        self.resize = resize
         self._key_projection = _last_key_projection(model)
 
     def _prepare(self, image01: Tensor) -> Tensor:
         pixels = image01 * 255.0 if self.official_scale else image01
-        pixels = F.interpolate(pixels, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        pixels = F.interpolate(pixels, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                               antialias=STRUCTURE_RESIZES[self.resize])
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (pixels - mean) / std
@@ -257,6 +285,7 @@ class EvaluationModels:
     lpips_backbone: str | None = None  # SqueezeNet 1.1 weights file; None: torch hub's cache
     classifier: str | None = None  # None: the packaged attribute classifier
     device: str = "cpu"
+    structure_resize: str = "official"  # a STRUCTURE_RESIZES key
 
 
 class Unavailable(Exception):
@@ -268,7 +297,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_dino(name: str, device: str = "cpu") -> StructureDistance:
+def load_dino(name: str, device: str = "cpu", resize: str = "official") -> StructureDistance:
     from transformers import ViTModel
 
     try:
@@ -276,7 +305,17 @@ def load_dino(name: str, device: str = "cpu") -> StructureDistance:
     except (OSError, ValueError) as error:
         raise Unavailable(f"DINO model {name!r} is neither a folder nor in the Hugging Face cache "
                           f"(pass --dino PATH; {_first_line(error)[:120]})") from None
-    return StructureDistance(model.to(device))
+    return StructureDistance(model.to(device), resize=resize)
+
+
+def clip_image_processor_class():
+    """The PIL/numpy CLIP image processor (PIL bicubic resize), pinned: the paper's transformers 4.x
+    used it, and transformers 5 would pick its torchvision backend whenever torchvision is importable
+    (pixel values differ by up to 0.015). It is `CLIPImageProcessorPil` in transformers 5 and
+    `CLIPImageProcessor` in 4.x."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
 def load_clip(name: str, device: str = "cpu") -> ClipScorer:
@@ -285,6 +324,7 @@ def load_clip(name: str, device: str = "cpu") -> ClipScorer:
     try:
         model = CLIPModel.from_pretrained(name, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(name, local_files_only=True)
+        processor.image_processor = clip_image_processor_class().from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as error:
         raise Unavailable(f"CLIP model {name!r} is neither a folder nor in the Hugging Face cache "
                           f"(pass --clip PATH; {_first_line(error)[:120]})") from None
@@ -292,34 +332,15 @@ def load_clip(name: str, device: str = "cpu") -> ClipScorer:
 
 
 def load_lpips(backbone: str | None, device: str = "cpu") -> Callable[[Tensor, Tensor], float]:
-    """torchmetrics' LPIPS (SqueezeNet, inputs in [-1, 1]). It needs torchvision and torchvision's
-    ImageNet SqueezeNet weights, which it would otherwise download: both must be here already."""
-    import importlib.util
+    """LPIPS (SqueezeNet, inputs in [-1, 1]) as PIE-Bench's torchmetrics computes it, built without
+    torchvision (see bench/lpips.py); the SqueezeNet weights come from `backbone` or torch hub's cache,
+    never from the network."""
+    from .lpips import load_lpips_model
 
-    if importlib.util.find_spec("torchvision") is None:
-        raise Unavailable("LPIPS needs torchvision (pip install torchvision) and its SqueezeNet 1.1 weights")
-    hub_dir = Path(torch.hub.get_dir())
-    if backbone is not None:  # a weights file elsewhere: show it to torchvision through a private hub folder
-        if not Path(backbone).is_file():
-            raise Unavailable(f"LPIPS backbone weights not found: {backbone}")
-        hub_dir = Path(tempfile.mkdtemp(prefix="spdinv-lpips-"))
-        (hub_dir / "checkpoints").mkdir()
-        (hub_dir / "checkpoints" / LPIPS_BACKBONE_FILE).symlink_to(Path(backbone).resolve())
-    if not (hub_dir / "checkpoints" / LPIPS_BACKBONE_FILE).is_file():
-        raise Unavailable(f"LPIPS needs torchvision's SqueezeNet 1.1 weights at "
-                          f"{hub_dir / 'checkpoints' / LPIPS_BACKBONE_FILE} (or pass --lpips-backbone FILE)")
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    model = load_lpips_model(backbone).to(device)
 
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(hub_dir))
-    try:
-        metric = LearnedPerceptualImagePatchSimilarity(net_type="squeeze").to(device).eval()
-    finally:
-        torch.hub.set_dir(previous)
-
-    @torch.no_grad()
     def lpips(a01: Tensor, b01: Tensor) -> float:
-        return float(metric.net(a01.to(device) * 2 - 1, b01.to(device) * 2 - 1).mean())
+        return float(model(a01.to(device) * 2 - 1, b01.to(device) * 2 - 1).mean())
 
     return lpips
 
@@ -363,7 +384,8 @@ class Evaluator:
         self.metrics = parse_metrics(self.metrics)
         needed = {METRICS[m] for m in self.metrics} - {None}
         loaders = {
-            "dino": lambda: load_dino(self.models.dino, self.models.device) if self.models.dino else None,
+            "dino": lambda: (load_dino(self.models.dino, self.models.device, self.models.structure_resize)
+                             if self.models.dino else None),
             "clip": lambda: load_clip(self.models.clip, self.models.device) if self.models.clip else None,
             "lpips": lambda: load_lpips(self.models.lpips_backbone, self.models.device),
             "classifier": lambda: load_judge(self.models.classifier),

@@ -1,9 +1,13 @@
 """`spdinv report RESULTS`: the benchmark CSV as the paper's tables (its scales: structure x10^3,
 LPIPS x10^3, MSE x10^4, SSIM x10^2), a per-category breakdown, and PNG charts.
 
-Averages are over the rows where a metric is finite: NaN marks "does not apply" (the mask covers
-the whole frame, no ground truth, a failed edit, an unavailable evaluation model) and PSNR is +inf
-where the two backgrounds are identical; how many rows each mean left out is said under the table.
+Means rule (MEANS_RULE): the metrics computed on the same pair of images are averaged over the same
+rows: background preservation (psnr, lpips, mse, ssim: both images x (1 - mask)) over the rows where
+all of them are finite, likewise the edit-region truth metrics (gt_psnr, gt_ssim); every other metric
+over the rows where it is finite. A metric no row of the method measured (an unavailable evaluation
+model) is not counted. NaN marks "does not apply" (the mask covers the whole frame, no ground truth, a
+failed edit) and PSNR is +inf where the two backgrounds are identical, so such a row leaves the MSE,
+SSIM and LPIPS means too; how many rows each mean left out is said under the table.
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ COST_COLUMNS = (
     Column("seconds", "Inversion s ↓", higher_is_better=False),
     Column("edit_seconds", "Edit s ↓", higher_is_better=False),
 )
+# metrics computed from the same pair of images: averaged over the same rows
+SAME_ROWS = (("psnr", "lpips", "mse", "ssim"), ("gt_psnr", "gt_ssim"))
+MEANS_RULE = ("Means: PSNR, LPIPS, MSE and SSIM (both images × (1 − mask)) are averaged over the same rows, those "
+              "where all four are finite (identical backgrounds, PSNR +∞, leave all four); likewise the two "
+              "edit-region truth metrics; every other metric over the rows where it is finite.")
 CATEGORY_METRICS = ("structure_distance", "psnr", "clip_whole", "edit_accuracy")
 ALL_COLUMNS = {c.metric: c for c in PAPER_COLUMNS + GROUND_TRUTH_COLUMNS + COST_COLUMNS}
 
@@ -79,7 +88,22 @@ class Results:
         return sorted({r["category"] for r in self.rows}, key=lambda c: (len(c), c))
 
     def values(self, metric: str, method: tuple[str, str], category: str | None = None) -> list[float]:
-        return [_number(r.get(metric, "")) for r in self.rows
+        return [_number(r.get(metric, "")) for r in self._rows(method, category)]
+
+    def mean(self, metric: str, method: tuple[str, str], category: str | None = None) -> Mean:
+        """The mean under MEANS_RULE: rows where any measured metric of `metric`'s group is not finite
+        count as left out."""
+        rows = self._rows(method, category)
+        group = next((g for g in SAME_ROWS if metric in g), (metric,))
+        measured = [m for m in group if m in self.metrics
+                    and any(math.isfinite(_number(r.get(m, ""))) for r in self._rows(method))]
+        kept = [_number(r.get(metric, "")) for r in rows
+                if all(math.isfinite(_number(r.get(m, ""))) for m in measured or [metric])]
+        stat = mean(kept)
+        return Mean(stat.value, stat.count, len(rows) - stat.count)
+
+    def _rows(self, method: tuple[str, str], category: str | None = None) -> list[dict[str, str]]:
+        return [r for r in self.rows
                 if (r["inversion"], r["engine"]) == method and (category is None or r["category"] == category)]
 
 
@@ -128,10 +152,9 @@ def format_mean(stat: Mean, column: Column) -> str:
 def method_table(results: Results, columns: tuple[Column, ...]) -> list[str]:
     """One row per inversion + engine, the best of each engine's group in bold."""
     columns = tuple(c for c in columns if c.metric in results.metrics)
-    if not columns or all(math.isnan(mean(results.values(c.metric, m)).value)
-                          for c in columns for m in results.methods):
+    if not columns or all(math.isnan(results.mean(c.metric, m).value) for c in columns for m in results.methods):
         return []
-    stats = {(m, c.metric): mean(results.values(c.metric, m)) for m in results.methods for c in columns}
+    stats = {(m, c.metric): results.mean(c.metric, m) for m in results.methods for c in columns}
     lines = ["| Inversion | Engine | n | " + " | ".join(c.title for c in columns) + " |",
              "|---|---|---:|" + "---:|" * len(columns)]
     for method in results.methods:
@@ -157,12 +180,12 @@ def _best(column: Column, values: list[float]) -> float:
 def _left_out_notes(results: Results, columns: tuple[Column, ...]) -> list[str]:
     notes, unmeasured = [], []
     for column in columns:
-        stats = [mean(results.values(column.metric, m)) for m in results.methods]
+        stats = [results.mean(column.metric, m) for m in results.methods]
         left = sum(s.left_out for s in stats)
         if not any(s.count for s in stats):
             unmeasured.append(column.metric)
         elif left:
-            why = "identical backgrounds give +inf; " if column.metric in ("psnr", "gt_psnr") else ""
+            why = "identical backgrounds give PSNR +inf; " if any(column.metric in g for g in SAME_ROWS) else ""
             notes.append(f"{column.metric}: {left} row(s) left out of the means ({why}NaN: does not apply)")
     if unmeasured:
         notes.append(f"not measured (evaluation model unavailable, or no ground truth): {', '.join(unmeasured)}")
@@ -175,7 +198,7 @@ def category_table(results: Results, metric: str) -> list[str]:
     lines = ["| Inversion | Engine | " + " | ".join(f"{c} {CATEGORY_NAMES.get(c, '')}".strip() for c in categories) + " |",
              "|---|---|" + "---:|" * len(categories)]
     for method in results.methods:
-        cells = [format_mean(mean(results.values(metric, method, c)), column) for c in categories]
+        cells = [format_mean(results.mean(metric, method, c), column) for c in categories]
         lines.append(f"| {method[0]} | {method[1]} | " + " | ".join(cells) + " |")
     return lines
 
@@ -214,7 +237,19 @@ def _settings_lines(settings: dict, results: Results) -> list[str]:
                   f"seed {settings.get('seed')}, dtype {settings.get('dtype')}, processes {settings.get('world_size', 1)}"]
         if settings.get("machine"):
             lines.append("- machine: " + ", ".join(f"{k} {v}" for k, v in settings["machine"].items() if v))
-    return lines + [""]
+        lines += _protocol_lines(settings)
+    return lines + ["", MEANS_RULE, ""]
+
+
+def _protocol_lines(settings: dict) -> list[str]:
+    """The scoring protocol and the evaluator's fixed variants, as run.json recorded them."""
+    if not settings.get("protocol"):
+        return ["- protocol: not recorded (a run from before protocols were recorded: edits scored lossless)"]
+    variants = settings.get("evaluator", {})
+    lines = [f"- protocol: {settings['protocol']} ({variants.get('protocol', '')}); structure-distance resize "
+             f"{settings.get('structure_resize')}"]
+    lines += [f"- {name.replace('_', ' ')}: {text}" for name, text in variants.items() if name != "protocol"]
+    return lines
 
 
 # ---------------------------------------------------------------- plots
@@ -231,7 +266,7 @@ def bar_charts(results: Results, folder: Path) -> list[Path]:
     labels = [f"{inv}\n{eng}" for inv, eng in results.methods]
     for metric in results.metrics:
         column = ALL_COLUMNS.get(metric, Column(metric, metric))
-        means = [mean(results.values(metric, m)).value * column.scale for m in results.methods]
+        means = [results.mean(metric, m).value * column.scale for m in results.methods]
         if all(math.isnan(v) for v in means):
             continue
         fig, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
@@ -300,7 +335,10 @@ def example_grid(results: Results, folder: Path, out: Path) -> list[Path]:
     from ..editing.grid import labelled_grid
     from .datasets import load_dataset
 
+    from .protocol import saved_name
+
     images = folder / "images"
+    protocol = results.settings.get("protocol") or "lossless"
     data = results.settings.get("data")
     if not images.is_dir() or not data or not Path(data).is_dir():
         return []
@@ -311,7 +349,7 @@ def example_grid(results: Results, folder: Path, out: Path) -> list[Path]:
     rows = []
     for category in sorted(firsts, key=int):
         item = firsts[category]
-        edits = [images / f"{inv}+{eng}" / item.image_path.name for inv, eng in methods]
+        edits = [images / f"{inv}+{eng}" / saved_name(item.image_path, protocol) for inv, eng in methods]
         cells = [item.load_image(), item.load_target()] + [Image.open(p) if p.is_file() else None for p in edits]
         rows.append((f"{category} {item.category_name}: {item.editing_prompt}", cells))
     if not rows:

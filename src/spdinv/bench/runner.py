@@ -22,16 +22,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import SpdinvError, require_finite
-from ..images import conform_image
+from ..images import centre_square, conform_image
 from .datasets import BenchDataset, BenchItem, load_dataset
 from .distributed import ProcessGroup, Shard, current_shard
-from .metrics import EvaluationModels, Evaluator, Sample, parse_metrics
+from .metrics import SSIM_VARIANT, EvaluationModels, Evaluator, Sample, clip_image_processor_class, parse_metrics
+from .protocol import DEFAULT_STRUCTURE_RESIZE, PROTOCOLS, ScoredEdit, check_protocol, default_protocol, saved_name, \
+    scored_edit
 from .results import ERROR_COLUMN, Key, PartWriter, columns, finished_keys, format_value, merge, part_path, \
     part_paths, read_rows, write_atomically, RESULTS_FILE
 
 SETTINGS_FILE = "run.json"
 # settings a resumed run must share with the run that wrote the rows it keeps
-IDENTITY_SETTINGS = ("data", "model", "dtype", "steps", "seed", "metrics", "inversion_options", "engine_options")
+IDENTITY_SETTINGS = ("data", "model", "dtype", "steps", "seed", "metrics", "inversion_options", "engine_options",
+                     "protocol", "structure_resize")
 
 
 @dataclass
@@ -54,6 +57,8 @@ class BenchOptions:
     save_diagnostics: bool = True
     save_images: bool = False
     progress: bool = True
+    protocol: str | None = None  # a protocol.PROTOCOLS key; None: pie-bench, or lossless for world exports
+    structure_resize: str | None = None  # a metrics.STRUCTURE_RESIZES key; None: the protocol's default
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,9 @@ def run_benchmark(options: BenchOptions, edit_fn: EditFunction | None = None, mo
     start = time.perf_counter()
     shard = shard or current_shard()
     check_names(options)
-    dataset = load_dataset(options.data).select(options.categories, options.limit)
+    full = load_dataset(options.data)
+    resolve_protocol(options, full)
+    dataset = full.select(options.categories, options.limit)
     if not dataset.items:
         raise SpdinvError(f"no items to run in {options.data} (categories {options.categories}, limit {options.limit})")
     header = columns(options.metrics)
@@ -195,12 +202,17 @@ def run_benchmark(options: BenchOptions, edit_fn: EditFunction | None = None, mo
     mine = [job for job in owned if job.key not in done]
     say = _printer(shard)
     _report_missing(dataset, options.out, shard, say)
+    clipped = dataset.clipped_masks_note()
+    if clipped:
+        say(f"note: {clipped}")
 
     with ProcessGroup(shard) as group:
         computed = failed = 0
         notices: list[str] = []
         if mine:
-            evaluator = Evaluator(options.metrics, dataclasses.replace(options.evaluation, device=shard.device(options.device)))
+            evaluation = dataclasses.replace(options.evaluation, device=shard.device(options.device),
+                                             structure_resize=options.structure_resize)
+            evaluator = Evaluator(options.metrics, evaluation)
             notices = evaluator.notices
             for notice in notices:
                 say(f"note: {notice}")
@@ -218,11 +230,26 @@ def run_benchmark(options: BenchOptions, edit_fn: EditFunction | None = None, mo
             results = merge(options.out, header, [job.key for job in jobs], [r for g in gathered for r in g[0]])
         group.barrier()  # results.csv is durable: the part files can go
         _remove_parts(options.out, shard)
+        group.barrier()  # every rank's part is gone: the folder is empty
+        if shard.is_main and (options.out / "parts").is_dir() and not any((options.out / "parts").iterdir()):
+            (options.out / "parts").rmdir()
     if shard.is_main:  # the totals over all ranks
         computed, skipped, failed = (sum(g[i] for g in gathered) for i in (1, 2, 3))
     else:
         skipped = len(owned) - len(mine)
+    notices = notices + ([clipped] if clipped else [])
     return BenchSummary(results, computed, skipped, failed, dataset.missing, notices, time.perf_counter() - start)
+
+
+def resolve_protocol(options: BenchOptions, dataset: BenchDataset) -> None:
+    """Fill in the protocol (pie-bench for the real PIE-Bench, lossless for world exports) and the
+    structure-distance resize (the protocol's) where they were not given."""
+    from .metrics import STRUCTURE_RESIZES
+
+    options.protocol = check_protocol(options.protocol or default_protocol(dataset.has_ground_truth))
+    options.structure_resize = options.structure_resize or DEFAULT_STRUCTURE_RESIZE[options.protocol]
+    if options.structure_resize not in STRUCTURE_RESIZES:
+        raise SpdinvError(f"unknown structure resize {options.structure_resize!r}; valid: {', '.join(STRUCTURE_RESIZES)}")
 
 
 def _run_jobs(jobs: list[Job], model, evaluator: Evaluator, edit_fn: EditFunction, options: BenchOptions,
@@ -264,21 +291,36 @@ def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, option
         row.update({m: "nan" for m in options.metrics})
         return row
     seconds = outcome.seconds if outcome.seconds is not None else time.perf_counter() - started
-    edited = outcome.edited.convert("RGB")
-    if edited.size != source.size:
-        edited = edited.resize(source.size, Image.LANCZOS)
-    truth = item.ground_truth
-    sample = Sample(source=source, edited=edited, mask=item.mask(), target_prompt=item.target_prompt,
-                    target=target, target_scene=truth.target_scene if truth else None,
-                    inversion=outcome.inversion, edit_seconds=seconds)
+    sample, scored = scoring_sample(item, source, target, outcome.edited, options.protocol)
+    sample.inversion, sample.edit_seconds = outcome.inversion, seconds
     row.update({name: format_value(value) for name, value in evaluator.evaluate(sample).items()})
-    _save_side_files(job, edited, outcome, options)
+    _save_side_files(job, scored, outcome, options)
     return row
 
 
-def _save_side_files(job: Job, edited: Image.Image, outcome: EditOutcome, options: BenchOptions) -> None:
-    """Per-step inversion diagnostics (for the report's plots) and, if asked, the edited image;
-    written before the row, so a finished row always has them."""
+def scoring_sample(item: BenchItem, source: Image.Image, target: Image.Image | None, edited: Image.Image,
+                   protocol: str) -> tuple[Sample, ScoredEdit]:
+    """The Sample to score and the edit as scored. The model saw the source's centre square (see
+    conform_image), so the source, mask and ground truth are cropped to that same square and the edit
+    is brought to its size (a no-op for square images at the model's size); then the protocol applies."""
+    box = centre_square(*source.size)
+    side = box[2] - box[0]
+    edited = edited.convert("RGB")
+    if edited.size != (side, side):
+        edited = edited.resize((side, side), Image.LANCZOS)
+    scored = scored_edit(edited, protocol)
+    if target is not None and target.size != source.size:
+        target = target.resize(source.size, Image.LANCZOS)
+    truth = item.ground_truth
+    sample = Sample(source=source.crop(box), edited=scored.image, mask=item.mask()[box[1]:box[3], box[0]:box[2]],
+                    target_prompt=item.target_prompt, target=target.crop(box) if target is not None else None,
+                    target_scene=truth.target_scene if truth else None)
+    return sample, scored
+
+
+def _save_side_files(job: Job, scored: ScoredEdit, outcome: EditOutcome, options: BenchOptions) -> None:
+    """Per-step inversion diagnostics (for the report's plots) and, if asked, the edit exactly as it
+    was scored; written before the row, so a finished row always has them."""
     if options.save_diagnostics and hasattr(outcome.inversion, "diagnostics"):
         folder = options.out / "diagnostics"
         folder.mkdir(exist_ok=True)
@@ -286,9 +328,9 @@ def _save_side_files(job: Job, edited: Image.Image, outcome: EditOutcome, option
                        **outcome.inversion.diagnostics()}
         write_atomically(folder / f"{job.name}.json", json.dumps(diagnostics, default=_jsonable) + "\n")
     if options.save_images:
-        path = options.out / "images" / f"{job.inversion}+{job.engine}" / job.item.image_path.name
+        path = options.out / "images" / f"{job.inversion}+{job.engine}" / saved_name(job.item.image_path, options.protocol)
         path.parent.mkdir(parents=True, exist_ok=True)
-        edited.save(path)
+        path.write_bytes(scored.file_bytes())
 
 
 def _jsonable(value):
@@ -335,7 +377,18 @@ def run_settings(options: BenchOptions) -> dict:
         "metrics": list(options.metrics),
         "inversion_options": options.inversion_options,
         "engine_options": options.engine_options,
+        "protocol": options.protocol,
+        "structure_resize": options.structure_resize,
+        "evaluator": evaluator_variants(options.protocol),
     }
+
+
+def evaluator_variants(protocol: str | None) -> dict:
+    """The fixed choices behind the numbers, recorded with every run (and shown by the report)."""
+    return {"protocol": PROTOCOLS.get(protocol or "", ""), "ssim": SSIM_VARIANT,
+            "lpips": "SqueezeNet 1.1 + LPIPS v0.1 linear layers, inputs in [-1, 1] (torchvision-free)",
+            "clip_processor": clip_image_processor_class().__name__,
+            "scored_region": "the centre square the model saw (non-square sources cropped, not stretched)"}
 
 
 def machine() -> dict:
@@ -394,8 +447,6 @@ def _remove_parts(out: Path, shard: Shard) -> None:
         paths += [p for p in part_paths(out) if int(p.stem.split("-")[1]) >= shard.world_size]
     for path in paths:
         path.unlink(missing_ok=True)
-    if shard.is_main and (out / "parts").is_dir() and not any((out / "parts").iterdir()):
-        (out / "parts").rmdir()
 
 
 def _printer(shard: Shard) -> Callable[[str], None]:

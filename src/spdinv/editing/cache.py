@@ -130,8 +130,8 @@ class InversionCache:
 
 
 def _tensors(inversion: Inversion) -> list[Tensor]:
-    side = (inversion.uncond_embeddings, inversion.source_offsets)
-    return [inversion.trajectory, inversion.prompt_embedding, *(t for t in side if t is not None)]
+    side = inversion.uncond_embeddings
+    return [inversion.trajectory, inversion.prompt_embedding, *([] if side is None else [side])]
 
 
 def check_entry(inversion: Inversion, model: DiffusionModel, steps: int) -> None:
