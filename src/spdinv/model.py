@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .errors import SpdinvError
-from .schedule import DDIMSchedule
+from .prediction import PREDICTION_TYPES, eps_from_output
+from .schedule import DDIMSchedule, DDIMSettings, training_ddim_scheduler
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-world"
 
 
 @dataclass
 class DiffusionModel:
-    """Frozen SD components plus helpers: prompts, VAE encode/decode, eps(z, t, embedding)."""
+    """Frozen SD components plus helpers: prompts, VAE encode/decode, eps(z, t, embedding).
+
+    Whatever the network predicts (the scheduler config's `prediction_type`), `eps` returns the
+    noise: it is the one place the network's output is read. The inversion schedule is DDIM on
+    the model's training betas with `ddim` settings (SD's by default), whatever sampler the
+    folder ships."""
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -26,6 +33,7 @@ class DiffusionModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    ddim: DDIMSettings = DDIMSettings()
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -40,8 +48,18 @@ class DiffusionModel:
     def latent_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def prediction_type(self) -> str:
+        """epsilon, v_prediction or sample: what the network outputs (prediction.py)."""
+        return self.scheduler.config.get("prediction_type", "epsilon") or "epsilon"
+
+    @cached_property
+    def alphas_cumprod(self) -> Tensor:
+        """The training schedule's cumulative alphas (float64), indexed by timestep."""
+        return training_ddim_scheduler(self.scheduler.config).alphas_cumprod.to(torch.float64)
+
     def schedule(self, num_steps: int = 50) -> DDIMSchedule:
-        return DDIMSchedule.from_scheduler(self.scheduler, num_steps)
+        return DDIMSchedule.from_training(self.scheduler.config, num_steps, self.ddim)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         return self.tokenizer(
@@ -93,9 +111,11 @@ class DiffusionModel:
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     def _unet(self, z: Tensor, t: int | list[int], embedding: Tensor) -> Tensor:
+        """The network's output converted to eps (fp32)."""
         timestep = torch.as_tensor(t, device=self.device)
         out = self.unet(z.to(self.device, self.dtype), timestep, encoder_hidden_states=embedding.to(self.device, self.dtype))
-        return out.sample.float()
+        abar = self.alphas_cumprod.to(self.device)[timestep].float().reshape(-1, *[1] * (z.dim() - 1))
+        return eps_from_output(out.sample.float(), z.to(self.device).float(), abar, self.prediction_type)
 
 
 def _resolve(name_or_path: str | Path | None) -> str:
@@ -129,6 +149,10 @@ def load_model(
 def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "cpu") -> DiffusionModel:
     """Wrap an already built StableDiffusionPipeline (tests build tiny ones in memory)."""
     device = torch.device(device)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon") or "epsilon"
+    if prediction_type not in PREDICTION_TYPES:
+        raise SpdinvError(f"{name}: unknown prediction_type {prediction_type!r} in its scheduler config; "
+                          f"supported: {', '.join(PREDICTION_TYPES)}")
     pipe = pipe.to(device)
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         module.requires_grad_(False)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .model import DiffusionModel, from_pipeline
@@ -15,8 +15,14 @@ from .world.tokenizer import build_tokenizer
 from .world.train import sd_ddim_scheduler
 
 
-def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """32x32 images, 8x8x4 latents, two UNet levels with cross-attention, a 2-layer CLIP encoder."""
+def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """SD's DDIM scheduler for a network trained to predict `prediction_type`."""
+    return DDIMScheduler.from_config(sd_ddim_scheduler().config, prediction_type=prediction_type)
+
+
+def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """32x32 images, 8x8x4 latents, two UNet levels with cross-attention, a 2-layer CLIP encoder;
+    `prediction_type` v_prediction makes it an SD 2.x v model (same weights, another objective)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -35,7 +41,7 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         layers_per_block=1, norm_num_groups=8,
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_ddim_scheduler(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
