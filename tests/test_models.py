@@ -92,3 +92,151 @@ def test_ddim_sampling_equals_stable_diffusion_pipeline(prediction_type):
     assert len(expected) == steps
     for i, latent in enumerate(expected, start=1):
         torch.testing.assert_close(ours[i], latent, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scheduler_class", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler"])
+def test_inversion_schedule_ignores_the_shipped_sampler(scheduler_class):
+    """Whatever sampler config a folder ships (Euler has no set_alpha_to_one, DPM-Solver saves
+    linspace spacing), the inversion runs DDIM on the training betas with SD's settings."""
+    import diffusers
+
+    reference = from_pipeline(tiny_pipeline(), name="ddim").schedule(10)
+    pipe = tiny_pipeline()
+    pipe.scheduler = getattr(diffusers, scheduler_class).from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    schedule = from_pipeline(pipe, name=scheduler_class).schedule(10)
+    assert schedule.timesteps == reference.timesteps == tuple(range(1, 1000, 100))
+    assert float(schedule.abar(0)) == float(reference.abar(0)) < 1.0
+    torch.testing.assert_close(schedule.alphas_cumprod, reference.alphas_cumprod, atol=0, rtol=0)
+
+
+def test_cache_key_follows_the_model_files(tmp_path, red_circle):
+    """A scheduler config swapped in place (here to v_prediction), or weights rewritten, change the
+    inversion cache key; reloading the unchanged folder keeps it."""
+    import json
+    import os
+
+    from PIL import Image
+
+    from spdinv.editing.cache import InversionCache
+    from spdinv.model import load_model
+
+    folder = tmp_path / "model"
+    tiny_pipeline().save_pretrained(folder)
+    cache, image = InversionCache(tmp_path / "cache"), Image.open(red_circle)
+
+    def key():
+        return cache.key(load_model(folder), image, "a red circle", "ddim", 4, 0, {})
+
+    first = key()
+    assert key() == first
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"prediction_type": "v_prediction"}))
+    swapped = key()
+    assert swapped != first
+    weights = next((folder / "unet").glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert key() not in (first, swapped)
+
+
+@pytest.mark.parametrize("class_name, family", [
+    ("StableDiffusion3Pipeline", "Stable Diffusion 3"), ("FluxPipeline", "FLUX"),
+    ("KandinskyV22Pipeline", "Kandinsky"), ("PixArtSigmaPipeline", "PixArt"), ("NoSuchPipeline", "NoSuchPipeline"),
+])
+def test_unsupported_families_are_refused_in_one_line(tmp_path, red_circle, capsys, class_name, family):
+    import json
+
+    from spdinv.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name, "transformer": ["diffusers", "X"]}))
+    code = main(["invert", str(red_circle), "--prompt", "a red circle", "--model", str(folder), "--out",
+                 str(tmp_path / "out"), "--steps", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert family in err and "supported: Stable Diffusion 1.x/2.x" in err and "Stable Diffusion XL" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory):
+    """The tiny pipeline as a diffusers folder and as one original-layout .safetensors checkpoint."""
+    from spdinv.testing import save_ldm_checkpoint
+
+    root = tmp_path_factory.mktemp("single-file")
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(root / "folder")
+    save_ldm_checkpoint(pipe, root / "tiny.safetensors")
+    return root
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_single_file_checkpoint_loads_offline_with_a_config_folder(single_file):
+    from spdinv.model import load_model
+
+    loaded = load_model(single_file / "tiny.safetensors", config=single_file / "folder")
+    reference = load_model(single_file / "folder")
+    for name in ("unet", "vae", "text_encoder"):
+        assert _same_weights(getattr(loaded, name), getattr(reference, name)), name
+    assert loaded.files and loaded.files != reference.files
+
+
+def test_pickle_checkpoint_warns(single_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from spdinv.loading import PickleCheckpointWarning
+    from spdinv.model import load_model
+
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(single_file / "tiny.safetensors")}, path)
+    with pytest.warns(PickleCheckpointWarning, match="pickle"):
+        loaded = load_model(path, config=single_file / "folder")
+    assert _same_weights(loaded.unet, load_model(single_file / "folder").unet)
+
+
+def _cli(args, capsys):
+    from spdinv.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _only_notes(err: str) -> bool:
+    """stderr holds spdinv's own notes (the image resize) and nothing from the libraries."""
+    return all(line.startswith("note: ") for line in err.splitlines())
+
+
+def test_cli_single_file(single_file, tmp_path, red_circle, capsys):
+    """From the command line: without --config, one line saying what is missing; with it, it runs."""
+    base = ["invert", red_circle, "--prompt", "a red circle", "--method", "ddim", "--steps", "2", "--quiet",
+            "--model", single_file / "tiny.safetensors"]
+    code, _, err = _cli([*base, "--out", tmp_path / "a"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--config" in err
+    assert "Stable Diffusion 1.x/2.x checkpoint" in err
+    code, out, err = _cli([*base, "--out", tmp_path / "b", "--config", single_file / "folder"], capsys)
+    assert code == 0 and "noise error" in out and _only_notes(err)
+
+
+def test_fp16_variant_folder(tmp_path, red_circle, capsys):
+    """A folder with fp16-variant weights only: refused with a hint, loaded with --variant fp16 in
+    the dtype asked, and nothing from the libraries on the terminal."""
+    from spdinv.errors import SpdinvError
+    from spdinv.model import load_model
+
+    folder = tmp_path / "fp16"
+    tiny_pipeline().to(torch.float16).save_pretrained(folder, variant="fp16")
+    with pytest.raises(SpdinvError, match="--variant fp16"):
+        load_model(folder)
+    assert load_model(folder, variant="fp16", dtype="float16").unet.dtype == torch.float16
+    assert load_model(folder, variant="fp16", dtype="bfloat16").unet.dtype == torch.bfloat16
+    code, out, err = _cli(["invert", red_circle, "--prompt", "a red circle", "--method", "ddim", "--steps", "2",
+                           "--quiet", "--model", folder, "--variant", "fp16", "--dtype", "bfloat16",
+                           "--out", tmp_path / "out"], capsys)
+    assert code == 0 and _only_notes(err)

@@ -45,11 +45,24 @@ def _positive_float(text: str) -> float:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="diffusers SD folder or hub id (local files only); default: the embedded shapes-world model")
+    parser.add_argument("--model", default=None,
+                        help="SD 1.x/2.x or SDXL: a diffusers folder, a hub id in the local cache, or a single-file "
+                             ".safetensors/.ckpt checkpoint; default: the embedded shapes-world model")
+    parser.add_argument("--variant", default=None, help="weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors)")
+    parser.add_argument("--config", default=None,
+                        help="for a single-file --model: a local diffusers folder of the same family (configs, tokenizers, scheduler)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="let diffusers/transformers log and warn on the terminal")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """The model `add_model_arguments` describes."""
+    from .model import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, variant=args.variant, config=args.config)
 
 
 def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,10 +148,9 @@ def run_invert(args: argparse.Namespace) -> None:
     options = inversion_options(args, args.method)
     check_output_dir(args.out)
     raw_image = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
-    from .model import load_model
     from .export import invert_to_folder
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     image, notices = conform_image(raw_image, model.image_size)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
@@ -159,16 +171,19 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module=r"(diffusers|transformers|huggingface_hub|torch)(\.|$)")
+    warnings.formatwarning = lambda message, *args, **kwargs: f"spdinv: warning: {message}\n"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace | int:
-    """The parsed command line with the libraries quietened, or the exit status when argparse
+    """The parsed command line with the libraries quietened (unless --verbose), or the exit status when argparse
     has answered already (--help, a bad command line)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    quiet_libraries()
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     return args
 
 

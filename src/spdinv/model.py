@@ -34,6 +34,7 @@ class DiffusionModel:
     device: torch.device
     dtype: torch.dtype
     ddim: DDIMSettings = DDIMSettings()
+    files: str = ""  # files_fingerprint() of what it was loaded from; "" when built in memory
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -118,6 +119,24 @@ class DiffusionModel:
         return eps_from_output(out.sample.float(), z.to(self.device).float(), abar, self.prediction_type)
 
 
+def files_fingerprint(path: str | Path) -> str:
+    """A hash of every file's relative path, size and modification time under `path` (a folder or
+    one file), and of the JSON configs' contents: replacing weights or a scheduler config changes it."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        return ""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _resolve(name_or_path: str | Path | None) -> str:
     if name_or_path is None:
         if not (EMBEDDED_MODEL / "model_index.json").exists():
@@ -130,23 +149,25 @@ def load_model(
     name_or_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    *,
+    variant: str | None = None,
+    config: str | Path | None = None,
 ) -> DiffusionModel:
-    """Load a diffusers Stable Diffusion folder or hub id (local files only); None = the embedded model."""
-    from diffusers import StableDiffusionPipeline
+    """Load a model offline: a diffusers folder or cached hub id (`variant`: its weight variant, e.g.
+    fp16), or a single-file checkpoint (`config`: a local diffusers folder of the same family);
+    None = the embedded model. Weights are loaded in `dtype`. Unsupported families are refused."""
+    from .loading import load_folder, load_single_file
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     source = _resolve(name_or_path)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError, EnvironmentError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SpdinvError(f"cannot load model {source!r}: {first}") from None
-    return from_pipeline(pipe, name=source, device=device)
+    if Path(source).is_file():
+        pipe, family = load_single_file(Path(source), dtype, None if config is None else str(config))
+    else:
+        pipe, family = load_folder(source, dtype, variant)
+    return from_pipeline(pipe, name=source, device=device, files=files_fingerprint(source))
 
 
-def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "cpu") -> DiffusionModel:
+def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "cpu", files: str = "") -> DiffusionModel:
     """Wrap an already built StableDiffusionPipeline (tests build tiny ones in memory)."""
     device = torch.device(device)
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon") or "epsilon"
@@ -159,5 +180,5 @@ def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "c
         module.eval()
     return DiffusionModel(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=pipe.scheduler, name=name, device=device, dtype=pipe.unet.dtype,
+        scheduler=pipe.scheduler, name=name, device=device, dtype=pipe.unet.dtype, files=files,
     )

@@ -1,6 +1,7 @@
 """An on-disk cache of inversions, so that trying several engines or target prompts on one image
 inverts it once. Entries are `export.save_inversion` folders named by a hash of the image's
-pixels, the model (name and a weight fingerprint), the prompt, the method, the steps, the seed
+pixels, the model (name, a weight fingerprint, its files' sizes and times, its prediction type and
+the inversion schedule), the prompt, the method, the steps, the seed
 and the method's full settings; they are written to a temporary folder and renamed into place."""
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ class InversionCache:
     def key(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int,
             seed: int, options: dict) -> str:
         settings = dataclasses.asdict(make_options(method, **options))
+        schedule = model.schedule(steps)
         payload = {"version": CACHE_VERSION, "model": model.name, "weights": model_fingerprint(model),
+                   "files": model.files, "prediction_type": model.prediction_type,
+                   "schedule": [schedule.timesteps, [float(schedule.abar(k)) for k in range(steps + 1)]],
                    "dtype": str(model.dtype), "prompt": prompt, "method": method, "steps": steps, "seed": seed,
                    "settings": settings}
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
