@@ -61,7 +61,7 @@ def folder_family(source: str) -> ModelFamily:
 
 
 def load_folder(source: str, dtype: torch.dtype, variant: str | None = None):
-    """(pipeline, family) of a diffusers folder or cached hub id."""
+    """The pipeline of a diffusers folder or cached hub id."""
     family = folder_family(source)
     try:
         pipe = pipeline_class(family).from_pretrained(source, torch_dtype=dtype, local_files_only=True,
@@ -71,7 +71,7 @@ def load_folder(source: str, dtype: torch.dtype, variant: str | None = None):
         if variant is None and Path(source).is_dir() and any(Path(source).rglob("*.fp16.*")):
             hint = " (it holds fp16-variant weights: pass --variant fp16)"
         raise SpdinvError(f"cannot load model {source!r}: {_first_line(error)}{hint}") from None
-    return pipe, family
+    return pipe
 
 
 def checkpoint_family(checkpoint: dict, source: str) -> tuple[ModelFamily, str]:
@@ -97,7 +97,7 @@ def _cached_config(checkpoint: dict) -> str | None:
 
 
 def load_single_file(path: Path, dtype: torch.dtype, config: str | None = None):
-    """(pipeline, family) of a single-file checkpoint; `config` names a local diffusers folder of the
+    """The pipeline of a single-file checkpoint; `config` names a local diffusers folder of the
     same family (its configs, tokenizers and scheduler are used; its weights are not)."""
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
@@ -128,4 +128,4 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None = None):
                                                        local_files_only=True, **_extra_arguments(family))
     except Exception as error:  # diffusers' converters raise KeyError, RuntimeError (shapes), ValueError, ...
         raise SpdinvError(f"cannot load {path.name} with the configuration of {config}: {_first_line(error)}") from None
-    return pipe, family
+    return pipe

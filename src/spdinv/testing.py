@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .model import DiffusionModel, from_pipeline
 from .world.tokenizer import build_tokenizer
@@ -43,6 +44,37 @@ def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiff
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:
+    """A tiny SDXL with SDXL's layout (after diffusers' own fast tests): a first level without
+    attention, two transformer layers per attention block, two CLIP encoders (32 + 32 -> 64 wide
+    token states, a 32-dim pooled projection), added time ids, an upcast VAE and zeros for the
+    empty prompt. 32x32 images, 8x8x4 latents."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, scaling_factor=0.13025, force_upcast=True,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=tiny_scheduler(prediction_type), force_zeros_for_empty_prompt=True,
     )
 
 
