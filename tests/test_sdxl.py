@@ -113,3 +113,41 @@ def test_cli_edit_on_an_sdxl_folder(tmp_path, red_circle):
                  "--steps", "3", "--inversion", "spdinv", "--engine", "p2p", "--K", "2", "--no-cache", "--quiet",
                  "--out", str(out)])
     assert code == 0 and (out / "config.json").exists()
+
+
+def test_engine_layers_on_an_sdxl_shaped_unet(xl):
+    """SDXL base's topology (narrow channels): no attention at the latent's own resolution, 2 and
+    10 transformer layers at 1/2 and 1/4 of it, latent 128: 70 self- and 70 cross-attention layers
+    (the count MasaCtrl's SDXL code uses). The SD rules, by relative resolution and depth fraction,
+    pick: MasaCtrl the self-attention layers from depth 44 (0.625 x 70), LocalBlend the maps at 1/4
+    of the latent (SD: 16 of 64; SDXL: 32 of 128), PnP the decoder block at 1/4."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from spdinv.editing.attention import attention_layers
+    from spdinv.editing.masactrl import MasaCtrlEditor, MasaCtrlOptions
+    from spdinv.editing.p2p import P2PEditor, P2POptions
+    from spdinv.editing.pnp import PnPEditor, PnPOptions
+
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(16, 16, 32), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=4, norm_num_groups=8)
+    layers = attention_layers(unet)
+    assert sum(not l.cross for l in layers) == sum(l.cross for l in layers) == 70
+    assert {l.downscale for l in layers} == {2, 4}
+    model = SimpleNamespace(unet=unet, device=torch.device("cpu"))
+    inversion = SimpleNamespace(schedule=SimpleNamespace(num_steps=50), trajectory=torch.zeros(51, 4, 128, 128),
+                                z_T=torch.zeros(1, 4, 128, 128))
+    masa = MasaCtrlEditor(MasaCtrlOptions())
+    masa.prepare(model, inversion)
+    assert [l.depth for l in masa.mutual] == list(range(44, 70))
+    p2p = P2PEditor(xl, SOURCE, TARGET, P2POptions(blend="red blue"))
+    p2p.prepare(model, inversion)
+    assert {l.downscale for l in p2p.blend_layers} == {4} and {l.place for l in p2p.blend_layers} == {"down", "up"}
+    pnp = PnPEditor(PnPOptions())
+    pnp.prepare(model, inversion)
+    assert pnp.resnet is unet.up_blocks[0].resnets[1]
+    assert {(l.block, l.attention) for l in pnp.qk_layers} == {(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)}
