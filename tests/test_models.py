@@ -240,3 +240,37 @@ def test_fp16_variant_folder(tmp_path, red_circle, capsys):
                            "--quiet", "--model", folder, "--variant", "fp16", "--dtype", "bfloat16",
                            "--out", tmp_path / "out"], capsys)
     assert code == 0 and _only_notes(err)
+
+
+def test_single_file_cache_key_follows_the_config_folder(single_file, tmp_path, red_circle):
+    """A single file's scheduler config lives in --config: changing it there changes the key."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from spdinv.editing.cache import InversionCache
+    from spdinv.model import load_model
+
+    config = tmp_path / "config"
+    shutil.copytree(single_file / "folder", config)
+    cache, image = InversionCache(tmp_path / "cache"), Image.open(red_circle)
+
+    def key():
+        return cache.key(load_model(single_file / "tiny.safetensors", config=config), image, "a red circle",
+                         "ddim", 4, 0, {})
+
+    first = key()
+    scheduler = config / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"prediction_type": "v_prediction"}))
+    assert key() != first
+
+
+def test_variant_and_config_where_they_do_not_apply(single_file):
+    from spdinv.errors import SpdinvError
+    from spdinv.model import load_model
+
+    with pytest.raises(SpdinvError, match="--variant applies to diffusers folders"):
+        load_model(single_file / "tiny.safetensors", variant="fp16", config=single_file / "folder")
+    with pytest.raises(SpdinvError, match="--config applies to single-file checkpoints"):
+        load_model(single_file / "folder", config=single_file / "folder")

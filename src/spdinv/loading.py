@@ -83,6 +83,18 @@ def checkpoint_family(checkpoint: dict, source: str) -> tuple[ModelFamily, str]:
     return family_of(class_name, source), model_type
 
 
+def local_path(source: str) -> Path | None:
+    """Where a model's files are on disk: the path itself, or a hub id's snapshot in the local cache."""
+    from huggingface_hub import snapshot_download
+
+    if Path(source).exists():
+        return Path(source)
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # not a cached repo id (huggingface_hub raises several kinds)
+        return None
+
+
 def _cached_config(checkpoint: dict) -> str | None:
     """The local Hugging Face cache's copy of the diffusers configs diffusers would fetch for this
     checkpoint, or None (nothing is downloaded)."""

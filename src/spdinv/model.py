@@ -207,15 +207,22 @@ def load_model(
     """Load a model offline: a diffusers folder or cached hub id (`variant`: its weight variant, e.g.
     fp16), or a single-file checkpoint (`config`: a local diffusers folder of the same family);
     None = the embedded model. Weights are loaded in `dtype`. Unsupported families are refused."""
-    from .loading import load_folder, load_single_file
+    from .loading import load_folder, load_single_file, local_path
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     source = _resolve(name_or_path)
-    if Path(source).is_file():
+    single_file = Path(source).is_file()
+    if single_file and variant is not None:
+        raise SpdinvError("--variant applies to diffusers folders; a single-file checkpoint has one set of weights")
+    if not single_file and config is not None:
+        raise SpdinvError(f"--config applies to single-file checkpoints; {source!r} is not a file")
+    if single_file:
         pipe = load_single_file(Path(source), dtype, None if config is None else str(config))
     else:
         pipe = load_folder(source, dtype, variant)
-    return from_pipeline(pipe, name=source, device=device, files=files_fingerprint(source))
+    # A single file's scheduler and configs come from --config: both are the model.
+    files = "".join(files_fingerprint(path) for path in (local_path(source), config) if path is not None)
+    return from_pipeline(pipe, name=source, device=device, files=files)
 
 
 def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "cpu", files: str = "") -> DiffusionModel:
