@@ -64,7 +64,7 @@ def load_folder(source: str, dtype: torch.dtype, variant: str | None = None):
     """The pipeline of a diffusers folder or cached hub id."""
     family = folder_family(source)
     try:
-        pipe = pipeline_class(family).from_pretrained(source, torch_dtype=dtype, local_files_only=True,
+        pipe = pipeline_class(family).from_pretrained(source, dtype=dtype, local_files_only=True,
                                                       variant=variant, **_extra_arguments(family))
     except (OSError, ValueError, TypeError) as error:
         hint = ""
@@ -136,7 +136,7 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None = None):
                               f"folder of the same family (its configs, tokenizer and scheduler are used)")
     del checkpoint  # diffusers reads the file again; do not hold two copies
     try:
-        pipe = pipeline_class(family).from_single_file(str(path), config=str(config), torch_dtype=dtype,
+        pipe = pipeline_class(family).from_single_file(str(path), config=str(config), dtype=dtype,
                                                        local_files_only=True, **_extra_arguments(family))
     except Exception as error:  # diffusers' converters raise KeyError, RuntimeError (shapes), ValueError, ...
         raise SpdinvError(f"cannot load {path.name} with the configuration of {config}: {_first_line(error)}") from None
