@@ -127,7 +127,9 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None = None):
         raise SpdinvError(f"cannot read checkpoint {str(path)!r}: {_first_line(error)}") from None
     family, model_type = checkpoint_family(checkpoint, str(path))
     if config is not None:
-        family = folder_family(config)
+        if folder_family(config) is not family:
+            raise SpdinvError(f"{path.name} is a {family.name} checkpoint ({model_type}) but --config {config} is a "
+                              f"{folder_family(config).name} folder: pass a folder of the checkpoint's family")
     else:
         config = _cached_config(checkpoint)
         if config is None:
