@@ -274,3 +274,15 @@ def test_variant_and_config_where_they_do_not_apply(single_file):
         load_model(single_file / "tiny.safetensors", variant="fp16", config=single_file / "folder")
     with pytest.raises(SpdinvError, match="--config applies to single-file checkpoints"):
         load_model(single_file / "folder", config=single_file / "folder")
+
+
+def test_cache_key_checks_the_steps_first(tiny, tmp_path, red_circle):
+    """The key needs the schedule; bad steps are a one-line error there too, not a traceback."""
+    from PIL import Image
+
+    from spdinv.editing.cache import InversionCache
+    from spdinv.errors import SpdinvError
+
+    for steps in (0, -1, 2.5):
+        with pytest.raises(SpdinvError, match="steps must be a positive integer"):
+            InversionCache(tmp_path).invert(tiny, Image.open(red_circle), "a red circle", "ddim", steps)

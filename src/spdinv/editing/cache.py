@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..images import conform_image
-from ..inversion import Inversion, invert, make_options
+from ..inversion import Inversion, check_steps, invert, make_options
 from ..model import DiffusionModel
 
 CACHE_VERSION = 1
@@ -62,7 +62,7 @@ class InversionCache:
     def key(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int,
             seed: int, options: dict) -> str:
         settings = dataclasses.asdict(make_options(method, **options))
-        schedule = model.schedule(steps)
+        schedule = model.schedule(check_steps(steps))
         payload = {"version": CACHE_VERSION, "model": model.name, "weights": model_fingerprint(model),
                    "files": model.files, "prediction_type": model.prediction_type,
                    "schedule": [schedule.timesteps, [float(schedule.abar(k)) for k in range(steps + 1)]],

@@ -69,6 +69,12 @@ def check_prompt(prompt: str, what: str = "prompt") -> str:
     return prompt.strip()
 
 
+def check_steps(num_steps) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
+        raise SpdinvError(f"steps must be a positive integer, got {num_steps}")
+    return num_steps
+
+
 def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
     """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
     if isinstance(image, Image.Image):
@@ -93,8 +99,7 @@ def invert(
     from ..sampling import reconstruction_error
 
     prompt = check_prompt(prompt)
-    if not isinstance(num_steps, int) or num_steps <= 0:
-        raise SpdinvError(f"steps must be a positive integer, got {num_steps}")
+    check_steps(num_steps)
     entry, opts = get_method(method), make_options(method, **options)
     torch.manual_seed(seed)
     z0 = image_latent(model, image)
