@@ -117,8 +117,9 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None = None):
         raise SpdinvError(f"cannot load model {str(path)!r}: a single-file checkpoint must be one of "
                           f"{', '.join(SINGLE_FILE_SUFFIXES)}")
     if path.suffix in PICKLE_SUFFIXES:
-        warnings.warn(f"{path.name} is a pickle checkpoint: loading it can run code it carries; "
-                      "prefer .safetensors from sources you do not trust", PickleCheckpointWarning, stacklevel=3)
+        warnings.warn(f"{path.name} is a pickle checkpoint (read with torch.load(weights_only=True), which limits "
+                      "but does not remove the risk of running code it carries): load .ckpt files only from sources "
+                      "you trust, prefer .safetensors", PickleCheckpointWarning, stacklevel=3)
     if config is not None and not Path(config).is_dir():
         raise SpdinvError(f"--config {config!r} is not a folder (expected a local diffusers model folder)")
     try:
