@@ -39,6 +39,8 @@ def model_fingerprint(model: DiffusionModel) -> str:
     tensors = [model.unet.conv_in.weight, model.unet.conv_out.weight, model.unet.time_embedding.linear_1.weight,
                model.vae.encoder.conv_in.weight, model.vae.decoder.conv_out.weight,
                model.text_encoder.get_input_embeddings().weight[:256]]
+    if model.text_encoder_2 is not None:  # SDXL's second encoder
+        tensors.append(model.text_encoder_2.get_input_embeddings().weight[:256])
     for tensor in tensors:
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
