@@ -88,11 +88,24 @@ def parse_device(text: str) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="diffusers SD folder or hub id (local files only); default: the embedded shapes-world model")
+    parser.add_argument("--model", default=None,
+                        help="SD 1.x/2.x or SDXL: a diffusers folder, a hub id in the local cache, or a single-file "
+                             ".safetensors/.ckpt checkpoint; default: the embedded shapes-world model")
+    parser.add_argument("--variant", default=None, help="weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors)")
+    parser.add_argument("--config", default=None,
+                        help="for a single-file --model: a local diffusers folder of the same family (configs, tokenizers, scheduler)")
     parser.add_argument("--device", type=parse_device, default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     parser.add_argument("--seed", type=parse_seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true", help="let diffusers/transformers log and warn on the terminal")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """The model `add_model_arguments` describes."""
+    from .model import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, variant=args.variant, config=args.config)
 
 
 def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,10 +237,9 @@ def run_invert(args: argparse.Namespace) -> None:
     check_output_dir(args.out)
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     check_model_settings(args)
-    from .model import load_model
     from .export import invert_to_folder
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     image, notices = conform_image(raw_image, model.image_size)
     for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
@@ -250,16 +262,19 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module=r"(diffusers|transformers|huggingface_hub|torch)(\.|$)")
+    warnings.formatwarning = lambda message, *args, **kwargs: f"spdinv: warning: {message}\n"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace | int:
-    """The parsed command line with the libraries quietened, or the exit status when argparse
+    """The parsed command line with the libraries quietened (unless --verbose), or the exit status when argparse
     has answered already (--help, a bad command line)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    quiet_libraries()
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     return args
 
 

@@ -17,7 +17,6 @@ from .model import DiffusionModel
 from .outputs import staged_output, write_json
 from .plots import plot_residuals
 from .sampling import reconstruct
-from .schedule import DDIMSchedule
 
 _SIDE_INFO = ("uncond_embeddings",)
 
@@ -40,7 +39,7 @@ def save_inversion(inversion: Inversion, folder: Path) -> None:
 
 
 def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
-    """Read back what save_inversion wrote (the schedule is rebuilt from the model's scheduler)."""
+    """Read back what save_inversion wrote (the schedule is rebuilt from the model's)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -48,7 +47,7 @@ def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
     with safe_open(folder / "trajectory.safetensors", "pt") as handle:
         metadata = handle.metadata()
     diagnostics = json.loads((folder / "diagnostics.json").read_text())
-    schedule = DDIMSchedule.from_scheduler(model.scheduler, len(tensors["timesteps"]))
+    schedule = model.schedule(len(tensors["timesteps"]))
     if list(schedule.timesteps) != tensors["timesteps"].tolist():
         raise ValueError("saved inversion timesteps do not match the model's scheduler")
     return Inversion(

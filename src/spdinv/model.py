@@ -1,23 +1,37 @@
-"""load_model(): a diffusers Stable Diffusion folder seen through what inversion and editing need."""
+"""load_model(): an SD 1.x/2.x or SDXL model seen through what inversion and editing need."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .conditioning import pack, sdxl_text_states, time_ids, unpack
 from .errors import SpdinvError
-from .schedule import DDIMSchedule
+from .families import SD, SDXL, ModelFamily
+from .loading import SINGLE_FILE_SUFFIXES
+from .prediction import PREDICTION_TYPES, eps_from_output
+from .schedule import DDIMSchedule, DDIMSettings, training_ddim_scheduler
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-world"
 
 
 @dataclass
 class DiffusionModel:
-    """Frozen SD components plus helpers: prompts, VAE encode/decode, eps(z, t, embedding)."""
+    """Frozen SD components plus helpers: prompts, VAE encode/decode, eps(z, t, embedding).
+
+    Whatever the network predicts (the scheduler config's `prediction_type`), `eps` returns the
+    noise: it is the one place the network's output is read. The inversion schedule is DDIM on
+    the model's training betas with `ddim` settings (SD's by default), whatever sampler the
+    folder ships.
+
+    SDXL (`text_encoder_2` set): prompts go through both encoders and the pooled embedding rides in
+    the embedding tensor (conditioning.py); the empty prompt is all zeros when the pipeline's
+    `force_zeros_for_empty_prompt` says so, as diffusers does for the unconditional branch."""
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -27,6 +41,12 @@ class DiffusionModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    ddim: DDIMSettings = DDIMSettings()
+    files: str = ""  # files_fingerprint() of what it was loaded from; "" when built in memory
+    family: ModelFamily = SD
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object = None
+    force_zeros_for_empty_prompt: bool = False
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -41,8 +61,18 @@ class DiffusionModel:
     def latent_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def prediction_type(self) -> str:
+        """epsilon, v_prediction or sample: what the network outputs (prediction.py)."""
+        return self.scheduler.config.get("prediction_type", "epsilon") or "epsilon"
+
+    @cached_property
+    def alphas_cumprod(self) -> Tensor:
+        """The training schedule's cumulative alphas (float64), indexed by timestep."""
+        return training_ddim_scheduler(self.scheduler.config).alphas_cumprod.to(torch.float64)
+
     def schedule(self, num_steps: int = 50) -> DDIMSchedule:
-        return DDIMSchedule.from_scheduler(self.scheduler, num_steps)
+        return DDIMSchedule.from_training(self.scheduler.config, num_steps, self.ddim)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         return self.tokenizer(
@@ -50,26 +80,56 @@ class DiffusionModel:
             return_tensors="pt",
         ).input_ids
 
+    @property
+    def pooled_dim(self) -> int | None:
+        """SDXL: the size of the pooled text embedding; None for SD."""
+        return None if self.text_encoder_2 is None else int(self.text_encoder_2.config.projection_dim)
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str]) -> Tensor:
-        """Text-encoder hidden states (B, L, D) in fp32; '' gives the unconditional embedding."""
+        """The conditioning of each prompt, (B, L, D) fp32 (SDXL: L token rows + the pooled rows);
+        '' gives the unconditional embedding."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         missing = [p for p in prompts if p not in self._prompt_cache]
         if missing:
-            hidden = self.text_encoder(self.tokenize(missing).to(self.device))[0].float()
-            self._prompt_cache.update(zip(missing, hidden))
+            self._prompt_cache.update(zip(missing, self._encode(missing)))
         return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        if self.text_encoder_2 is None:
+            return self.text_encoder(self.tokenize(prompts).to(self.device))[0].float()
+        hidden, pooled = sdxl_text_states([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
+                                          prompts, self.device)
+        embedding = pack(hidden, pooled)
+        if self.force_zeros_for_empty_prompt:
+            embedding[[i for i, p in enumerate(prompts) if p == ""]] = 0
+        return embedding
+
+    def _vae_input(self, x: Tensor) -> Tensor:
+        return x.to(self.device, self.vae.dtype)
 
     @torch.no_grad()
     def encode_image(self, image: Tensor) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> latents: VAE posterior mean times the scaling factor."""
-        posterior = self.vae.encode(image.to(self.device, self.dtype)).latent_dist
-        return posterior.mean.float() * self.latent_scale
+        """Images (B, 3, H, W) in [-1, 1] -> latents: VAE posterior mean, normalised as the pipeline
+        does (scaling factor; SDXL-style latents_mean/std when the VAE config has them)."""
+        mean = self.vae.encode(self._vae_input(image)).latent_dist.mean.float()
+        shift, spread = self._latent_statistics(mean)
+        return (mean - shift) * self.latent_scale / spread
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images (B, 3, H, W) in [-1, 1], fp32."""
-        return self.vae.decode(latents.to(self.device, self.dtype) / self.latent_scale).sample.float().clamp(-1, 1)
+        latents = latents.to(self.device).float()
+        shift, spread = self._latent_statistics(latents)
+        raw = latents * spread / self.latent_scale + shift
+        return self.vae.decode(self._vae_input(raw)).sample.float().clamp(-1, 1)
+
+    def _latent_statistics(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return 0.0, 1.0
+        shape = (1, -1, 1, 1)
+        return torch.tensor(mean).view(shape).to(like), torch.tensor(std).view(shape).to(like)
 
     def eps(
         self,
@@ -94,17 +154,48 @@ class DiffusionModel:
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     def _unet(self, z: Tensor, t: int | list[int], embedding: Tensor) -> Tensor:
+        """The network's output converted to eps (fp32)."""
         timestep = torch.as_tensor(t, device=self.device)
-        out = self.unet(z.to(self.device, self.dtype), timestep, encoder_hidden_states=embedding.to(self.device, self.dtype))
-        return out.sample.float()
+        embedding, added = self._added_conditions(z, embedding.to(self.device, self.dtype))
+        out = self.unet(z.to(self.device, self.dtype), timestep, encoder_hidden_states=embedding,
+                        added_cond_kwargs=added)
+        abar = self.alphas_cumprod.to(self.device)[timestep].float().reshape(-1, *[1] * (z.dim() - 1))
+        return eps_from_output(out.sample.float(), z.to(self.device).float(), abar, self.prediction_type)
+
+
+    def _added_conditions(self, z: Tensor, embedding: Tensor) -> tuple[Tensor, dict | None]:
+        """(token states, SDXL's added conditions or None)."""
+        if self.pooled_dim is None:
+            return embedding, None
+        hidden, pooled = unpack(embedding, self.pooled_dim)
+        height, width = (side * self.vae_scale_factor for side in z.shape[-2:])
+        return hidden, {"text_embeds": pooled, "time_ids": time_ids(height, width, z.shape[0], self.dtype, self.device)}
+
+
+def files_fingerprint(path: str | Path) -> str:
+    """A hash of every file's relative path, size and modification time under `path` (a folder or
+    one file), and of the JSON configs' contents: replacing weights or a scheduler config changes it."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        return ""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(name_or_path: str | Path | None) -> str:
-    """The embedded model's folder, an existing model folder, or a hub id; a path that does not
-    exist is a one-line error here (not diffusers' hub-cache wording)."""
+    """The embedded model's folder, an existing model folder, a single-file checkpoint, or a hub
+    id; a path that does not exist is a one-line error here (not diffusers' hub-cache wording)."""
     if name_or_path is None:
         if not (EMBEDDED_MODEL / "model_index.json").exists():
             raise SpdinvError(f"the embedded model is missing from {EMBEDDED_MODEL}; reinstall spdinv or pass --model")
@@ -115,8 +206,10 @@ def resolve_model(name_or_path: str | Path | None) -> str:
         if not (path / "model_index.json").is_file():
             raise SpdinvError(f"not a diffusers Stable Diffusion folder (no model_index.json): {path}")
         return str(path)
-    if path.exists():
-        raise SpdinvError(f"the model path is a file, not a folder: {path}")
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise SpdinvError(f"the model path is a file but not a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint: {path}")
+        return str(path)
     if not _HUB_ID.match(text) or ".." in text:
         raise SpdinvError(f"model path does not exist: {text}")
     return text
@@ -126,33 +219,55 @@ def load_model(
     name_or_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    *,
+    variant: str | None = None,
+    config: str | Path | None = None,
 ) -> DiffusionModel:
-    """Load a diffusers Stable Diffusion folder or hub id (local files only); None = the embedded model."""
-    from diffusers import StableDiffusionPipeline
+    """Load a model offline: a diffusers folder or cached hub id (`variant`: its weight variant, e.g.
+    fp16), or a single-file checkpoint (`config`: a local diffusers folder of the same family);
+    None = the embedded model. Weights are loaded in `dtype`. Unsupported families are refused."""
+    from .loading import load_folder, load_single_file, local_path
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     source = resolve_model(name_or_path)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError, EnvironmentError) as error:
-        if not Path(source).exists():  # a hub id that is not in the local cache
-            raise SpdinvError(f"model not found: {source!r} is neither a folder nor a model in the Hugging Face "
-                              "cache (nothing is downloaded)") from None
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SpdinvError(f"cannot load model {source!r}: {first}") from None
-    return from_pipeline(pipe, name=source, device=device)
+    single_file = Path(source).is_file()
+    if single_file and variant is not None:
+        raise SpdinvError("--variant applies to diffusers folders; a single-file checkpoint has one set of weights")
+    if not single_file and config is not None:
+        raise SpdinvError(f"--config applies to single-file checkpoints; {source!r} is not a file")
+    if single_file:
+        pipe = load_single_file(Path(source), dtype, None if config is None else str(config))
+    elif not Path(source).exists() and local_path(source) is None:
+        raise SpdinvError(f"model not found: {source!r} is neither a folder nor a model in the Hugging Face "
+                          "cache (nothing is downloaded)")
+    else:
+        pipe = load_folder(source, dtype, variant)
+    # A single file's scheduler and configs come from --config: both are the model.
+    files = "".join(files_fingerprint(path) for path in (local_path(source), config) if path is not None)
+    return from_pipeline(pipe, name=source, device=device, files=files)
 
 
-def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "cpu") -> DiffusionModel:
-    """Wrap an already built StableDiffusionPipeline (tests build tiny ones in memory)."""
+def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "cpu", files: str = "") -> DiffusionModel:
+    """Wrap an already built StableDiffusionPipeline or StableDiffusionXLPipeline (tests build tiny
+    ones in memory). A VAE whose config asks for it (SDXL's force_upcast) runs in fp32."""
     device = torch.device(device)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon") or "epsilon"
+    if prediction_type not in PREDICTION_TYPES:
+        raise SpdinvError(f"{name}: unknown prediction_type {prediction_type!r} in its scheduler config; "
+                          f"supported: {', '.join(PREDICTION_TYPES)}")
+    xl = hasattr(pipe, "text_encoder_2")
+    if xl and (pipe.text_encoder is None or pipe.text_encoder_2 is None):
+        raise SpdinvError(f"{name}: an SDXL model without both text encoders (the SDXL refiner) is not supported")
     pipe = pipe.to(device)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+    if getattr(pipe.vae.config, "force_upcast", False) and pipe.vae.dtype == torch.float16:
+        pipe.vae.to(torch.float32)
+    encoders = (pipe.text_encoder, pipe.text_encoder_2) if xl else (pipe.text_encoder,)
+    for module in (pipe.vae, *encoders, pipe.unet):
         module.requires_grad_(False)
         module.eval()
+    extra = dict(family=SDXL, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                 force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False))) if xl else {}
     return DiffusionModel(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=pipe.scheduler, name=name, device=device, dtype=pipe.unet.dtype,
+        scheduler=pipe.scheduler, name=name, device=device, dtype=pipe.unet.dtype, files=files, **extra,
     )

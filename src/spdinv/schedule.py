@@ -8,7 +8,7 @@ and the sampling step is its algebraic inverse for the same eps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -40,6 +40,31 @@ def ddim_inverse_step(z_s: Tensor, eps: Tensor, abar_s: Tensor | float, abar_t: 
 
 
 @dataclass(frozen=True)
+class DDIMSettings:
+    """How an inversion's DDIM run spaces its steps; the defaults are SD's (the CompVis/diffusers
+    DDIM settings): timesteps 1, 1 + 1000/n, ... ("leading", offset 1) and the clean latent at
+    the training schedule's first cumulative alpha (not 1)."""
+
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+
+
+# The keys of a diffusers scheduler config that define the training noise schedule (the betas).
+TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr")
+
+
+def training_ddim_scheduler(config, settings: DDIMSettings = DDIMSettings()):
+    """A diffusers DDIMScheduler on the training betas of any scheduler config (PNDM, Euler,
+    DPM-Solver, ...), with `settings` instead of whatever spacing the config carries."""
+    from diffusers import DDIMScheduler
+
+    training = {key: config[key] for key in TRAINING_KEYS if config.get(key) is not None}
+    return DDIMScheduler(**training, clip_sample=False, **asdict(settings))
+
+
+@dataclass(frozen=True)
 class DDIMSchedule:
     """The timesteps of one DDIM run and their cumulative alphas.
 
@@ -61,6 +86,12 @@ class DDIMSchedule:
         ddim.set_timesteps(num_steps)
         timesteps = tuple(int(t) for t in reversed(ddim.timesteps.tolist()))
         return cls(timesteps, ddim.alphas_cumprod.to(torch.float64), float(ddim.final_alpha_cumprod))
+
+    @classmethod
+    def from_training(cls, config, num_steps: int, settings: DDIMSettings = DDIMSettings()) -> "DDIMSchedule":
+        """The inversion schedule of a model: its training betas (from any scheduler config) with
+        `settings` (SD's DDIM settings by default), whatever sampler the folder ships."""
+        return cls.from_scheduler(training_ddim_scheduler(config, settings), num_steps)
 
     @property
     def num_steps(self) -> int:

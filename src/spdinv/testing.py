@@ -8,17 +8,24 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from torch import Tensor
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .model import DiffusionModel, from_pipeline
 from .world.tokenizer import build_tokenizer
 from .world.train import sd_ddim_scheduler
 
 
-def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """32x32 images, 8x8x4 latents, two UNet levels with cross-attention, a 2-layer CLIP encoder."""
+def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """SD's DDIM scheduler for a network trained to predict `prediction_type`."""
+    return DDIMScheduler.from_config(sd_ddim_scheduler().config, prediction_type=prediction_type)
+
+
+def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """32x32 images, 8x8x4 latents, two UNet levels with cross-attention, a 2-layer CLIP encoder;
+    `prediction_type` v_prediction makes it an SD 2.x v model (same weights, another objective)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -37,8 +44,40 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         layers_per_block=1, norm_num_groups=8,
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sd_ddim_scheduler(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:
+    """A tiny SDXL with SDXL's layout (after diffusers' own fast tests): a first level without
+    attention, two transformer layers per attention block, two CLIP encoders (32 + 48 -> 80 wide
+    token states, a 32-dim pooled projection), added time ids, an upcast VAE and zeros for the
+    empty prompt. 32x32 images, 8x8x4 latents."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = dict(vocab_size=len(tokenizer), intermediate_size=37, num_attention_heads=4,
+                  max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config, hidden_size=32, num_hidden_layers=3))
+    # SDXL's second encoder is wider and deeper than the first (diffusers tells an SDXL checkpoint by its 10th layer).
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, hidden_size=48, num_hidden_layers=10,
+                                                                projection_dim=32))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=80, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, scaling_factor=0.13025, force_upcast=True,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=tiny_scheduler(prediction_type), force_zeros_for_empty_prompt=True,
     )
 
 

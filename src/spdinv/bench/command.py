@@ -84,7 +84,8 @@ def bench_options(args: argparse.Namespace):
     return BenchOptions(
         data=args.data, inversions=_names(args.inversion), engines=_names(args.engine),
         out=args.out, categories=_names(args.categories) if args.categories else None, limit=args.limit,
-        model=str(args.model) if args.model else None, device=args.device, dtype=args.dtype, steps=args.steps,
+        model=str(args.model) if args.model else None, variant=args.variant, config=args.config,
+        device=args.device, dtype=args.dtype, steps=args.steps,
         seed=args.seed, metrics=parse_metrics(args.metrics),
         evaluation=EvaluationModels(dino=_model_or_none(args.dino), clip=_model_or_none(args.clip),
                                     lpips_backbone=args.lpips_backbone, classifier=args.classifier),

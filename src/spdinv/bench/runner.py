@@ -46,6 +46,8 @@ class BenchOptions:
     categories: list[str] | None = None
     limit: int | None = None
     model: str | None = None  # diffusers folder or hub id; None: the embedded model
+    variant: str | None = None  # weight variant of the folder (fp16)
+    config: str | None = None  # for a single-file model: a local diffusers folder of its family
     device: str = "cpu"
     dtype: str = "float32"
     steps: int = 50
@@ -219,7 +221,8 @@ def run_benchmark(options: BenchOptions, edit_fn: EditFunction | None = None, mo
             if model is None:
                 from ..model import load_model
 
-                model = load_model(options.model, device=shard.device(options.device), dtype=options.dtype)
+                model = load_model(options.model, device=shard.device(options.device), dtype=options.dtype,
+                                   variant=options.variant, config=options.config)
             computed, failed = _run_jobs(mine, model, evaluator, edit_fn or SpdinvEdit(), options, shard, header)
         group.barrier()  # every part file is complete
         own_rows = read_rows(part_path(options.out, shard.rank), header)

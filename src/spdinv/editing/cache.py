@@ -1,8 +1,9 @@
 """An on-disk cache of inversions, so that trying several engines or target prompts on one image
 inverts it once. Entries are `export.save_inversion` folders named by a hash of the image's
-pixels, the model (name and a weight fingerprint), the prompt, the method, the steps, the seed
-and the method's full settings; they are written all-or-nothing with a manifest of checksums
-(spdinv.outputs) and checked when read."""
+pixels, the model (name, a weight fingerprint, its files' sizes and times, its prediction type and
+the inversion schedule), the prompt, the method, the steps, the seed and the method's full
+settings; they are written all-or-nothing with a manifest of checksums (spdinv.outputs) and
+checked when read."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from ..errors import SpdinvError
 from ..images import conform_image
-from ..inversion import Inversion, invert, make_options
+from ..inversion import Inversion, check_steps, invert, make_options
 from ..model import DiffusionModel
 from ..outputs import check_manifest, check_output_dir, staged_output
 
@@ -40,6 +41,8 @@ def model_fingerprint(model: DiffusionModel) -> str:
     tensors = [model.unet.conv_in.weight, model.unet.conv_out.weight, model.unet.time_embedding.linear_1.weight,
                model.vae.encoder.conv_in.weight, model.vae.decoder.conv_out.weight,
                model.text_encoder.get_input_embeddings().weight[:256]]
+    if model.text_encoder_2 is not None:  # SDXL's second encoder
+        tensors.append(model.text_encoder_2.get_input_embeddings().weight[:256])
     for tensor in tensors:
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -65,7 +68,10 @@ class InversionCache:
     def key(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int,
             seed: int, options: dict) -> str:
         settings = dataclasses.asdict(make_options(method, **options))
+        schedule = model.schedule(check_steps(steps))
         payload = {"version": CACHE_VERSION, "model": model.name, "weights": model_fingerprint(model),
+                   "files": model.files, "prediction_type": model.prediction_type,
+                   "schedule": [schedule.timesteps, [float(schedule.abar(k)) for k in range(steps + 1)]],
                    "dtype": str(model.dtype), "prompt": prompt, "method": method, "steps": steps, "seed": seed,
                    "settings": settings}
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())

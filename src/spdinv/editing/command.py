@@ -184,9 +184,9 @@ def run_edit(args: argparse.Namespace) -> None:
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     check_model_settings(args)
 
-    from ..model import load_model
+    from ..cli import load_model_from_args
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model_from_args(args)
     loaded = time.perf_counter() - wall
     image, notices = conform_image(raw_image, model.image_size)
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion

@@ -69,11 +69,14 @@ def check_prompt(prompt: str, what: str = "prompt") -> str:
     return prompt.strip()
 
 
-def check_steps(num_steps: int, train_timesteps: int) -> None:
-    """DDIM takes at most one step per timestep the model's scheduler was trained with."""
-    if num_steps > train_timesteps:
+def check_steps(num_steps, train_timesteps: int | None = None) -> int:
+    """A positive integer, and at most one DDIM step per timestep the model's scheduler was trained with."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
+        raise SpdinvError(f"steps must be a positive integer, got {num_steps}")
+    if train_timesteps is not None and num_steps > train_timesteps:
         raise SpdinvError(f"--steps {num_steps} exceeds the {train_timesteps} timesteps the model's scheduler was "
                           "trained with")
+    return num_steps
 
 
 def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
@@ -100,8 +103,6 @@ def invert(
     from ..sampling import reconstruction_error
 
     prompt = check_prompt(prompt)
-    if not isinstance(num_steps, int) or num_steps <= 0:
-        raise SpdinvError(f"steps must be a positive integer, got {num_steps}")
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     entry, opts = get_method(method), make_options(method, **options)
     torch.manual_seed(seed)
