@@ -397,7 +397,7 @@ def test_torn_last_line_is_cut_and_never_duplicated(tmp_path):
 KILLED_RUN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    import test_bench
+    import conftest, test_bench
     from spdinv.bench.runner import run_benchmark
     from spdinv.testing import tiny_model
 
@@ -405,7 +405,8 @@ KILLED_RUN = textwrap.dedent("""
         time.sleep(0.3)
         return test_bench.fake_edit(request)
 
-    run_benchmark(test_bench.options({data!r}, {out!r}), slow_edit, tiny_model())
+    with conftest.unet_rounding():  # the rows are compared with this process's
+        run_benchmark(test_bench.options({data!r}, {out!r}), slow_edit, tiny_model())
 """)
 
 
@@ -479,7 +480,10 @@ def _rank_main(rank: int, world_size: int, port: int, data: str, out: str, model
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    run_benchmark(options(data, out, limit=3, model=model), fake_edit)
+    import conftest
+
+    with conftest.unet_rounding():  # as in the single-process run the merged CSV is compared with
+        run_benchmark(options(data, out, limit=3, model=model), fake_edit)
 
 
 def test_two_gloo_processes_merge_to_the_single_process_csv(tmp_path, world, tiny_dir):

@@ -394,3 +394,12 @@ def test_cli_bad_input_exits_2_in_one_line_and_writes_nothing(tmp_path, tiny_dir
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists() and not cache.exists()
+
+
+def test_same_seed_same_machine_gives_identical_edits(tiny, image):
+    """Reproducibility on one machine is exact (README, "Reproducibility"): the same computation
+    in the same shapes rounds the same way."""
+    runs = [edit(tiny, image, SOURCE, TARGET, "spdinv", "p2p", num_steps=3, seed=7, K=2, blend="red blue")
+            for _ in range(2)]
+    assert torch.equal(runs[0].edited, runs[1].edited) and torch.equal(runs[0].latents, runs[1].latents)
+    assert torch.equal(runs[0].inversion.trajectory, runs[1].inversion.trajectory)
