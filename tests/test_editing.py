@@ -20,7 +20,7 @@ from spdinv.editing.p2p import P2PEditor, P2POptions
 from spdinv.editing.tokens import refinement_mapper, word_positions
 from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
-from spdinv.sampling import reconstruct_latent
+from spdinv.inversion.reconstruction import reconstruct_latent
 from spdinv.testing import same_up_to_rounding, unet_batch_sizes
 
 SOURCE = "a large red circle in the centre on a white background"

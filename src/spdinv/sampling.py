@@ -1,6 +1,7 @@
 """DDIM sampling from z_T: a batch of branches with per-branch classifier-free guidance and
-per-step hooks (guided-diffusion style: `step` does one step, `loop` runs them all). One branch
-with the source prompt is the reconstruction; editing (`spdinv.editing`) samples [source, target]."""
+per-step hooks (guided-diffusion style: `step` does one step, `loop` runs them all). It knows
+nothing of inversions: `spdinv.inversion.reconstruction` samples one back (one branch), editing
+(`spdinv.editing`) samples [source, target]."""
 
 from __future__ import annotations
 
@@ -10,20 +11,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .images import psnr
-from .inversion.base import Inversion
 from .model import DiffusionModel
+from .prediction import guided
 from .schedule import DDIMSchedule, ddim_step
-
-
-def source_uncond(model: DiffusionModel, inversion: Inversion, i: int) -> Tensor:
-    """The unconditional embedding the source branch uses at sampling step i: the method's
-    per-step null embedding (null-text), the source prompt's (negative-prompt), else ''."""
-    if inversion.uncond_embeddings is not None:
-        return inversion.uncond_embeddings[i : i + 1]
-    if inversion.source_as_uncond:
-        return inversion.prompt_embedding
-    return model.encode_prompt("")
 
 
 @dataclass
@@ -69,21 +59,6 @@ class StepHooks:
 NO_HOOKS = StepHooks()
 
 
-def source_branch(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None,
-                  pin: bool = False) -> Branch:
-    """The branch that samples the source image back as the inversion prescribes: its guidance
-    scale, per-step null embeddings or source-as-unconditional, and the pin to the trajectory
-    (DirectInversion, or `pin`)."""
-    scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
-    if inversion.uncond_embeddings is not None:
-        uncond = inversion.uncond_embeddings.to(model.device)
-    else:
-        uncond = source_uncond(model, inversion, 0).to(model.device)
-    pinned = pin or inversion.pin_source
-    return Branch(inversion.prompt_embedding.to(model.device), scale, uncond,
-                  inversion.trajectory.to(model.device) if pinned else None)
-
-
 def batch_rows(branches: list[Branch], every_uncond: bool = False) -> list[int]:
     """The branch of each row of the UNet batch: the unconditional rows of the branches that need
     one, then every branch's conditional row. A branch at guidance scale 1, or pinned to a
@@ -111,13 +86,6 @@ def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i:
     if len(uncond_rows) < count:
         eps_uncond = eps_cond.index_copy(0, torch.tensor(uncond_rows, device=eps.device), eps_uncond)
     return eps_uncond, eps_cond
-
-
-def guided(eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor:
-    """Classifier-free guidance per branch (scales: (B, 1, 1, 1)); scale 1 gives eps_cond exactly."""
-    if eps_uncond is None:
-        return eps_cond
-    return torch.where(scales == 1.0, eps_cond, eps_uncond + scales * (eps_cond - eps_uncond))
 
 
 def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branches: list[Branch],
@@ -151,33 +119,3 @@ def loop(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: l
         z = step(model, schedule, i, z, branches, hooks)
         latents.append(z)
     return torch.stack(latents)
-
-
-def reconstruct_latent(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None,
-                       progress: bool = False) -> Tensor:
-    """Sample z_0 back from z_T with the source prompt, using what the inversion prescribes
-    (its guidance scale, null embeddings, pin): `loop` with one branch."""
-    branch = source_branch(model, inversion, guidance_scale)
-    return loop(model, inversion.schedule, inversion.z_T, [branch], progress=progress, desc="reconstruct")[-1]
-
-
-def reconstruction_error(model: DiffusionModel, inversion: Inversion, **kwargs) -> float:
-    """Mean squared latent error between z_0 and its reconstruction from z_T (the paper's D_Rec)."""
-    return float((reconstruct_latent(model, inversion, **kwargs) - inversion.z_0.to(model.device)).pow(2).mean())
-
-
-@dataclass
-class Reconstruction:
-    """The image sampled back from z_T and how far it is from the input (image space, [0, 1])."""
-
-    image: Tensor
-    psnr: float
-    mse: float
-
-
-def reconstruct(model: DiffusionModel, inversion: Inversion, source: Tensor | None = None, **kwargs) -> Reconstruction:
-    """Decode the reconstruction; compare with `source` (1, 3, H, W) in [-1, 1], else with decode(z_0)."""
-    image = model.decode(reconstruct_latent(model, inversion, **kwargs))
-    reference = model.decode(inversion.z_0) if source is None else source.to(image)
-    mse = float(((image - reference) / 2).pow(2).mean())
-    return Reconstruction(image=image, psnr=psnr(image, reference), mse=mse)

@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from ..errors import SpdinvError, require_finite
 from ..images import centre_square, conform_image
+from ..outputs import write_atomically, write_json
 from .datasets import BenchDataset, BenchItem, load_dataset
 from .distributed import ProcessGroup, Shard, current_shard
 from .metrics import SSIM_VARIANT, EvaluationModels, Evaluator, Sample, clip_image_processor_class, parse_metrics
 from .protocol import DEFAULT_STRUCTURE_RESIZE, PROTOCOLS, ScoredEdit, check_protocol, default_protocol, saved_name, \
     scored_edit
 from .results import ERROR_COLUMN, Key, PartWriter, columns, finished_keys, format_value, merge, part_path, \
-    part_paths, read_rows, write_atomically, RESULTS_FILE
+    part_paths, read_rows, RESULTS_FILE
 
 SETTINGS_FILE = "run.json"
 # settings a resumed run must share with the run that wrote the rows it keeps
@@ -329,17 +330,11 @@ def _save_side_files(job: Job, scored: ScoredEdit, outcome: EditOutcome, options
         folder.mkdir(exist_ok=True)
         diagnostics = {"id": job.item.id, "inversion": job.inversion, "engine": job.engine,
                        **outcome.inversion.diagnostics()}
-        write_atomically(folder / f"{job.name}.json", json.dumps(diagnostics, default=_jsonable) + "\n")
+        write_json(folder / f"{job.name}.json", diagnostics, indent=None)
     if options.save_images:
         path = options.out / "images" / f"{job.inversion}+{job.engine}" / saved_name(job.item.image_path, options.protocol)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(scored.file_bytes())
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 # ---------------------------------------------------------------- checks and bookkeeping
@@ -426,11 +421,11 @@ def check_settings(options: BenchOptions, shard: Shard) -> None:
         if command not in commands and (shard.is_main or not shard.distributed):
             # the same settings, other methods or engines (or a resume typed differently): remember it too
             recorded["commands"] = commands + [command]
-            write_atomically(path, json.dumps(recorded, indent=2) + "\n")
+            write_json(path, recorded)
         return
     if shard.is_main or not shard.distributed:
         record = {**settings, "command": command_line(shard), "world_size": shard.world_size, "machine": machine()}
-        write_atomically(path, json.dumps(record, indent=2) + "\n")
+        write_json(path, record)
 
 
 def _report_missing(dataset: BenchDataset, out: Path, shard: Shard, say: Callable[[str], None]) -> None:

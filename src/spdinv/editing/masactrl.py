@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..arguments import option
 from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
@@ -26,9 +27,9 @@ class MasaCtrlOptions:
     start_layer: fraction of the self-attention layers, in depth order, before it starts (SD:
     10/16 = 0.625); pin_source: walk the source branch along the inverted trajectory."""
 
-    start_step: float = 0.08
-    start_layer: float = 0.625
-    pin_source: bool = False
+    start_step: float = option(0.08, "fraction of steps before mutual attention")
+    start_layer: float = option(0.625, "fraction of self-attention layers before it")
+    pin_source: bool = option(False, "pin the source branch to the trajectory")
 
     def __post_init__(self) -> None:
         check_fraction("masactrl", "start_step", self.start_step)

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..arguments import option, words
 from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
-from ..sampling import guided
+from ..prediction import guided
 from .attention import AttentionLayer, nearest_scale
 from .base import Editor, check_fraction
 from .tokens import prompt_tokens, refinement_mapper, replacement_mapper, word_positions
@@ -65,19 +66,22 @@ class P2POptions:
     it reads, relative to the latent); prox: ProxEdit proximal guidance (quantile of the
     guidance-difference threshold; pull back to the inverted trajectory below prox_timestep)."""
 
-    mode: str = "refine"
-    cross_replace: float = 0.8
-    self_replace: float = 0.6
-    self_replace_scale: float = 0.5
-    reweight: float = 2.0
-    reweight_words: Words | None = None
-    blend: tuple[Words, Words] | None = None
-    blend_threshold: float = 0.3
-    blend_start: float = 0.2
-    blend_scale: float = 0.25
-    prox: bool = False
-    prox_quantile: float = 0.7
-    prox_timestep: int = 400
+    mode: str = option("refine", "refine or replace (equal token counts)", flag="--p2p-mode")
+    cross_replace: float = option(0.8, "fraction of steps with injected cross-attention")
+    self_replace: float = option(0.6, "fraction of steps with injected self-attention")
+    self_replace_scale: float = option(
+        0.5, "finest self-attention resolution injected, relative to the latent")
+    reweight: float = option(2.0, "cross-attention scale of the reweighted words")
+    reweight_words: Words | None = option(
+        None, "target words to reweight (default: the target blend word)", parse=words)
+    blend: tuple[Words, Words] | None = option(
+        None, "LocalBlend words: 'SOURCE_WORD TARGET_WORD', or one word for both", parse=str)
+    blend_threshold: float = option(0.3, "LocalBlend mask threshold")
+    blend_start: float = option(0.2, "fraction of steps before LocalBlend starts")
+    blend_scale: float = option(0.25, "resolution of the maps LocalBlend reads")
+    prox: bool = option(False, "ProxEdit proximal guidance (off by default)")
+    prox_quantile: float = option(0.7, "ProxEdit threshold quantile")
+    prox_timestep: int = option(400, "ProxEdit pulls back below this timestep")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..arguments import option
 from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
@@ -28,8 +29,8 @@ class PnPOptions:
     """feature_injection: fraction of the steps with residual-feature injection (0.8);
     attention_injection: fraction with self-attention Q/K injection (0.5)."""
 
-    feature_injection: float = 0.8
-    attention_injection: float = 0.5
+    feature_injection: float = option(0.8, "fraction of steps with feature injection")
+    attention_injection: float = option(0.5, "fraction of steps with Q/K injection")
 
     def __post_init__(self) -> None:
         check_fraction("pnp", "feature_injection", self.feature_injection)

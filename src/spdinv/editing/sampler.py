@@ -18,7 +18,8 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
-from ..sampling import NO_HOOKS, Branch, StepHooks, guided, loop, source_branch, step
+from ..inversion.reconstruction import source_branch
+from ..sampling import NO_HOOKS, Branch, StepHooks, loop, step
 
 UNCOND_MODES = ("inversion", "source", "empty")
 
@@ -71,4 +72,4 @@ def sample_edit(model: DiffusionModel, inversion: Inversion, target_prompt: str,
 
 
 __all__ = ["SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit",
-           "guided", "loop", "step"]
+           "loop", "step"]
