@@ -38,15 +38,82 @@ class Branch:
         return self.uncond[i : i + 1] if self.uncond.shape[0] > 1 else self.uncond
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row of the UNet batch: the branch it samples and whether it is its conditional row."""
+
+    branch: int
+    conditional: bool
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """The rows of one UNet batch, in order: the unconditional rows of the branches that have one
+    (in branch order), then every branch's conditional row. Engines find a row by name
+    (`cond(branch)`, `uncond(branch)`), never by position."""
+
+    rows: tuple[Row, ...]
+
+    @classmethod
+    def of(cls, uncond_branches: list[int], count: int) -> "BatchRows":
+        """Unconditional rows for `uncond_branches`, then conditional rows for branches 0..count-1."""
+        return cls(tuple(Row(b, False) for b in uncond_branches) + tuple(Row(b, True) for b in range(count)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def _find(self, branch: int, conditional: bool) -> int | None:
+        return next((i for i, row in enumerate(self.rows) if row == Row(branch, conditional)), None)
+
+    def cond(self, branch: int) -> int:
+        """The index of `branch`'s conditional row."""
+        found = self._find(branch, True)
+        if found is None:
+            raise KeyError(f"no conditional row for branch {branch}")
+        return found
+
+    def uncond(self, branch: int) -> int | None:
+        """The index of `branch`'s unconditional row; None when the batch has none for it."""
+        return self._find(branch, False)
+
+    @property
+    def uncond_branches(self) -> list[int]:
+        """The branches that have an unconditional row, in row order."""
+        return [row.branch for row in self.rows if not row.conditional]
+
+    def pair(self, first: int, second: int) -> slice | list[int]:
+        """The conditional rows of two branches, as a slice (a view) when they are adjacent in that order."""
+        a, b = self.cond(first), self.cond(second)
+        return slice(a, b + 1) if b == a + 1 else [a, b]
+
+    def same_kind_from(self, source: int, target: int) -> list[int]:
+        """Row indices that give each of `target`'s rows the `source` row of the same kind
+        (conditional or not; the source's conditional row where it has no unconditional one)."""
+        def take(i: int, row: Row) -> int:
+            if row.branch != target:
+                return i
+            found = self._find(source, row.conditional)
+            return self.cond(source) if found is None else found
+
+        return [take(i, row) for i, row in enumerate(self.rows)]
+
+    def all_from(self, index: int, target: int) -> list[int]:
+        """Row indices that give every one of `target`'s rows the row at `index`."""
+        return [index if row.branch == target else i for i, row in enumerate(self.rows)]
+
+
 class StepHooks:
-    """Per-step callbacks of `step`: `begin_step` learns the UNet batch's rows (see `batch_rows`);
+    """Per-step callbacks of `step`: `begin_step` learns the UNet batch's rows (`BatchRows`);
     `guide` may replace classifier-free guidance (None keeps it); `end_step` sees, and may change,
     the latents after the DDIM step. Hooks that read every branch's unconditional row, guided or
     not, set `every_uncond`."""
 
     every_uncond: bool = False
 
-    def begin_step(self, i: int, t: int, z: Tensor, rows: list[int]) -> None:
+    def begin_step(self, i: int, t: int, z: Tensor, rows: BatchRows) -> None:
         pass
 
     def guide(self, i: int, t: int, eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor | None:
@@ -59,32 +126,33 @@ class StepHooks:
 NO_HOOKS = StepHooks()
 
 
-def batch_rows(branches: list[Branch], every_uncond: bool = False) -> list[int]:
-    """The branch of each row of the UNet batch: the unconditional rows of the branches that need
-    one, then every branch's conditional row. A branch at guidance scale 1, or pinned to a
+def batch_rows(branches: list[Branch], every_uncond: bool = False) -> BatchRows:
+    """The rows of the UNet batch: the unconditional rows of the branches that need one, then
+    every branch's conditional row. A branch at guidance scale 1, or pinned to a
     trajectory, needs no unconditional row (its guided step would be discarded); with
     `every_uncond`, once any branch needs one all get theirs."""
     uncond = [b for b, branch in enumerate(branches) if branch.needs_uncond]
     if uncond and every_uncond:
         uncond = list(range(len(branches)))
-    return uncond + list(range(len(branches)))
+    return BatchRows.of(uncond, len(branches))
 
 
 def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i: int,
-            rows: list[int]) -> tuple[Tensor | None, Tensor]:
+            rows: BatchRows) -> tuple[Tensor | None, Tensor]:
     """(eps_uncond, eps_cond) of every branch from one UNet call on the batch `rows` (`batch_rows`).
     eps_uncond is None when the batch has no unconditional row; a branch without one gets its
     eps_cond there (scale 1, or a pin, ignores it)."""
     count = len(branches)
-    uncond_rows = rows[:-count]
+    guided_branches = rows.uncond_branches
     cond = torch.cat([b.embedding for b in branches])
-    if not uncond_rows:
+    if not guided_branches:
         return None, model.eps(z, t, cond)
-    uncond = torch.cat([branches[b].uncond_at(i) for b in uncond_rows])
-    eps = model.eps(torch.cat([z[uncond_rows], z]), t, torch.cat([uncond, cond]))
-    eps_uncond, eps_cond = eps[:-count], eps[-count:]
-    if len(uncond_rows) < count:
-        eps_uncond = eps_cond.index_copy(0, torch.tensor(uncond_rows, device=eps.device), eps_uncond)
+    uncond = torch.cat([branches[b].uncond_at(i) for b in guided_branches])
+    eps = model.eps(torch.cat([z[guided_branches], z]), t, torch.cat([uncond, cond]))  # the layout BatchRows names
+    eps_cond = eps[[rows.cond(b) for b in range(count)]]
+    eps_uncond = eps[[rows.uncond(b) for b in guided_branches]]
+    if len(guided_branches) < count:
+        eps_uncond = eps_cond.index_copy(0, torch.tensor(guided_branches, device=eps.device), eps_uncond)
     return eps_uncond, eps_cond
 
 
@@ -102,10 +170,10 @@ def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branc
     if eps is None:
         eps = guided(eps_uncond, eps_cond, scales)
     z = ddim_step(z, eps, schedule.abar(k), schedule.abar(k - 1))
-    rows = []
+    latents = []
     for b, branch in enumerate(branches):
-        rows.append(z[b : b + 1] if branch.pin is None else branch.pin[k - 1 : k].to(z))
-    return hooks.end_step(i, t, torch.cat(rows))
+        latents.append(z[b : b + 1] if branch.pin is None else branch.pin[k - 1 : k].to(z))
+    return hooks.end_step(i, t, torch.cat(latents))
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from .attention import AttentionLayer
 from .base import Editor, check_fraction, round_half_up
+from .sampler import SOURCE, TARGET
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,8 @@ class MasaCtrlEditor(Editor):
     def edit_qkv(self, layer: AttentionLayer, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.step_index < self.start_step:
             return q, k, v
-        k, v = k.clone(), v.clone()
-        k[1::2], v[1::2] = k[0::2], v[0::2]  # each half's target row takes its source row's keys and values
-        return q, k, v
+        rows = self.rows.same_kind_from(SOURCE, TARGET)  # the target's rows take its source row's keys, values
+        return q, k[rows], v[rows]
 
 
 def masactrl_editor(model: DiffusionModel, source_prompt: str, target_prompt: str,

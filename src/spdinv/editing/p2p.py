@@ -24,9 +24,11 @@ from ..model import DiffusionModel
 from ..prediction import guided
 from .attention import AttentionLayer, nearest_scale
 from .base import Editor, check_fraction
+from .sampler import SOURCE, TARGET
 from .tokens import prompt_tokens, refinement_mapper, replacement_mapper, word_positions
 
 MODES = ("replace", "refine")
+SOURCES, TARGETS = slice(SOURCE, SOURCE + 1), slice(TARGET, TARGET + 1)  # a branch's latents / eps, keeping the batch dim
 Words = tuple[str, ...]
 
 
@@ -163,7 +165,7 @@ class ProximalGuidance:
         threshold = delta.abs().float().flatten().quantile(self.quantile).to(delta.dtype)
         shrunk = delta - delta.clamp(-threshold, threshold)
         eps = guided(eps_uncond, eps_cond, scales)
-        eps[1:] = eps_uncond[1:] + scales[1:] * shrunk[1:]
+        eps[TARGETS] = eps_uncond[TARGETS] + scales[TARGETS] * shrunk[TARGETS]
         self.keep = None
         if t < self.timestep:
             edited = F.max_pool2d((shrunk.abs() > threshold).float(), 3, 1, padding=1)
@@ -176,7 +178,7 @@ class ProximalGuidance:
         k = self.num_steps - i
         inverted = self.trajectory[k - 1 : k].to(z)
         z = z.clone()
-        z[1:] = z[1:] - (z[1:] - inverted) * self.keep[1:]
+        z[TARGETS] = z[TARGETS] - (z[TARGETS] - inverted) * self.keep[TARGETS]
         return z
 
 
@@ -234,13 +236,13 @@ class P2PEditor(Editor):
         if layer.name in self.blend_names:  # LocalBlend reads the unedited maps, summed over steps
             self.maps[layer.name] = self.maps[layer.name] + probs.float() if layer.name in self.maps else probs.float()
         if layer.cross and i < self.cross_steps:
-            source, own = probs[0], probs[1]
+            source, own = probs[SOURCE], probs[TARGET]
             alphas = self.alphas.to(probs.dtype)
             refined = source[..., self.mapper] * alphas + own * (1 - alphas)
-            probs[1] = refined * self.equalizer.to(probs.dtype)
+            probs[TARGET] = refined * self.equalizer.to(probs.dtype)
             return True
         if not layer.cross and i < self.self_steps:
-            probs[1] = probs[0]
+            probs[TARGET] = probs[SOURCE]
             return True
         return False
 
@@ -269,9 +271,9 @@ class P2PEditor(Editor):
         mask = F.interpolate(words, size=tuple(z.shape[-2:]))
         mask = mask / mask.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         mask = mask > self.options.blend_threshold
-        mask = mask[:1] | mask
-        self._mask = mask[1:].float()
-        return z[:1] + mask.to(z.dtype) * (z - z[:1])
+        mask = mask[SOURCES] | mask
+        self._mask = mask[TARGETS].float()
+        return z[SOURCES] + mask.to(z.dtype) * (z - z[SOURCES])
 
     @property
     def mask(self) -> Tensor | None:

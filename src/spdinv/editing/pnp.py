@@ -22,6 +22,7 @@ from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from .attention import AttentionLayer
 from .base import Editor, FeatureHook, check_fraction
+from .sampler import SOURCE, TARGET
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,7 @@ class PnPEditor(Editor):
 
     def _source_into_target(self, x: Tensor) -> Tensor:
         """x (one row per UNet batch row) with every target row replaced by the source's conditional row."""
-        source = len(self.rows) - 2
-        return x[[source if branch == 1 else row for row, branch in enumerate(self.rows)]]
+        return x[self.rows.all_from(self.rows.cond(SOURCE), TARGET)]
 
     def feature_hooks(self, unet: torch.nn.Module) -> list[tuple[torch.nn.Module, FeatureHook]]:
         return [(self.resnet.conv2, self._inject_features)]
