@@ -125,35 +125,28 @@ class BenchSummary:
 
 
 class SpdinvEdit:
-    """The default edit function: spdinv.editing.edit with PIE-Bench's per-item settings (the blend
-    words for engines that take them). Each image is inverted once per method, with diagnostics,
-    and the inversion reused by every engine (jobs come image by image)."""
+    """The default edit function: the library's `spdinv.editing.edit` with PIE-Bench's per-item
+    settings (the blend words for engines that take them). Each image is inverted once per method,
+    with diagnostics, and the inversion reused by every engine (jobs come image by image) through
+    the library's in-memory `LastInversion`."""
 
     def __init__(self) -> None:
-        self._last: tuple[tuple, object] | None = None
+        self.memos: dict[bool, object] = {}
 
     def __call__(self, request: EditRequest) -> EditOutcome:
         from ..editing import edit
+        from ..editing.cache import LastInversion
         from ..images import to_pil
 
-        inversion = self.invert(request)
-        require_finite(inversion.trajectory, f"the {request.inversion} inversion")
+        memo = self.memos.setdefault(request.diagnose, LastInversion(diagnose=request.diagnose))
         result = edit(request.model, request.image, request.item.source_prompt, request.item.target_prompt,
-                      inversion=inversion, engine=request.engine, num_steps=request.steps, seed=request.seed,
+                      inversion=request.inversion, engine=request.engine, num_steps=request.steps, seed=request.seed,
+                      cache=memo, **method_arguments(request.inversion, request.inversion_options),
                       **engine_arguments(request.engine, request.engine_options, request.item))
+        inversion = result.inversion
+        require_finite(inversion.trajectory, f"the {request.inversion} inversion")
         require_finite(result.edited, f"the {request.inversion} + {request.engine} edit")
         return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"])
-
-    def invert(self, request: EditRequest):
-        from ..inversion import invert
-
-        key = (request.item.id, request.inversion, request.steps, request.seed, id(request.model))
-        if self._last is None or self._last[0] != key:
-            options = method_arguments(request.inversion, request.inversion_options)
-            self._last = key, invert(request.model, request.image, request.item.source_prompt, request.inversion,
-                                     request.steps, seed=request.seed, diagnose=request.diagnose, progress=False,
-                                     **options)
-        return self._last[1]
 
 
 def method_arguments(method: str, options: dict) -> dict:

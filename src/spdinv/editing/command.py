@@ -138,34 +138,26 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def edit_all(model, image, source: str, target: str, methods: list[str], engines: list[str], per_method: dict,
              per_engine: dict, sampler, args: argparse.Namespace) -> list[Run]:
-    """Invert once per method (through the cache), then edit with every engine."""
-    from ..inversion import invert
-    from . import ENGINES, run_editor
+    """Every method x engine through the library's `edits` (one inversion per method, through the cache)."""
+    from . import edits
     from .cache import InversionCache, default_cache_dir
 
     cache = None if args.no_cache else InversionCache(args.cache or default_cache_dir())
     if cache is not None and (problem := cache.unusable()):
         print(f"warning: not caching inversions: {problem}", file=sys.stderr)
         cache = None
+    hint = _FLOAT16_HINT.get(str(model.dtype), "")
     runs = []
-    for method in methods:
-        start = time.perf_counter()
-        if cache is None:
-            inversion, status = invert(model, image, source, method, args.steps, seed=args.seed, diagnose=False,
-                                       progress=not args.quiet, **per_method[method]), "not cached"
-        else:
-            inversion, hit = cache.invert(model, image, source, method, args.steps, seed=args.seed,
-                                          progress=not args.quiet, **per_method[method])
-            status = "cache hit" if hit else "cache miss"
-        inverting = time.perf_counter() - start
-        require_finite(inversion.trajectory, f"the {method} inversion" + _FLOAT16_HINT.get(str(model.dtype), ""))
-        for engine in engines:
-            editor = ENGINES[engine].editor(model, source, target, per_engine[engine])
-            images, _, seconds = run_editor(model, inversion, target, editor, sampler, progress=not args.quiet,
-                                            desc=f"edit ({method} + {engine})")
-            require_finite(images, f"the {method} + {engine} result" + _FLOAT16_HINT.get(str(model.dtype), ""))
-            runs.append(Run(method, engine, images[1:], images[:1], editor.mask, float("nan"), status,
-                            {"invert": inverting, "edit": seconds}))
+    results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
+                    progress=not args.quiet, cache=cache, inversion_options=per_method, engine_options=per_engine,
+                    sampler=sampler)
+    for (method, engine), result in zip(((m, e) for m in methods for e in engines), results):
+        require_finite(result.inversion.trajectory, f"the {method} inversion" + hint)
+        for images in (result.reconstruction, result.edited):
+            require_finite(images, f"the {method} + {engine} result" + hint)
+        status = "not cached" if cache is None else "cache hit" if result.cache_hit else "cache miss"
+        runs.append(Run(method, engine, result.edited, result.reconstruction, result.mask, float("nan"), status,
+                        {"invert": result.timings["invert"], "edit": result.timings["edit"]}))
     if cache is not None and cache.dropped:
         print(f"note: removed {cache.dropped} damaged inversion cache entr{'y' if cache.dropped == 1 else 'ies'} "
               "and inverted again", file=sys.stderr)
