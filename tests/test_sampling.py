@@ -30,3 +30,18 @@ def test_rows_taken_from_another_branch():
     assert lean.same_kind_from(SOURCE, TARGET) == [1, 1, 1]  # no source uncond row: its cond row stands in
     assert BatchRows.of([], 3).pair(0, 2) == [0, 2]
 
+
+def test_loop_is_the_progressive_loop_kept_and_previews_decode_the_latents(tiny):
+    from spdinv.inversion import invert, source_branch
+    from spdinv.sampling import loop, loop_progressive
+
+    image = torch.rand(1, 3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    inversion = invert(tiny, image, "a red circle", "ddim", 5, diagnose=False, progress=False)
+    branches = [source_branch(tiny, inversion), Branch(tiny.encode_prompt("a blue circle"), 7.5, tiny.encode_prompt(""))]
+    steps = list(loop_progressive(tiny, inversion.schedule, inversion.z_T, branches, preview_every=2))
+    kept = loop(tiny, inversion.schedule, inversion.z_T, branches)
+    assert [s.i for s in steps] == [0, 1, 2, 3, 4] and kept.shape[0] == 6
+    assert torch.equal(torch.stack([s.latents for s in steps]), kept[1:])  # the same computations, same shapes
+    assert [s.preview is not None for s in steps] == [False, True, False, True, True]  # every 2nd and the last
+    assert torch.equal(steps[-1].preview, tiny.decode(kept[-1]))
+    assert all(s.preview is None for s in loop_progressive(tiny, inversion.schedule, inversion.z_T, branches))

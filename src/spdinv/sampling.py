@@ -6,6 +6,7 @@ nothing of inversions: `spdinv.inversion.reconstruction` samples one back (one b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -176,14 +177,42 @@ def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branc
     return hooks.end_step(i, t, torch.cat(latents))
 
 
+@dataclass
+class SampleStep:
+    """What `loop_progressive` yields after sampling step `i` (0 = the step from z_T): the latents
+    (B, C, H, W) and, when a preview was asked for at this step, their decoding (B, 3, H, W) in [-1, 1]."""
+
+    i: int
+    latents: Tensor
+    preview: Tensor | None = None
+
+
+def start_latents(model: DiffusionModel, z_T: Tensor, count: int) -> Tensor:
+    """z_T once per branch, (count, C, H, W) in float32 on the model's device."""
+    return z_T.to(model.device).float().expand(count, *z_T.shape[1:]).clone()
+
+
+@torch.no_grad()
+def loop_progressive(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: list[Branch],
+                     hooks: StepHooks = NO_HOOKS, *, preview_every: int = 0, progress: bool = False,
+                     desc: str = "sample") -> Iterator[SampleStep]:
+    """Every sampling step from z_T for every branch, one at a time (guided-diffusion's
+    `p_sample_loop_progressive`): a live preview or a memory-bound caller keeps only what it
+    needs. With `preview_every` N > 0 every N-th step, and the last, carries its decoded images."""
+    z = start_latents(model, z_T, len(branches))
+    n = schedule.num_steps
+    for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+        z = step(model, schedule, i, z, branches, hooks)
+        wanted = preview_every > 0 and ((i + 1) % preview_every == 0 or i + 1 == n)
+        yield SampleStep(i, z, model.decode(z) if wanted else None)
+
+
 @torch.no_grad()
 def loop(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: list[Branch],
          hooks: StepHooks = NO_HOOKS, *, progress: bool = False, desc: str = "sample") -> Tensor:
     """Every sampling step from z_T for every branch; returns the latents (n + 1, B, C, H, W) in
-    sampling order (index 0: z_T, index n: the clean latents)."""
-    z = z_T.to(model.device).float().expand(len(branches), *z_T.shape[1:]).clone()
-    latents = [z]
-    for i in tqdm(range(schedule.num_steps), desc=desc, disable=not progress, leave=False):
-        z = step(model, schedule, i, z, branches, hooks)
-        latents.append(z)
+    sampling order (index 0: z_T, index n: the clean latents): `loop_progressive`, all kept."""
+    latents = [start_latents(model, z_T, len(branches))]
+    for sampled in loop_progressive(model, schedule, z_T, branches, hooks, progress=progress, desc=desc):
+        latents.append(sampled.latents)
     return torch.stack(latents)
