@@ -35,7 +35,7 @@ from spdinv.images import conform_image, psnr, to_tensor
 from spdinv.inversion import METHODS, Inversion, invert
 from spdinv.inversion.base import fixed_point_residual
 from spdinv.model import DiffusionModel, load_model
-from spdinv.sampling import reconstruct, reconstruction_error
+from spdinv.inversion.reconstruction import reconstruct, reconstruction_error
 from spdinv.world.captions import caption
 from spdinv.world.render import render
 from spdinv.world.scene import random_scene

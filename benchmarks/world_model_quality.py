@@ -25,7 +25,7 @@ import torch
 from spdinv.images import arrays_to_tensor, psnr, to_tensor
 from spdinv.inversion import invert
 from spdinv.model import load_model
-from spdinv.sampling import reconstruct
+from spdinv.inversion.reconstruction import reconstruct
 from spdinv.world.captions import Phrasing, caption
 from spdinv.world.classifier import compare, compare_unplaced, load_classifier, read_scenes
 from spdinv.world.render import render, render_array

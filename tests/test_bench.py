@@ -20,7 +20,7 @@ from PIL import Image
 
 from spdinv.bench import metrics as M
 from spdinv.bench.datasets import bracketed_words, load_dataset, strip_markup
-from spdinv.bench.masks import rle_decode, rle_encode
+from spdinv.masks import rle_decode, rle_encode
 from spdinv.bench.report import load_results, mean, write_report
 from spdinv.bench.results import PartWriter, columns, cut_torn_tail, read_rows
 from spdinv.bench.runner import BenchOptions, EditOutcome, run_benchmark
@@ -214,6 +214,7 @@ def test_psnr_matches_torchmetrics():
     b = (a + 0.1 * torch.randn(a.shape, generator=generator)).clamp(-1, 1)
     expected = float(peak_signal_noise_ratio((a + 1) / 2, (b + 1) / 2, data_range=1.0))
     assert psnr(a, b) == pytest.approx(expected, rel=1e-5)
+    assert psnr((a + 1) / 2, (b + 1) / 2, (0.0, 1.0)) == pytest.approx(expected, rel=1e-5)  # the benchmark's range
 
 
 def test_identical_images_give_inf_psnr_zero_mse_unit_ssim():
@@ -639,7 +640,7 @@ def test_lpips_weights_problems_are_one_line_unavailable_never_a_download(tmp_pa
 
 
 def test_mask_runs_past_the_frame_are_clipped_like_the_official_decoder(tmp_path, world, tiny, capsys):
-    from spdinv.bench.masks import runs_past_frame
+    from spdinv.masks import runs_past_frame
 
     def official(encoded, shape):  # PIE-Bench's mask_decode, loop for loop
         length = shape[0] * shape[1]

@@ -20,7 +20,7 @@ from spdinv.editing.p2p import P2PEditor, P2POptions
 from spdinv.editing.tokens import refinement_mapper, word_positions
 from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
-from spdinv.sampling import reconstruct_latent
+from spdinv.inversion.reconstruction import reconstruct_latent
 from spdinv.testing import same_up_to_rounding, unet_batch_sizes
 
 SOURCE = "a large red circle in the centre on a white background"
@@ -403,3 +403,37 @@ def test_same_seed_same_machine_gives_identical_edits(tiny, image):
             for _ in range(2)]
     assert torch.equal(runs[0].edited, runs[1].edited) and torch.equal(runs[0].latents, runs[1].latents)
     assert torch.equal(runs[0].inversion.trajectory, runs[1].inversion.trajectory)
+
+
+def test_edits_inverts_once_per_method_and_each_pair_is_the_edit(tiny, image, monkeypatch):
+    import spdinv.editing
+    from spdinv.editing import edits
+
+    real_invert, calls = spdinv.editing.invert, []
+    monkeypatch.setattr(spdinv.editing, "invert", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
+    results = list(edits(tiny, image, SOURCE, TARGET, ["ddim", "spdinv"], ["none", "p2p"], num_steps=STEPS,
+                         inversion_options={"spdinv": FAST["spdinv"]}, engine_options={"p2p": {"blend": "red blue"}}))
+    assert calls == ["ddim", "spdinv"]  # one inversion per method, shared by both engines
+    assert [(r.inversion.method, r.engine) for r in results] == [("ddim", "none"), ("ddim", "p2p"),
+                                                                ("spdinv", "none"), ("spdinv", "p2p")]
+    assert results[0].inversion is results[1].inversion and results[1].mask is not None
+    single = edit(tiny, None, SOURCE, TARGET, results[3].inversion, "p2p", blend="red blue")
+    assert torch.equal(single.latents, results[3].latents)  # the same computations in the same shapes
+    with pytest.raises(SpdinvError, match="blend"):  # every engine's words are checked before any inversion
+        next(edits(tiny, image, SOURCE, TARGET, ["ddim"], ["none", "p2p"], engine_options={"p2p": {"blend": "zebra"}}))
+    assert calls == ["ddim", "spdinv"]
+
+
+def test_cli_edit_goes_through_the_library(tmp_path, tiny_dir, red_circle, monkeypatch):
+    import spdinv.editing
+
+    real_edits, seen = spdinv.editing.edits, []
+
+    def recorded(model, image, source, target, inversions, engines, **kwargs):
+        seen.append((inversions, engines))
+        return real_edits(model, image, source, target, inversions, engines, **kwargs)
+
+    monkeypatch.setattr(spdinv.editing, "edits", recorded)
+    code = main(edit_args(red_circle, tmp_path / "out", tiny_dir, tmp_path / "cache", "--inversion", "ddim",
+                          "--engine", "all", "--no-cache"))
+    assert code == 0 and seen == [(["ddim"], list(ENGINES))]

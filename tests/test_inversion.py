@@ -9,7 +9,7 @@ from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
 from spdinv.inversion.base import fixed_point_inversion
 from spdinv.inversion.spdinv import SPDInvOptions, solve_fixed_point
-from spdinv.sampling import reconstruct
+from spdinv.inversion.reconstruction import reconstruct
 from spdinv.testing import unet_batch_sizes
 
 PROMPT = "a large red circle in the centre on a white background"

@@ -12,7 +12,8 @@ from spdinv.errors import SpdinvError
 from spdinv.export import load_inversion, save_inversion
 from spdinv.inversion import METHODS, invert
 from spdinv.inversion.aidi import AIDIOptions, anderson_update, solve_anderson
-from spdinv.sampling import Branch, loop, reconstruction_error, source_branch
+from spdinv.inversion.reconstruction import reconstruction_error, source_branch
+from spdinv.sampling import Branch, loop
 
 PROMPT = "a large red circle in the centre on a white background"
 STEPS = 10

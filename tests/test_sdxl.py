@@ -10,7 +10,8 @@ from spdinv.conditioning import unpack
 from spdinv.editing import ENGINES, edit
 from spdinv.inversion import METHODS, invert
 from spdinv.model import from_pipeline
-from spdinv.sampling import Branch, loop, reconstruction_error
+from spdinv.inversion.reconstruction import reconstruction_error
+from spdinv.sampling import Branch, loop
 from spdinv.testing import tiny_xl_pipeline
 
 from test_editing import FAST, untouched

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from spdinv.bench.masks import rle_decode, rle_encode
+from spdinv.masks import rle_decode, rle_encode
 from spdinv.errors import SpdinvError
 from spdinv.world.captions import Phrasing, caption, vocabulary
 from spdinv.world.edits import CATEGORIES, category_counts, make_edit

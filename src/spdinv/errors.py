@@ -1,4 +1,4 @@
-"""The one exception type the CLI turns into a one-line message."""
+"""The one exception type the CLI turns into a one-line message, and the one-line form of any error."""
 
 
 class SpdinvError(ValueError):
@@ -10,3 +10,13 @@ def require_finite(values, what: str) -> None:
     written, as a success."""
     if not bool(values.isfinite().all()):
         raise SpdinvError(f"{what} is not finite (NaN or inf)")
+
+
+class Unavailable(Exception):
+    """An evaluation model is absent; the message says which and where it was looked for."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -16,7 +16,7 @@ from .inversion.base import StepReport
 from .model import DiffusionModel
 from .outputs import staged_output, write_json
 from .plots import plot_residuals
-from .sampling import reconstruct
+from .inversion.reconstruction import reconstruct
 
 _SIDE_INFO = ("uncond_embeddings",)
 

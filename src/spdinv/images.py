@@ -122,9 +122,11 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
-def psnr(a: Tensor, b: Tensor) -> float:
-    """PSNR in dB of two images in [-1, 1] (data range 1 after mapping to [0, 1]); inf when equal.
-    torchmetrics' peak_signal_noise_ratio computes the same (a test checks it), but importing
-    torchmetrics costs `spdinv edit` about a second, so this one formula is written out here."""
-    mse = float((((a.float() + 1) / 2 - (b.float() + 1) / 2) ** 2).mean())
+def psnr(a: Tensor, b: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """PSNR in dB of two images whose pixels span `value_range` ([-1, 1]: the model's, [0, 1]: the
+    benchmark's), mapped to [0, 1] (data range 1); inf when equal. torchmetrics'
+    peak_signal_noise_ratio computes the same (a test checks it), but importing torchmetrics costs
+    `spdinv edit` about a second, so this one formula is written out here."""
+    low, span = value_range[0], value_range[1] - value_range[0]
+    mse = float((((a.float() - low) / span - (b.float() - low) / span) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)

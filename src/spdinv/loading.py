@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SpdinvError
+from .errors import SpdinvError, first_line
 from .families import SDXL, ModelFamily, family_of
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -30,11 +30,6 @@ _CHECKPOINT_PIPELINES = (
 
 class PickleCheckpointWarning(UserWarning):
     """A .ckpt-style checkpoint is a Python pickle: loading one from an untrusted source can run code."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def pipeline_class(family: ModelFamily):
@@ -56,7 +51,7 @@ def folder_family(source: str) -> ModelFamily:
     except (OSError, ValueError) as error:
         raise SpdinvError(f"cannot load model {source!r}: not a diffusers folder with a model_index.json, a hub id "
                           f"in the local cache, or a {'/'.join(SINGLE_FILE_SUFFIXES[:2])} checkpoint "
-                          f"({_first_line(error)})") from None
+                          f"({first_line(error)})") from None
     return family_of(index.get("_class_name"), source)
 
 
@@ -70,7 +65,7 @@ def load_folder(source: str, dtype: torch.dtype, variant: str | None = None):
         hint = ""
         if variant is None and Path(source).is_dir() and any(Path(source).rglob("*.fp16.*")):
             hint = " (it holds fp16-variant weights: pass --variant fp16)"
-        raise SpdinvError(f"cannot load model {source!r}: {_first_line(error)}{hint}") from None
+        raise SpdinvError(f"cannot load model {source!r}: {first_line(error)}{hint}") from None
     return pipe
 
 
@@ -125,7 +120,7 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None = None):
     try:
         checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
     except Exception as error:  # safetensors, torch.load and pickle each raise their own kinds
-        raise SpdinvError(f"cannot read checkpoint {str(path)!r}: {_first_line(error)}") from None
+        raise SpdinvError(f"cannot read checkpoint {str(path)!r}: {first_line(error)}") from None
     family, model_type = checkpoint_family(checkpoint, str(path))
     if config is not None:
         if folder_family(config) is not family:
@@ -142,5 +137,5 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None = None):
         pipe = pipeline_class(family).from_single_file(str(path), config=str(config), dtype=dtype,
                                                        local_files_only=True, **_extra_arguments(family))
     except Exception as error:  # diffusers' converters raise KeyError, RuntimeError (shapes), ValueError, ...
-        raise SpdinvError(f"cannot load {path.name} with the configuration of {config}: {_first_line(error)}") from None
+        raise SpdinvError(f"cannot load {path.name} with the configuration of {config}: {first_line(error)}") from None
     return pipe

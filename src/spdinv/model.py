@@ -14,7 +14,7 @@ from .conditioning import pack, sdxl_text_states, time_ids, unpack
 from .errors import SpdinvError
 from .families import SD, SDXL, ModelFamily
 from .loading import SINGLE_FILE_SUFFIXES
-from .prediction import PREDICTION_TYPES, eps_from_output
+from .prediction import PREDICTION_TYPES, eps_from_output, guided
 from .schedule import DDIMSchedule, DDIMSettings, training_ddim_scheduler
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-world"
@@ -151,7 +151,7 @@ class DiffusionModel:
         uncond_embedding = uncond_embedding.expand(batch, -1, -1) if uncond_embedding.shape[0] == 1 else uncond_embedding
         both = [*t, *t] if isinstance(t, (list, tuple)) else t
         eps_uncond, eps_cond = self._unet(torch.cat([z, z]), both, torch.cat([uncond_embedding, embedding])).chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        return guided(eps_uncond, eps_cond, guidance_scale)
 
     def _unet(self, z: Tensor, t: int | list[int], embedding: Tensor) -> Tensor:
         """The network's output converted to eps (fp32)."""

@@ -31,7 +31,7 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from .errors import SpdinvError
 
@@ -335,19 +335,50 @@ def clean_abandoned(out: str | Path) -> None:
 # ---------------------------------------------------------------- JSON
 
 
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+def to_json(data, indent: int | None = 2) -> str:
+    """JSON text (newline-terminated) of `data`: tensors and numpy scalars as numbers, paths and
+    anything else unknown as strings."""
+    return json.dumps(data, indent=indent, default=_jsonable) + "\n"
+
+
+def write_json(path: Path, data, indent: int | None = 2) -> Path:
+    return write_atomically(path, to_json(data, indent))
 
 
 def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
     if hasattr(value, "item"):
         return value.item()
-    if isinstance(value, float):
-        return value
     return str(value)
 
 
-__all__ = ["MANIFEST", "check_manifest", "check_output_dir", "clean_abandoned", "manifest_files", "staged_output",
-           "write_json", "write_manifest"]
+# ---------------------------------------------------------------- one file, atomically
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """A temporary file next to `path`, opened in `mode` ("w" text, "wb" bytes); once the body
+    returns it is flushed, fsynced and renamed over `path`, so a reader sees the old file or the
+    whole new one. On an error the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    text = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
+    try:
+        with temporary.open(mode, **text) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` all-or-nothing (`atomic_file`)."""
+    with atomic_file(path, "wb" if isinstance(data, bytes) else "w") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+__all__ = ["MANIFEST", "atomic_file", "check_manifest", "check_output_dir", "clean_abandoned", "manifest_files",
+           "staged_output", "to_json", "write_atomically", "write_json", "write_manifest"]

@@ -10,6 +10,7 @@ classifier-free guidance gives the same result before or after the conversion.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -25,3 +26,13 @@ def eps_from_output(output: Tensor, z: Tensor, abar: Tensor, prediction_type: st
         return (z - abar.sqrt() * output) / (1 - abar).sqrt()
     raise ValueError(f"unknown prediction type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
 
+
+
+def guided(eps_uncond: Tensor | None, eps_cond: Tensor, scale: float | Tensor) -> Tensor:
+    """Classifier-free guidance eps_uncond + scale * (eps_cond - eps_uncond). `scale` is one number
+    or one per row ((B, 1, 1, 1)); a row at scale 1 then gets eps_cond exactly, and no
+    unconditional prediction (None) gives eps_cond."""
+    if eps_uncond is None:
+        return eps_cond
+    mixed = eps_uncond + scale * (eps_cond - eps_uncond)
+    return torch.where(scale == 1.0, eps_cond, mixed) if isinstance(scale, Tensor) else mixed

@@ -1,29 +1,20 @@
 """DDIM sampling from z_T: a batch of branches with per-branch classifier-free guidance and
-per-step hooks (guided-diffusion style: `step` does one step, `loop` runs them all). One branch
-with the source prompt is the reconstruction; editing (`spdinv.editing`) samples [source, target]."""
+per-step hooks (guided-diffusion style: `step` does one step, `loop` runs them all). It knows
+nothing of inversions: `spdinv.inversion.reconstruction` samples one back (one branch), editing
+(`spdinv.editing`) samples [source, target]."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .images import psnr
-from .inversion.base import Inversion
 from .model import DiffusionModel
+from .prediction import guided
 from .schedule import DDIMSchedule, ddim_step
-
-
-def source_uncond(model: DiffusionModel, inversion: Inversion, i: int) -> Tensor:
-    """The unconditional embedding the source branch uses at sampling step i: the method's
-    per-step null embedding (null-text), the source prompt's (negative-prompt), else ''."""
-    if inversion.uncond_embeddings is not None:
-        return inversion.uncond_embeddings[i : i + 1]
-    if inversion.source_as_uncond:
-        return inversion.prompt_embedding
-    return model.encode_prompt("")
 
 
 @dataclass
@@ -48,15 +39,82 @@ class Branch:
         return self.uncond[i : i + 1] if self.uncond.shape[0] > 1 else self.uncond
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row of the UNet batch: the branch it samples and whether it is its conditional row."""
+
+    branch: int
+    conditional: bool
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """The rows of one UNet batch, in order: the unconditional rows of the branches that have one
+    (in branch order), then every branch's conditional row. Engines find a row by name
+    (`cond(branch)`, `uncond(branch)`), never by position."""
+
+    rows: tuple[Row, ...]
+
+    @classmethod
+    def of(cls, uncond_branches: list[int], count: int) -> "BatchRows":
+        """Unconditional rows for `uncond_branches`, then conditional rows for branches 0..count-1."""
+        return cls(tuple(Row(b, False) for b in uncond_branches) + tuple(Row(b, True) for b in range(count)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def _find(self, branch: int, conditional: bool) -> int | None:
+        return next((i for i, row in enumerate(self.rows) if row == Row(branch, conditional)), None)
+
+    def cond(self, branch: int) -> int:
+        """The index of `branch`'s conditional row."""
+        found = self._find(branch, True)
+        if found is None:
+            raise KeyError(f"no conditional row for branch {branch}")
+        return found
+
+    def uncond(self, branch: int) -> int | None:
+        """The index of `branch`'s unconditional row; None when the batch has none for it."""
+        return self._find(branch, False)
+
+    @property
+    def uncond_branches(self) -> list[int]:
+        """The branches that have an unconditional row, in row order."""
+        return [row.branch for row in self.rows if not row.conditional]
+
+    def pair(self, first: int, second: int) -> slice | list[int]:
+        """The conditional rows of two branches, as a slice (a view) when they are adjacent in that order."""
+        a, b = self.cond(first), self.cond(second)
+        return slice(a, b + 1) if b == a + 1 else [a, b]
+
+    def same_kind_from(self, source: int, target: int) -> list[int]:
+        """Row indices that give each of `target`'s rows the `source` row of the same kind
+        (conditional or not; the source's conditional row where it has no unconditional one)."""
+        def take(i: int, row: Row) -> int:
+            if row.branch != target:
+                return i
+            found = self._find(source, row.conditional)
+            return self.cond(source) if found is None else found
+
+        return [take(i, row) for i, row in enumerate(self.rows)]
+
+    def all_from(self, index: int, target: int) -> list[int]:
+        """Row indices that give every one of `target`'s rows the row at `index`."""
+        return [index if row.branch == target else i for i, row in enumerate(self.rows)]
+
+
 class StepHooks:
-    """Per-step callbacks of `step`: `begin_step` learns the UNet batch's rows (see `batch_rows`);
+    """Per-step callbacks of `step`: `begin_step` learns the UNet batch's rows (`BatchRows`);
     `guide` may replace classifier-free guidance (None keeps it); `end_step` sees, and may change,
     the latents after the DDIM step. Hooks that read every branch's unconditional row, guided or
     not, set `every_uncond`."""
 
     every_uncond: bool = False
 
-    def begin_step(self, i: int, t: int, z: Tensor, rows: list[int]) -> None:
+    def begin_step(self, i: int, t: int, z: Tensor, rows: BatchRows) -> None:
         pass
 
     def guide(self, i: int, t: int, eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor | None:
@@ -69,55 +127,34 @@ class StepHooks:
 NO_HOOKS = StepHooks()
 
 
-def source_branch(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None,
-                  pin: bool = False) -> Branch:
-    """The branch that samples the source image back as the inversion prescribes: its guidance
-    scale, per-step null embeddings or source-as-unconditional, and the pin to the trajectory
-    (DirectInversion, or `pin`)."""
-    scale = inversion.guidance_scale if guidance_scale is None else guidance_scale
-    if inversion.uncond_embeddings is not None:
-        uncond = inversion.uncond_embeddings.to(model.device)
-    else:
-        uncond = source_uncond(model, inversion, 0).to(model.device)
-    pinned = pin or inversion.pin_source
-    return Branch(inversion.prompt_embedding.to(model.device), scale, uncond,
-                  inversion.trajectory.to(model.device) if pinned else None)
-
-
-def batch_rows(branches: list[Branch], every_uncond: bool = False) -> list[int]:
-    """The branch of each row of the UNet batch: the unconditional rows of the branches that need
-    one, then every branch's conditional row. A branch at guidance scale 1, or pinned to a
+def batch_rows(branches: list[Branch], every_uncond: bool = False) -> BatchRows:
+    """The rows of the UNet batch: the unconditional rows of the branches that need one, then
+    every branch's conditional row. A branch at guidance scale 1, or pinned to a
     trajectory, needs no unconditional row (its guided step would be discarded); with
     `every_uncond`, once any branch needs one all get theirs."""
     uncond = [b for b, branch in enumerate(branches) if branch.needs_uncond]
     if uncond and every_uncond:
         uncond = list(range(len(branches)))
-    return uncond + list(range(len(branches)))
+    return BatchRows.of(uncond, len(branches))
 
 
 def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i: int,
-            rows: list[int]) -> tuple[Tensor | None, Tensor]:
+            rows: BatchRows) -> tuple[Tensor | None, Tensor]:
     """(eps_uncond, eps_cond) of every branch from one UNet call on the batch `rows` (`batch_rows`).
     eps_uncond is None when the batch has no unconditional row; a branch without one gets its
     eps_cond there (scale 1, or a pin, ignores it)."""
     count = len(branches)
-    uncond_rows = rows[:-count]
+    guided_branches = rows.uncond_branches
     cond = torch.cat([b.embedding for b in branches])
-    if not uncond_rows:
+    if not guided_branches:
         return None, model.eps(z, t, cond)
-    uncond = torch.cat([branches[b].uncond_at(i) for b in uncond_rows])
-    eps = model.eps(torch.cat([z[uncond_rows], z]), t, torch.cat([uncond, cond]))
-    eps_uncond, eps_cond = eps[:-count], eps[-count:]
-    if len(uncond_rows) < count:
-        eps_uncond = eps_cond.index_copy(0, torch.tensor(uncond_rows, device=eps.device), eps_uncond)
+    uncond = torch.cat([branches[b].uncond_at(i) for b in guided_branches])
+    eps = model.eps(torch.cat([z[guided_branches], z]), t, torch.cat([uncond, cond]))  # the layout BatchRows names
+    eps_cond = eps[[rows.cond(b) for b in range(count)]]
+    eps_uncond = eps[[rows.uncond(b) for b in guided_branches]]
+    if len(guided_branches) < count:
+        eps_uncond = eps_cond.index_copy(0, torch.tensor(guided_branches, device=eps.device), eps_uncond)
     return eps_uncond, eps_cond
-
-
-def guided(eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor:
-    """Classifier-free guidance per branch (scales: (B, 1, 1, 1)); scale 1 gives eps_cond exactly."""
-    if eps_uncond is None:
-        return eps_cond
-    return torch.where(scales == 1.0, eps_cond, eps_uncond + scales * (eps_cond - eps_uncond))
 
 
 def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branches: list[Branch],
@@ -134,50 +171,48 @@ def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branc
     if eps is None:
         eps = guided(eps_uncond, eps_cond, scales)
     z = ddim_step(z, eps, schedule.abar(k), schedule.abar(k - 1))
-    rows = []
+    latents = []
     for b, branch in enumerate(branches):
-        rows.append(z[b : b + 1] if branch.pin is None else branch.pin[k - 1 : k].to(z))
-    return hooks.end_step(i, t, torch.cat(rows))
+        latents.append(z[b : b + 1] if branch.pin is None else branch.pin[k - 1 : k].to(z))
+    return hooks.end_step(i, t, torch.cat(latents))
+
+
+@dataclass
+class SampleStep:
+    """What `loop_progressive` yields after sampling step `i` (0 = the step from z_T): the latents
+    (B, C, H, W) and, when a preview was asked for at this step, their decoding (B, 3, H, W) in [-1, 1]."""
+
+    i: int
+    latents: Tensor
+    preview: Tensor | None = None
+
+
+def start_latents(model: DiffusionModel, z_T: Tensor, count: int) -> Tensor:
+    """z_T once per branch, (count, C, H, W) in float32 on the model's device."""
+    return z_T.to(model.device).float().expand(count, *z_T.shape[1:]).clone()
+
+
+@torch.no_grad()
+def loop_progressive(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: list[Branch],
+                     hooks: StepHooks = NO_HOOKS, *, preview_every: int = 0, progress: bool = False,
+                     desc: str = "sample") -> Iterator[SampleStep]:
+    """Every sampling step from z_T for every branch, one at a time (guided-diffusion's
+    `p_sample_loop_progressive`): a live preview or a memory-bound caller keeps only what it
+    needs. With `preview_every` N > 0 every N-th step, and the last, carries its decoded images."""
+    z = start_latents(model, z_T, len(branches))
+    n = schedule.num_steps
+    for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
+        z = step(model, schedule, i, z, branches, hooks)
+        wanted = preview_every > 0 and ((i + 1) % preview_every == 0 or i + 1 == n)
+        yield SampleStep(i, z, model.decode(z) if wanted else None)
 
 
 @torch.no_grad()
 def loop(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: list[Branch],
          hooks: StepHooks = NO_HOOKS, *, progress: bool = False, desc: str = "sample") -> Tensor:
     """Every sampling step from z_T for every branch; returns the latents (n + 1, B, C, H, W) in
-    sampling order (index 0: z_T, index n: the clean latents)."""
-    z = z_T.to(model.device).float().expand(len(branches), *z_T.shape[1:]).clone()
-    latents = [z]
-    for i in tqdm(range(schedule.num_steps), desc=desc, disable=not progress, leave=False):
-        z = step(model, schedule, i, z, branches, hooks)
-        latents.append(z)
+    sampling order (index 0: z_T, index n: the clean latents): `loop_progressive`, all kept."""
+    latents = [start_latents(model, z_T, len(branches))]
+    for sampled in loop_progressive(model, schedule, z_T, branches, hooks, progress=progress, desc=desc):
+        latents.append(sampled.latents)
     return torch.stack(latents)
-
-
-def reconstruct_latent(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None,
-                       progress: bool = False) -> Tensor:
-    """Sample z_0 back from z_T with the source prompt, using what the inversion prescribes
-    (its guidance scale, null embeddings, pin): `loop` with one branch."""
-    branch = source_branch(model, inversion, guidance_scale)
-    return loop(model, inversion.schedule, inversion.z_T, [branch], progress=progress, desc="reconstruct")[-1]
-
-
-def reconstruction_error(model: DiffusionModel, inversion: Inversion, **kwargs) -> float:
-    """Mean squared latent error between z_0 and its reconstruction from z_T (the paper's D_Rec)."""
-    return float((reconstruct_latent(model, inversion, **kwargs) - inversion.z_0.to(model.device)).pow(2).mean())
-
-
-@dataclass
-class Reconstruction:
-    """The image sampled back from z_T and how far it is from the input (image space, [0, 1])."""
-
-    image: Tensor
-    psnr: float
-    mse: float
-
-
-def reconstruct(model: DiffusionModel, inversion: Inversion, source: Tensor | None = None, **kwargs) -> Reconstruction:
-    """Decode the reconstruction; compare with `source` (1, 3, H, W) in [-1, 1], else with decode(z_0)."""
-    image = model.decode(reconstruct_latent(model, inversion, **kwargs))
-    reference = model.decode(inversion.z_0) if source is None else source.to(image)
-    mse = float(((image - reference) / 2).pow(2).mean())
-    return Reconstruction(image=image, psnr=psnr(image, reference), mse=mse)

@@ -25,7 +25,8 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def add_bench_parser(sub) -> None:
-    from ..cli import _positive_int, add_inversion_arguments, add_model_arguments
+    from ..arguments import add_model_arguments, positive_int
+    from ..commands import add_inversion_arguments
     from .lpips import BACKBONE_FILE
     from .metrics import DEFAULT_CLIP, DEFAULT_DINO, METRICS, STRUCTURE_RESIZES
     from .protocol import PROTOCOLS
@@ -37,7 +38,7 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--inversion", nargs="+", required=True, help="inversion methods, comma- or space-separated")
     bench.add_argument("--engine", nargs="+", required=True, help="editing engines, comma- or space-separated")
     bench.add_argument("--categories", nargs="+", default=None, help="editing_type_id values (0-9) or names; default all")
-    bench.add_argument("--limit", type=_positive_int, default=None, help="only the first N images (after --categories)")
+    bench.add_argument("--limit", type=positive_int, default=None, help="only the first N images (after --categories)")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default ./bench-out)")
     bench.add_argument("--metrics", default="all", help=f"comma-separated, default all: {', '.join(METRICS)}")
     bench.add_argument("--engine-option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -77,7 +78,7 @@ def _model_or_none(name: str | None) -> str | None:
 
 
 def bench_options(args: argparse.Namespace):
-    from ..cli import INVERSION_OPTIONS
+    from ..commands import inversion_options
     from .metrics import EvaluationModels, parse_metrics
     from .runner import BenchOptions
 
@@ -89,7 +90,7 @@ def bench_options(args: argparse.Namespace):
         seed=args.seed, metrics=parse_metrics(args.metrics),
         evaluation=EvaluationModels(dino=_model_or_none(args.dino), clip=_model_or_none(args.clip),
                                     lpips_backbone=args.lpips_backbone, classifier=args.classifier),
-        inversion_options={k: getattr(args, k) for k in INVERSION_OPTIONS if getattr(args, k, None) is not None},
+        inversion_options=inversion_options(args),
         engine_options=dict(args.engine_option), save_diagnostics=not args.no_diagnostics,
         save_images=args.save_images, progress=not args.quiet, protocol=args.protocol,
         structure_resize=args.structure_resize,
@@ -97,7 +98,7 @@ def bench_options(args: argparse.Namespace):
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from ..cli import check_model_settings
+    from ..commands import check_model_settings
     from ..outputs import check_output_dir
     from .runner import run_benchmark
 

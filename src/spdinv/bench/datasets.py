@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import SpdinvError
 from ..images import open_image
-from .masks import rle_decode, runs_past_frame
+from ..masks import rle_decode, runs_past_frame
 
 MAPPING_FILE = "mapping_file.json"
 CATEGORY_NAMES = {

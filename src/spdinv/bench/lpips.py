@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .metrics import Unavailable, _first_line
+from ..errors import Unavailable, first_line
 
 BACKBONE_FILE = "squeezenet1_1-b8a52dc0.pth"  # torchvision's SqueezeNet 1.1 ImageNet weights, as torch hub caches them
 # LPIPS' input scaling (inputs in [-1, 1] -> roughly ImageNet-normalised)
@@ -118,7 +118,7 @@ def load_lpips_model(backbone: str | Path | None = None) -> Lpips:
         features.load_state_dict(prefixed)
     except RuntimeError as error:
         raise Unavailable(f"{path} is not torchvision's SqueezeNet 1.1 state dict "
-                               f"({_first_line(error)[:160]})") from None
+                               f"({first_line(error)[:160]})") from None
     linear = _read_state_dict(linear_weights_file())
     weights = [linear.get(f"lin{i}.model.1.weight") for i in range(len(CHANNELS))]
     if any(w is None or tuple(w.shape) != (1, c, 1, 1) for w, c in zip(weights, CHANNELS)):
@@ -130,7 +130,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is "unavailable", in one line
-        raise Unavailable(f"cannot read {path} ({type(error).__name__}: {_first_line(error)[:120]})") from None
+        raise Unavailable(f"cannot read {path} ({type(error).__name__}: {first_line(error)[:120]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise Unavailable(f"{path} is not a state dict of tensors")
     return state

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..errors import SpdinvError
+from ..errors import SpdinvError, Unavailable, first_line
+from ..images import psnr
 
 # metric name -> the evaluation model it needs (None: none)
 METRICS: dict[str, str | None] = {
@@ -43,6 +44,7 @@ METRICS: dict[str, str | None] = {
 TIMING_METRICS = ("seconds", "edit_seconds")  # wall-clock: differ between otherwise identical runs
 DEFAULT_DINO = "facebook/dino-vitb8"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+UNIT_RANGE = (0.0, 1.0)  # the benchmark scores images in [0, 1]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -73,15 +75,6 @@ def mask_tensor(mask: np.ndarray) -> Tensor:
 
 
 # ---------------------------------------------------------------- pixel metrics (torchmetrics)
-
-
-def psnr(a: Tensor, b: Tensor) -> float:
-    """PSNR in dB of images in [0, 1] (data range 1); inf when they are equal."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
-    if torch.equal(a, b):
-        return math.inf
-    return float(peak_signal_noise_ratio(a, b, data_range=1.0))
 
 
 def mse(a: Tensor, b: Tensor) -> float:
@@ -124,7 +117,7 @@ def background_scores(source: Tensor, edited: Tensor, mask: Tensor,
     if not keep.any():
         return {name: math.nan for name in ("psnr", "mse", "ssim", "lpips")}
     a, b = source * keep, edited * keep
-    scores = {"psnr": psnr(a, b), "mse": mse(a, b), "ssim": ssim(a, b)}
+    scores = {"psnr": psnr(a, b, UNIT_RANGE), "mse": mse(a, b), "ssim": ssim(a, b)}
     if lpips is not None:
         scores["lpips"] = lpips(a, b)
     return scores
@@ -135,7 +128,7 @@ def region_scores(edited: Tensor, target: Tensor, mask: Tensor) -> dict[str, flo
     if not mask.any():
         return {"gt_psnr": math.nan, "gt_ssim": math.nan}
     a, b = edited * mask, target * mask
-    return {"gt_psnr": psnr(a, b), "gt_ssim": ssim(a, b)}
+    return {"gt_psnr": psnr(a, b, UNIT_RANGE), "gt_ssim": ssim(a, b)}
 
 
 # ---------------------------------------------------------------- structure distance (DINO keys)
@@ -288,15 +281,6 @@ class EvaluationModels:
     structure_resize: str = "official"  # a STRUCTURE_RESIZES key
 
 
-class Unavailable(Exception):
-    """An evaluation model is absent; the message says which and where it was looked for."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def load_dino(name: str, device: str = "cpu", resize: str = "official") -> StructureDistance:
     from transformers import ViTModel
 
@@ -304,7 +288,7 @@ def load_dino(name: str, device: str = "cpu", resize: str = "official") -> Struc
         model = ViTModel.from_pretrained(name, add_pooling_layer=False, local_files_only=True)
     except (OSError, ValueError) as error:
         raise Unavailable(f"DINO model {name!r} is neither a folder nor in the Hugging Face cache "
-                          f"(pass --dino PATH; {_first_line(error)[:120]})") from None
+                          f"(pass --dino PATH; {first_line(error)[:120]})") from None
     return StructureDistance(model.to(device), resize=resize)
 
 
@@ -327,7 +311,7 @@ def load_clip(name: str, device: str = "cpu") -> ClipScorer:
         processor.image_processor = clip_image_processor_class().from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as error:
         raise Unavailable(f"CLIP model {name!r} is neither a folder nor in the Hugging Face cache "
-                          f"(pass --clip PATH; {_first_line(error)[:120]})") from None
+                          f"(pass --clip PATH; {first_line(error)[:120]})") from None
     return ClipScorer(model.to(device), processor)
 
 

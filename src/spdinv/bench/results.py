@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import SpdinvError
+from ..outputs import write_atomically
 
 KEY_COLUMNS = ("id", "category", "inversion", "engine")
 ERROR_COLUMN = "error"
@@ -163,12 +164,3 @@ def merge(out: Path, header: list[str], order: list[Key], extra_rows: Iterable[d
     lines += [encode_row(header, found[k]) for k in others + ranked]
     return write_atomically(out / RESULTS_FILE, "".join(lines))
 
-
-def write_atomically(path: Path, text: str) -> Path:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    return path

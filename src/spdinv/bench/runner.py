@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from ..errors import SpdinvError, require_finite
 from ..images import centre_square, conform_image
+from ..outputs import write_atomically, write_json
 from .datasets import BenchDataset, BenchItem, load_dataset
 from .distributed import ProcessGroup, Shard, current_shard
 from .metrics import SSIM_VARIANT, EvaluationModels, Evaluator, Sample, clip_image_processor_class, parse_metrics
 from .protocol import DEFAULT_STRUCTURE_RESIZE, PROTOCOLS, ScoredEdit, check_protocol, default_protocol, saved_name, \
     scored_edit
 from .results import ERROR_COLUMN, Key, PartWriter, columns, finished_keys, format_value, merge, part_path, \
-    part_paths, read_rows, write_atomically, RESULTS_FILE
+    part_paths, read_rows, RESULTS_FILE
 
 SETTINGS_FILE = "run.json"
 # settings a resumed run must share with the run that wrote the rows it keeps
@@ -124,35 +125,28 @@ class BenchSummary:
 
 
 class SpdinvEdit:
-    """The default edit function: spdinv.editing.edit with PIE-Bench's per-item settings (the blend
-    words for engines that take them). Each image is inverted once per method, with diagnostics,
-    and the inversion reused by every engine (jobs come image by image)."""
+    """The default edit function: the library's `spdinv.editing.edit` with PIE-Bench's per-item
+    settings (the blend words for engines that take them). Each image is inverted once per method,
+    with diagnostics, and the inversion reused by every engine (jobs come image by image) through
+    the library's in-memory `LastInversion`."""
 
     def __init__(self) -> None:
-        self._last: tuple[tuple, object] | None = None
+        self.memos: dict[bool, object] = {}
 
     def __call__(self, request: EditRequest) -> EditOutcome:
         from ..editing import edit
+        from ..editing.cache import LastInversion
         from ..images import to_pil
 
-        inversion = self.invert(request)
-        require_finite(inversion.trajectory, f"the {request.inversion} inversion")
+        memo = self.memos.setdefault(request.diagnose, LastInversion(diagnose=request.diagnose))
         result = edit(request.model, request.image, request.item.source_prompt, request.item.target_prompt,
-                      inversion=inversion, engine=request.engine, num_steps=request.steps, seed=request.seed,
+                      inversion=request.inversion, engine=request.engine, num_steps=request.steps, seed=request.seed,
+                      cache=memo, **method_arguments(request.inversion, request.inversion_options),
                       **engine_arguments(request.engine, request.engine_options, request.item))
+        inversion = result.inversion
+        require_finite(inversion.trajectory, f"the {request.inversion} inversion")
         require_finite(result.edited, f"the {request.inversion} + {request.engine} edit")
         return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"])
-
-    def invert(self, request: EditRequest):
-        from ..inversion import invert
-
-        key = (request.item.id, request.inversion, request.steps, request.seed, id(request.model))
-        if self._last is None or self._last[0] != key:
-            options = method_arguments(request.inversion, request.inversion_options)
-            self._last = key, invert(request.model, request.image, request.item.source_prompt, request.inversion,
-                                     request.steps, seed=request.seed, diagnose=request.diagnose, progress=False,
-                                     **options)
-        return self._last[1]
 
 
 def method_arguments(method: str, options: dict) -> dict:
@@ -329,17 +323,11 @@ def _save_side_files(job: Job, scored: ScoredEdit, outcome: EditOutcome, options
         folder.mkdir(exist_ok=True)
         diagnostics = {"id": job.item.id, "inversion": job.inversion, "engine": job.engine,
                        **outcome.inversion.diagnostics()}
-        write_atomically(folder / f"{job.name}.json", json.dumps(diagnostics, default=_jsonable) + "\n")
+        write_json(folder / f"{job.name}.json", diagnostics, indent=None)
     if options.save_images:
         path = options.out / "images" / f"{job.inversion}+{job.engine}" / saved_name(job.item.image_path, options.protocol)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(scored.file_bytes())
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 # ---------------------------------------------------------------- checks and bookkeeping
@@ -426,11 +414,11 @@ def check_settings(options: BenchOptions, shard: Shard) -> None:
         if command not in commands and (shard.is_main or not shard.distributed):
             # the same settings, other methods or engines (or a resume typed differently): remember it too
             recorded["commands"] = commands + [command]
-            write_atomically(path, json.dumps(recorded, indent=2) + "\n")
+            write_json(path, recorded)
         return
     if shard.is_main or not shard.distributed:
         record = {**settings, "command": command_line(shard), "world_size": shard.world_size, "machine": machine()}
-        write_atomically(path, json.dumps(record, indent=2) + "\n")
+        write_json(path, record)
 
 
 def _report_missing(dataset: BenchDataset, out: Path, shard: Shard, say: Callable[[str], None]) -> None:

@@ -8,14 +8,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
-from ..inversion import Inversion, check_prompt, get_method, invert
+from ..inversion import Inversion, check_prompt, get_method, invert, make_options
 from ..model import DiffusionModel
 from .base import Editor, NoEditor, no_editor
 from .cache import InversionCache
@@ -115,24 +115,95 @@ def run_editor(model: DiffusionModel, inversion: Inversion, target_prompt: str, 
     return model.decode(latents[-1]), latents, seconds
 
 
+InversionSource = str | Inversion  # a method name, or an inversion already computed
+
+
+def _invert(model: DiffusionModel, image, source_prompt: str, inversion: InversionSource, *, num_steps: int,
+            seed: int, progress: bool, cache, diagnose: bool, options: dict) -> tuple[Inversion, bool | None, float]:
+    """(the inversion, whether `cache` had it (None without a cache or when given), seconds)."""
+    start = time.perf_counter()
+    if isinstance(inversion, Inversion):
+        check_inversion(model, inversion, source_prompt)
+        return inversion, None, time.perf_counter() - start
+    if cache is not None:
+        inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
+                                     **options)
+        return inverted, hit, time.perf_counter() - start
+    inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=diagnose,
+                      progress=progress, **options)
+    return inverted, None, time.perf_counter() - start
+
+
+def edits(
+    model: DiffusionModel,
+    image: Image.Image | Tensor | None,
+    source_prompt: str,
+    target_prompt: str,
+    inversions: list[InversionSource],
+    engines: list[str],
+    *,
+    num_steps: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+    cache=None,
+    diagnose: bool = False,
+    inversion_options: dict[str, dict] | None = None,
+    engine_options: dict[str, object] | None = None,
+    sampler: SamplerOptions = SamplerOptions(),
+) -> Iterator[EditResult]:
+    """Every inversion x engine edit of `image`, inversions in the outer loop: each method inverts
+    once (through `cache`, anything with InversionCache's `invert`, when given) and every engine
+    edits from that inversion. `inversion_options` maps a method name to its options,
+    `engine_options` an engine name to its options dataclass (or a dict of its fields). Every
+    engine's options and words are checked before anything is inverted."""
+    source_prompt = check_prompt(source_prompt, "source prompt")
+    target_prompt = check_prompt(target_prompt, "target prompt")
+    inversion_options, engine_options = inversion_options or {}, engine_options or {}
+    for inversion in inversions:
+        if not isinstance(inversion, Inversion):
+            make_options(inversion, **inversion_options.get(inversion, {}))
+            if image is None:
+                raise SpdinvError("an image is needed unless an inversion is given")
+    chosen = {}
+    for engine in engines:
+        given = engine_options.get(engine, {})
+        chosen[engine] = get_engine(engine).options(**given) if isinstance(given, dict) else given
+        get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])  # word checks
+    for inversion in inversions:
+        options = {} if isinstance(inversion, Inversion) else inversion_options.get(inversion, {})
+        inverted, hit, inverting = _invert(model, image, source_prompt, inversion, num_steps=num_steps, seed=seed,
+                                           progress=progress, cache=cache, diagnose=diagnose, options=options)
+        for engine in engines:
+            editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
+            images, latents, sampling = run_editor(model, inverted, target_prompt, editor, sampler,
+                                                   progress=progress, desc=f"edit ({inverted.method} + {engine})")
+            yield EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
+                             engine=engine, options=dataclasses.asdict(chosen[engine]),
+                             sampler=dataclasses.asdict(sampler), latents=latents,
+                             timings={"invert": inverting, "edit": sampling, "total": inverting + sampling},
+                             cache_hit=hit)
+
+
 def edit(
     model: DiffusionModel,
     image: Image.Image | Tensor | None,
     source_prompt: str,
     target_prompt: str,
-    inversion: str | Inversion = "spdinv",
+    inversion: InversionSource = "spdinv",
     engine: str = "p2p",
     *,
     num_steps: int = 50,
     seed: int = 0,
     progress: bool = False,
-    cache: InversionCache | None = None,
+    cache=None,
+    diagnose: bool = False,
     **options,
 ) -> EditResult:
     """Edit `image` from `source_prompt` to `target_prompt`: invert it with the named method (or
-    use the given Inversion), then sample [source, target] from z_T with the named engine.
-    Keyword options go to the engine (e.g. blend, cross_replace), the sampler (guidance_scale,
-    source_guidance_scale, uncond) or the inversion method (e.g. K, lr)."""
+    use the given Inversion), then sample [source, target] from z_T with the named engine; the
+    one-pair case of `edits`. Keyword options go to the engine (e.g. blend, cross_replace), the
+    sampler (guidance_scale, source_guidance_scale, uncond) or the inversion method (e.g. K, lr);
+    `diagnose` asks the inversion (when computed here, not cached) for its diagnostics."""
     source_prompt = check_prompt(source_prompt, "source prompt")
     target_prompt = check_prompt(target_prompt, "target prompt")
     given = isinstance(inversion, Inversion)
@@ -140,30 +211,15 @@ def edit(
         get_method(inversion)
         if image is None:
             raise SpdinvError("an image is needed unless an inversion is given")
-    entry = get_engine(engine)
-    engine_options, sampler_options, inversion_options = split_options(engine, None if given else inversion, options)
-    editor = entry.editor(model, source_prompt, target_prompt, engine_options)
-
-    start, hit = time.perf_counter(), None
-    if given:
-        check_inversion(model, inversion, source_prompt)
-        inverted = inversion
-    elif cache is not None:
-        inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
-                                     **inversion_options)
-    else:
-        inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=False,
-                          progress=progress, **inversion_options)
-    inverting = time.perf_counter() - start
-
-    images, latents, sampling = run_editor(model, inverted, target_prompt, editor, sampler_options,
-                                           progress=progress, desc=f"edit ({inverted.method} + {engine})")
-    timings = {"invert": inverting, "edit": sampling, "total": time.perf_counter() - start}
-    return EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
-                      engine=engine, options=dataclasses.asdict(engine_options),
-                      sampler=dataclasses.asdict(sampler_options), latents=latents, timings=timings, cache_hit=hit)
+    get_engine(engine)
+    engine_options, sampler_options, method_options = split_options(engine, None if given else inversion, options)
+    results = edits(model, image, source_prompt, target_prompt, [inversion], [engine], num_steps=num_steps,
+                    seed=seed, progress=progress, cache=cache, diagnose=diagnose,
+                    inversion_options={} if given else {inversion: method_options},
+                    engine_options={engine: engine_options}, sampler=sampler_options)
+    return next(results)
 
 
-__all__ = ["edit", "EditResult", "ENGINES", "Engine", "get_engine", "split_options", "run_editor", "Editor",
+__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "split_options", "run_editor", "Editor",
            "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "NoOptions", "SamplerOptions",
            "InversionCache", "check_inversion"]

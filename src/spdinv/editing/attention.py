@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import Tensor
 
+from ..sampling import BatchRows
+from .sampler import SOURCE, TARGET
+
 
 @dataclass(frozen=True)
 class AttentionLayer:
@@ -100,15 +103,15 @@ def nearest_scale(layers: list[AttentionLayer], scale: float) -> list[AttentionL
 
 class AttentionEditor:
     """What an engine does inside attention: rewrite q, k, v (B, heads, N, d), and/or the softmax
-    maps of the conditional [source, target] rows (2, heads, Nq, Nk). The batch ends with those
-    two conditional rows; unconditional rows come before them (`spdinv.editing.base.Editor`).
-    With `record`, the conditional maps each probability-editing layer used last are kept in
-    `recorded`."""
+    maps of the conditional [source, target] rows (2, heads, Nq, Nk). `rows` names the batch's
+    rows (`spdinv.sampling.BatchRows`, updated every step). With `record`, the conditional maps
+    each probability-editing layer used last are kept in `recorded`."""
 
     record: bool = False
 
     def __init__(self) -> None:
         self.recorded: dict[str, Tensor] = {}
+        self.rows = BatchRows.of([], 2)
 
     def edit_qkv(self, layer: AttentionLayer, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return q, k, v
@@ -165,11 +168,13 @@ class EditingProcessor:
             # Only the conditional [source, target] rows are materialised, and only an edited
             # target row is recomputed from its maps: every other row keeps the fused kernel's
             # numerics, so the source branch matches an unedited pass bit for bit.
-            mask = None if attention_mask is None else attention_mask[-2:]
-            probs = _attention_probs(attn, q[-2:], k[-2:], mask)
+            rows = self.editor.rows
+            pair, target = rows.pair(SOURCE, TARGET), rows.cond(TARGET)
+            mask = None if attention_mask is None else attention_mask[pair]
+            probs = _attention_probs(attn, q[pair], k[pair], mask)
             if self.editor.edit_probs(self.layer, probs):
                 out = out.clone()
-                out[-1] = (probs[-1] @ v[-1]).to(out.dtype)
+                out[target] = (probs[TARGET] @ v[target]).to(out.dtype)
             if self.editor.record:
                 self.editor.recorded[self.layer.name] = probs.detach().float().cpu()
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(q.dtype)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
-from ..sampling import StepHooks
+from ..sampling import BatchRows, StepHooks
 from .attention import AttentionEditor, AttentionLayer, EditingProcessor, attention_layers, forward_hooks, installed_processors
 
 FeatureHook = Callable[[torch.nn.Module, tuple, Tensor], Tensor | None]
@@ -35,11 +35,10 @@ def round_half_up(x: float) -> int:
 
 
 class Editor(AttentionEditor, StepHooks):
-    """One edit's engine state. The batch the UNet sees (`spdinv.sampling.batch_rows`) is the
-    unconditional rows of the guided branches, then the conditional [source, target] rows: row
-    -2 is the source's conditional row, row -1 the target's, and `rows` names each row's branch
-    (0 source, 1 target). With `every_uncond` it is [uncond, cond] halves of [source, target]
-    whenever a branch is guided. `prepare` binds it to a model and an inversion before sampling."""
+    """One edit's engine state. `rows` (`spdinv.sampling.BatchRows`, set by `begin_step`) names
+    the rows of the batch the UNet sees: each row's branch (SOURCE or TARGET) and whether it is
+    conditional; with `every_uncond` both branches have an unconditional row whenever one is
+    guided. `prepare` binds it to a model and an inversion before sampling."""
 
     pin_source: bool = False
 
@@ -51,7 +50,6 @@ class Editor(AttentionEditor, StepHooks):
         self.latent_hw: tuple[int, int] = (0, 0)
         self.layers: list[AttentionLayer] = []
         self.trajectory: Tensor | None = None
-        self.rows: list[int] = [0, 1]
 
     def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
         self.layers = attention_layers(model.unet)
@@ -73,7 +71,7 @@ class Editor(AttentionEditor, StepHooks):
         with installed_processors(unet, processors), forward_hooks(self.feature_hooks(unet)):
             yield
 
-    def begin_step(self, i: int, t: int, z: Tensor, rows: list[int]) -> None:
+    def begin_step(self, i: int, t: int, z: Tensor, rows: BatchRows) -> None:
         self.step_index, self.timestep, self.latent_hw, self.rows = i, t, tuple(z.shape[-2:]), rows
 
     @property

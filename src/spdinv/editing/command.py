@@ -11,55 +11,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..arguments import flag_name
+from ..commands import method_options
 from ..errors import SpdinvError, require_finite
-
-# command-line dest -> (engine, option field)
-ENGINE_FLAGS = {
-    "blend": ("p2p", "blend"),
-    "p2p_mode": ("p2p", "mode"),
-    "cross_replace": ("p2p", "cross_replace"),
-    "self_replace": ("p2p", "self_replace"),
-    "self_replace_scale": ("p2p", "self_replace_scale"),
-    "reweight": ("p2p", "reweight"),
-    "reweight_words": ("p2p", "reweight_words"),
-    "blend_threshold": ("p2p", "blend_threshold"),
-    "blend_start": ("p2p", "blend_start"),
-    "blend_scale": ("p2p", "blend_scale"),
-    "prox": ("p2p", "prox"),
-    "prox_quantile": ("p2p", "prox_quantile"),
-    "prox_timestep": ("p2p", "prox_timestep"),
-    "start_step": ("masactrl", "start_step"),
-    "start_layer": ("masactrl", "start_layer"),
-    "pin_source": ("masactrl", "pin_source"),
-    "feature_injection": ("pnp", "feature_injection"),
-    "attention_injection": ("pnp", "attention_injection"),
-}
-
 
 _FLOAT16_HINT = {"torch.float16": " (float16 overflows easily: try --dtype float32)"}
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+def engine_classes() -> dict[str, type]:
+    """Engine name -> its options dataclass."""
+    from . import ENGINES
 
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return {name: engine.options for name, engine in ENGINES.items()}
 
 
 def add_edit_parser(sub) -> None:
     """Register `spdinv edit` on the CLI's subparsers."""
-    from ..cli import add_inversion_arguments, add_model_arguments
+    from ..arguments import add_model_arguments, add_option_arguments, number
+    from ..commands import add_inversion_arguments
     from ..inversion import METHODS
     from . import ENGINES
 
@@ -70,35 +39,14 @@ def add_edit_parser(sub) -> None:
     edit.add_argument("--inversion", default="spdinv", help=f"{', '.join(METHODS)} or all (default spdinv)")
     edit.add_argument("--engine", default="p2p",
                       help="; ".join(f"{name}: {e.summary}" for name, e in ENGINES.items()) + "; or all (default p2p)")
-    edit.add_argument("--blend", default=None, help="p2p LocalBlend words: 'SOURCE_WORD TARGET_WORD', or one word for both")
     add_inversion_arguments(edit)
     sampling = edit.add_argument_group("sampling")
-    sampling.add_argument("--target-guidance", type=_number, default=7.5, help="the target branch's guidance scale (default 7.5)")
-    sampling.add_argument("--source-guidance", type=_number, default=None,
+    sampling.add_argument("--target-guidance", type=number, default=7.5, help="the target branch's guidance scale (default 7.5)")
+    sampling.add_argument("--source-guidance", type=number, default=None,
                           help="the source branch's guidance scale (default: the inversion's own)")
     sampling.add_argument("--uncond", default="inversion", choices=("inversion", "source", "empty"),
                           help="unconditional embedding: what the inversion prescribes (default), the source prompt, or ''")
-    p2p = edit.add_argument_group("p2p options")
-    p2p.add_argument("--p2p-mode", default=None, help="refine (default) or replace (equal token counts)")
-    p2p.add_argument("--cross-replace", type=_number, default=None, help="fraction of steps with injected cross-attention (0.8)")
-    p2p.add_argument("--self-replace", type=_number, default=None, help="fraction of steps with injected self-attention (0.6)")
-    p2p.add_argument("--self-replace-scale", type=_number, default=None,
-                     help="finest self-attention resolution injected, relative to the latent (0.5)")
-    p2p.add_argument("--reweight", type=_number, default=None, help="cross-attention scale of the reweighted words (2)")
-    p2p.add_argument("--reweight-words", default=None, help="target words to reweight (default: the target blend word)")
-    p2p.add_argument("--blend-threshold", type=_number, default=None, help="LocalBlend mask threshold (0.3)")
-    p2p.add_argument("--blend-start", type=_number, default=None, help="fraction of steps before LocalBlend starts (0.2)")
-    p2p.add_argument("--blend-scale", type=_number, default=None, help="resolution of the maps LocalBlend reads (0.25)")
-    p2p.add_argument("--prox", action="store_true", default=None, help="ProxEdit proximal guidance (off by default)")
-    p2p.add_argument("--prox-quantile", type=_number, default=None, help="ProxEdit threshold quantile (0.7)")
-    p2p.add_argument("--prox-timestep", type=_integer, default=None, help="ProxEdit pulls back below this timestep (400)")
-    masa = edit.add_argument_group("masactrl options")
-    masa.add_argument("--start-step", type=_number, default=None, help="fraction of steps before mutual attention (0.08)")
-    masa.add_argument("--start-layer", type=_number, default=None, help="fraction of self-attention layers before it (0.625)")
-    masa.add_argument("--pin-source", action="store_true", default=None, help="pin the source branch to the trajectory")
-    pnp = edit.add_argument_group("pnp options")
-    pnp.add_argument("--feature-injection", type=_number, default=None, help="fraction of steps with feature injection (0.8)")
-    pnp.add_argument("--attention-injection", type=_number, default=None, help="fraction of steps with Q/K injection (0.5)")
+    add_option_arguments(edit, engine_classes())
     add_model_arguments(edit)
     edit.add_argument("--out", type=Path, default=Path("spdinv-edit"), help="output folder (default ./spdinv-edit)")
     edit.add_argument("--cache", type=Path, default=None,
@@ -117,36 +65,18 @@ def _names(value: str, registry: dict, kind: str) -> list[str]:
 
 def engine_options(args: argparse.Namespace, engines: list[str]) -> dict[str, object]:
     """Each selected engine's options dataclass from the flags given; a flag of an unselected engine is an error."""
+    from ..arguments import given_options, option_flags
     from . import get_engine
 
+    flags = option_flags(engine_classes())
     given: dict[str, dict] = {}
-    for dest, (engine, name) in ENGINE_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if engine not in engines:
-            raise SpdinvError(f"{_flag(dest)} is a {engine} option; the engine is {', '.join(engines)}")
-        if name == "reweight_words":
-            value = tuple(value.split())
-        given.setdefault(engine, {})[name] = value
+    for dest, value in given_options(args, engine_classes()).items():
+        owners = flags[dest].fields
+        if not set(owners) & set(engines):
+            raise SpdinvError(f"{flag_name(dest)} is a {', '.join(owners)} option; the engine is {', '.join(engines)}")
+        for engine, name in owners.items():
+            given.setdefault(engine, {})[name] = value
     return {engine: get_engine(engine).options(**given.get(engine, {})) for engine in engines}
-
-
-def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict]:
-    """Each selected method's options from the inversion flags given (with `all`, each method takes
-    those it has); a flag no selected method has is an error."""
-    from ..cli import INVERSION_OPTIONS
-    from ..inversion import get_method, make_options
-
-    given = {name: getattr(args, name) for name in INVERSION_OPTIONS if getattr(args, name, None) is not None}
-    fields = {m: {f.name for f in dataclasses.fields(get_method(m).options)} for m in methods}
-    unused = sorted(set(given) - set().union(*fields.values()))
-    if unused:
-        raise SpdinvError(f"{', '.join(_flag(u) for u in unused)} do(es) not apply to inversion {', '.join(methods)}")
-    chosen = {m: {k: v for k, v in given.items() if k in fields[m]} for m in methods}
-    for m, options in chosen.items():
-        make_options(m, **options)
-    return chosen
 
 
 @dataclass
@@ -164,7 +94,7 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from ..cli import check_model_settings, prompt_warnings
+    from ..commands import check_model_settings, load_model_from_args, prompt_warnings
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
@@ -183,8 +113,6 @@ def run_edit(args: argparse.Namespace) -> None:
     check_output_dir(args.out)
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     check_model_settings(args)
-
-    from ..cli import load_model_from_args
 
     model = load_model_from_args(args)
     loaded = time.perf_counter() - wall
@@ -210,34 +138,26 @@ def run_edit(args: argparse.Namespace) -> None:
 
 def edit_all(model, image, source: str, target: str, methods: list[str], engines: list[str], per_method: dict,
              per_engine: dict, sampler, args: argparse.Namespace) -> list[Run]:
-    """Invert once per method (through the cache), then edit with every engine."""
-    from ..inversion import invert
-    from . import ENGINES, run_editor
+    """Every method x engine through the library's `edits` (one inversion per method, through the cache)."""
+    from . import edits
     from .cache import InversionCache, default_cache_dir
 
     cache = None if args.no_cache else InversionCache(args.cache or default_cache_dir())
     if cache is not None and (problem := cache.unusable()):
         print(f"warning: not caching inversions: {problem}", file=sys.stderr)
         cache = None
+    hint = _FLOAT16_HINT.get(str(model.dtype), "")
     runs = []
-    for method in methods:
-        start = time.perf_counter()
-        if cache is None:
-            inversion, status = invert(model, image, source, method, args.steps, seed=args.seed, diagnose=False,
-                                       progress=not args.quiet, **per_method[method]), "not cached"
-        else:
-            inversion, hit = cache.invert(model, image, source, method, args.steps, seed=args.seed,
-                                          progress=not args.quiet, **per_method[method])
-            status = "cache hit" if hit else "cache miss"
-        inverting = time.perf_counter() - start
-        require_finite(inversion.trajectory, f"the {method} inversion" + _FLOAT16_HINT.get(str(model.dtype), ""))
-        for engine in engines:
-            editor = ENGINES[engine].editor(model, source, target, per_engine[engine])
-            images, _, seconds = run_editor(model, inversion, target, editor, sampler, progress=not args.quiet,
-                                            desc=f"edit ({method} + {engine})")
-            require_finite(images, f"the {method} + {engine} result" + _FLOAT16_HINT.get(str(model.dtype), ""))
-            runs.append(Run(method, engine, images[1:], images[:1], editor.mask, float("nan"), status,
-                            {"invert": inverting, "edit": seconds}))
+    results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
+                    progress=not args.quiet, cache=cache, inversion_options=per_method, engine_options=per_engine,
+                    sampler=sampler)
+    for (method, engine), result in zip(((m, e) for m in methods for e in engines), results):
+        require_finite(result.inversion.trajectory, f"the {method} inversion" + hint)
+        for images in (result.reconstruction, result.edited):
+            require_finite(images, f"the {method} + {engine} result" + hint)
+        status = "not cached" if cache is None else "cache hit" if result.cache_hit else "cache miss"
+        runs.append(Run(method, engine, result.edited, result.reconstruction, result.mask, float("nan"), status,
+                        {"invert": result.timings["invert"], "edit": result.timings["edit"]}))
     if cache is not None and cache.dropped:
         print(f"note: removed {cache.dropped} damaged inversion cache entr{'y' if cache.dropped == 1 else 'ies'} "
               "and inverted again", file=sys.stderr)

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..arguments import option
 from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from .attention import AttentionLayer
 from .base import Editor, check_fraction, round_half_up
+from .sampler import SOURCE, TARGET
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,9 @@ class MasaCtrlOptions:
     start_layer: fraction of the self-attention layers, in depth order, before it starts (SD:
     10/16 = 0.625); pin_source: walk the source branch along the inverted trajectory."""
 
-    start_step: float = 0.08
-    start_layer: float = 0.625
-    pin_source: bool = False
+    start_step: float = option(0.08, "fraction of steps before mutual attention")
+    start_layer: float = option(0.625, "fraction of self-attention layers before it")
+    pin_source: bool = option(False, "pin the source branch to the trajectory")
 
     def __post_init__(self) -> None:
         check_fraction("masactrl", "start_step", self.start_step)
@@ -60,9 +62,8 @@ class MasaCtrlEditor(Editor):
     def edit_qkv(self, layer: AttentionLayer, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.step_index < self.start_step:
             return q, k, v
-        k, v = k.clone(), v.clone()
-        k[1::2], v[1::2] = k[0::2], v[0::2]  # each half's target row takes its source row's keys and values
-        return q, k, v
+        rows = self.rows.same_kind_from(SOURCE, TARGET)  # the target's rows take its source row's keys, values
+        return q, k[rows], v[rows]
 
 
 def masactrl_editor(model: DiffusionModel, source_prompt: str, target_prompt: str,

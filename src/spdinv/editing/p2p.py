@@ -17,15 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..arguments import option, words
 from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
-from ..sampling import guided
+from ..prediction import guided
 from .attention import AttentionLayer, nearest_scale
 from .base import Editor, check_fraction
+from .sampler import SOURCE, TARGET
 from .tokens import prompt_tokens, refinement_mapper, replacement_mapper, word_positions
 
 MODES = ("replace", "refine")
+SOURCES, TARGETS = slice(SOURCE, SOURCE + 1), slice(TARGET, TARGET + 1)  # a branch's latents / eps, keeping the batch dim
 Words = tuple[str, ...]
 
 
@@ -65,19 +68,22 @@ class P2POptions:
     it reads, relative to the latent); prox: ProxEdit proximal guidance (quantile of the
     guidance-difference threshold; pull back to the inverted trajectory below prox_timestep)."""
 
-    mode: str = "refine"
-    cross_replace: float = 0.8
-    self_replace: float = 0.6
-    self_replace_scale: float = 0.5
-    reweight: float = 2.0
-    reweight_words: Words | None = None
-    blend: tuple[Words, Words] | None = None
-    blend_threshold: float = 0.3
-    blend_start: float = 0.2
-    blend_scale: float = 0.25
-    prox: bool = False
-    prox_quantile: float = 0.7
-    prox_timestep: int = 400
+    mode: str = option("refine", "refine or replace (equal token counts)", flag="--p2p-mode")
+    cross_replace: float = option(0.8, "fraction of steps with injected cross-attention")
+    self_replace: float = option(0.6, "fraction of steps with injected self-attention")
+    self_replace_scale: float = option(
+        0.5, "finest self-attention resolution injected, relative to the latent")
+    reweight: float = option(2.0, "cross-attention scale of the reweighted words")
+    reweight_words: Words | None = option(
+        None, "target words to reweight (default: the target blend word)", parse=words)
+    blend: tuple[Words, Words] | None = option(
+        None, "LocalBlend words: 'SOURCE_WORD TARGET_WORD', or one word for both", parse=str)
+    blend_threshold: float = option(0.3, "LocalBlend mask threshold")
+    blend_start: float = option(0.2, "fraction of steps before LocalBlend starts")
+    blend_scale: float = option(0.25, "resolution of the maps LocalBlend reads")
+    prox: bool = option(False, "ProxEdit proximal guidance (off by default)")
+    prox_quantile: float = option(0.7, "ProxEdit threshold quantile")
+    prox_timestep: int = option(400, "ProxEdit pulls back below this timestep")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -159,7 +165,7 @@ class ProximalGuidance:
         threshold = delta.abs().float().flatten().quantile(self.quantile).to(delta.dtype)
         shrunk = delta - delta.clamp(-threshold, threshold)
         eps = guided(eps_uncond, eps_cond, scales)
-        eps[1:] = eps_uncond[1:] + scales[1:] * shrunk[1:]
+        eps[TARGETS] = eps_uncond[TARGETS] + scales[TARGETS] * shrunk[TARGETS]
         self.keep = None
         if t < self.timestep:
             edited = F.max_pool2d((shrunk.abs() > threshold).float(), 3, 1, padding=1)
@@ -172,7 +178,7 @@ class ProximalGuidance:
         k = self.num_steps - i
         inverted = self.trajectory[k - 1 : k].to(z)
         z = z.clone()
-        z[1:] = z[1:] - (z[1:] - inverted) * self.keep[1:]
+        z[TARGETS] = z[TARGETS] - (z[TARGETS] - inverted) * self.keep[TARGETS]
         return z
 
 
@@ -230,13 +236,13 @@ class P2PEditor(Editor):
         if layer.name in self.blend_names:  # LocalBlend reads the unedited maps, summed over steps
             self.maps[layer.name] = self.maps[layer.name] + probs.float() if layer.name in self.maps else probs.float()
         if layer.cross and i < self.cross_steps:
-            source, own = probs[0], probs[1]
+            source, own = probs[SOURCE], probs[TARGET]
             alphas = self.alphas.to(probs.dtype)
             refined = source[..., self.mapper] * alphas + own * (1 - alphas)
-            probs[1] = refined * self.equalizer.to(probs.dtype)
+            probs[TARGET] = refined * self.equalizer.to(probs.dtype)
             return True
         if not layer.cross and i < self.self_steps:
-            probs[1] = probs[0]
+            probs[TARGET] = probs[SOURCE]
             return True
         return False
 
@@ -265,9 +271,9 @@ class P2PEditor(Editor):
         mask = F.interpolate(words, size=tuple(z.shape[-2:]))
         mask = mask / mask.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         mask = mask > self.options.blend_threshold
-        mask = mask[:1] | mask
-        self._mask = mask[1:].float()
-        return z[:1] + mask.to(z.dtype) * (z - z[:1])
+        mask = mask[SOURCES] | mask
+        self._mask = mask[TARGETS].float()
+        return z[SOURCES] + mask.to(z.dtype) * (z - z[SOURCES])
 
     @property
     def mask(self) -> Tensor | None:

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..arguments import option
 from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from .attention import AttentionLayer
 from .base import Editor, FeatureHook, check_fraction
+from .sampler import SOURCE, TARGET
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,8 @@ class PnPOptions:
     """feature_injection: fraction of the steps with residual-feature injection (0.8);
     attention_injection: fraction with self-attention Q/K injection (0.5)."""
 
-    feature_injection: float = 0.8
-    attention_injection: float = 0.5
+    feature_injection: float = option(0.8, "fraction of steps with feature injection")
+    attention_injection: float = option(0.5, "fraction of steps with Q/K injection")
 
     def __post_init__(self) -> None:
         check_fraction("pnp", "feature_injection", self.feature_injection)
@@ -80,8 +82,7 @@ class PnPEditor(Editor):
 
     def _source_into_target(self, x: Tensor) -> Tensor:
         """x (one row per UNet batch row) with every target row replaced by the source's conditional row."""
-        source = len(self.rows) - 2
-        return x[[source if branch == 1 else row for row, branch in enumerate(self.rows)]]
+        return x[self.rows.all_from(self.rows.cond(SOURCE), TARGET)]
 
     def feature_hooks(self, unet: torch.nn.Module) -> list[tuple[torch.nn.Module, FeatureHook]]:
         return [(self.resnet.conv2, self._inject_features)]

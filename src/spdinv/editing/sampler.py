@@ -18,9 +18,11 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
-from ..sampling import NO_HOOKS, Branch, StepHooks, guided, loop, source_branch, step
+from ..inversion.reconstruction import source_branch
+from ..sampling import NO_HOOKS, Branch, StepHooks, loop, step
 
 UNCOND_MODES = ("inversion", "source", "empty")
+SOURCE, TARGET = 0, 1  # the edit's branches, [source, target]
 
 
 @dataclass(frozen=True)
@@ -70,5 +72,5 @@ def sample_edit(model: DiffusionModel, inversion: Inversion, target_prompt: str,
     return loop(model, inversion.schedule, inversion.z_T, branches, hooks, progress=progress, desc=desc)
 
 
-__all__ = ["SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit",
-           "guided", "loop", "step"]
+__all__ = ["SOURCE", "TARGET", "SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit",
+           "loop", "step"]

@@ -24,6 +24,7 @@ from .ddim import DDIMOptions, ddim
 from .direct import DirectOptions, direct
 from .negative_prompt import NegativePromptOptions, negative_prompt
 from .null_text import NullTextOptions, null_text
+from .reconstruction import Reconstruction, reconstruct, reconstruct_latent, reconstruction_error, source_branch
 from .spdinv import SPDInvOptions, spdinv
 
 
@@ -100,8 +101,6 @@ def invert(
 ) -> Inversion:
     """Invert an image under its source prompt with the named method; with `diagnose` the result
     carries per-step residuals, the noise error and the (latent) reconstruction error."""
-    from ..sampling import reconstruction_error
-
     prompt = check_prompt(prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     entry, opts = get_method(method), make_options(method, **options)
@@ -115,4 +114,5 @@ def invert(
     return inversion
 
 
-__all__ = ["Inversion", "StepReport", "METHODS", "Method", "invert", "get_method", "make_options"]
+__all__ = ["Inversion", "StepReport", "METHODS", "Method", "invert", "get_method", "make_options", "reconstruct",
+           "reconstruct_latent", "reconstruction_error", "Reconstruction", "source_branch"]

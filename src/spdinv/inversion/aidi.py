@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from ..arguments import option, positive_float
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
@@ -32,10 +33,10 @@ class AIDIOptions:
     mixing uses up to window - 1 differences; 1 = plain damped iteration); damping: beta in (0, 1];
     tol: stop once the mean squared residual is below it (SPDInv's delta)."""
 
-    iterations: int = 10
-    window: int = 5
-    damping: float = 1.0
-    tol: float = 5e-6
+    iterations: int = option(10, "most Anderson updates per timestep")
+    window: int = option(5, "iterates Anderson remembers; 1 = damped iteration")
+    damping: float = option(1.0, "mixing parameter beta in (0, 1]")
+    tol: float = option(5e-6, "early-stop threshold on the mean squared residual", parse=positive_float)
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 0:

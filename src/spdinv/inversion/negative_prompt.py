@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, replace
 
 from torch import Tensor
 
+from ..arguments import option
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
@@ -20,7 +21,7 @@ from .ddim import ddim
 class NegativePromptOptions:
     """guidance: the classifier-free guidance scale the inversion is sampled (edited) with, >= 1."""
 
-    guidance: float = 7.5
+    guidance: float = option(7.5, "classifier-free guidance scale, >= 1")
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.guidance) or not self.guidance >= 1:

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..arguments import option, positive_float
 from ..errors import SpdinvError
 from ..model import DiffusionModel
+from ..prediction import guided
 from ..schedule import DDIMSchedule, ddim_step
 from .base import Inversion
 from .ddim import ddim
@@ -28,12 +30,12 @@ class NullTextOptions:
     reaches 0); a step stops early once its loss < early_stop + i * early_stop_growth.
     Defaults are the reference implementation's."""
 
-    guidance: float = 7.5
-    inner_steps: int = 10
-    lr: float = 1e-2
-    lr_decay: float = 1e-2
-    early_stop: float = 1e-5
-    early_stop_growth: float = 2e-5
+    guidance: float = option(7.5, "classifier-free guidance scale, >= 1")
+    inner_steps: int = option(10, "most Adam steps per timestep")
+    lr: float = option(1e-2, "Adam's step size", parse=positive_float)
+    lr_decay: float = option(1e-2, "lr at sampling step i is lr*(1 - lr_decay*i)")
+    early_stop: float = option(1e-5, "stop a step once its loss < early_stop + i*growth")
+    early_stop_growth: float = option(2e-5, "growth of that threshold per step")
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.guidance) or not self.guidance >= 1:
@@ -57,10 +59,6 @@ class NullFit:
     adam_steps: int
     forwards: int
     warning: str = ""
-
-
-def guided(eps_uncond: Tensor, eps_cond: Tensor, guidance: float) -> Tensor:
-    return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
 def fit_null(loss_of: Callable[[Tensor], Tensor], null: Tensor, lr: float, inner_steps: int,

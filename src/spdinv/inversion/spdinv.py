@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..arguments import option, positive_float, positive_int
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
@@ -26,11 +27,13 @@ class SPDInvOptions:
     is also below this fraction of the step's first (DDIM-guess) residual; optimizer: adamw (the
     paper's code, weight decay 0.01), adam or sgd."""
 
-    K: int = 25
-    lr: float = 1e-3
-    delta: float = 5e-6
-    relative_delta: float | None = None
-    optimizer: str = "adamw"
+    K: int = option(25, "most gradient steps per timestep", parse=positive_int)
+    lr: float = option(1e-3, "step size", parse=positive_float)
+    delta: float = option(5e-6, "early-stop threshold on the mean squared residual", parse=positive_float)
+    relative_delta: float | None = option(
+        None, "also stop only below this fraction of each step's first residual (scale-aware; default off)",
+        parse=positive_float)
+    optimizer: str = option("adamw", "adamw, adam or sgd")
 
     def __post_init__(self) -> None:
         if not isinstance(self.K, int) or self.K <= 0:

@@ -42,7 +42,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def check_config(config) -> None:
     """Every training setting in its range, as a one-line error before anything is built."""
-    from ..cli import MAX_SEED, parse_device
+    from ..arguments import MAX_SEED, parse_device
     from ..errors import SpdinvError
 
     positive = ("n_scenes", "vae_steps", "vae_batch", "vae_crop", "unet_steps", "unet_batch", "unet_warmup",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..bench.masks import rle_encode
+from ..masks import rle_encode
 from ..outputs import staged_output, write_json
 from .edits import CATEGORIES, EditPair, category_counts, make_edit
 

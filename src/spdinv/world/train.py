@@ -24,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import SpdinvError
 from ..images import arrays_to_tensor
-from ..outputs import staged_output
+from ..outputs import atomic_file, staged_output
 from .captions import Phrasing, caption
 from .config import TrainConfig
 from .render import render_array
@@ -113,9 +113,8 @@ class Trainer:
     def save_checkpoint(self, extra: dict) -> None:
         payload = {"state": self.state, "config": asdict(self.config), "vae": self.vae.state_dict(),
                    "text_encoder": self.text_encoder.state_dict(), "unet": self.unet.state_dict(), **extra}
-        tmp = self._ckpt_path().with_suffix(".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(self._ckpt_path())
+        with atomic_file(self._ckpt_path(), "wb") as handle:
+            torch.save(payload, handle)
 
     def load_checkpoint(self) -> dict | None:
         if not self._ckpt_path().exists():
@@ -283,14 +282,3 @@ class Trainer:
         log.info("saved pipeline to %s", out_dir)
         return out_dir
 
-
-def main(argv: list[str] | None = None) -> None:
-    from ..cli import main as cli_main
-
-    raise SystemExit(cli_main(["world", "train", *(argv or [])]))
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import SpdinvError
+from .errors import SpdinvError
 
 
 def rle_encode(mask: np.ndarray) -> list[int]:
