@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spdinv.model import EMBEDDED_MODEL, load_model
+from spdinv.testing import hand_drawn_square
 from spdinv.world.classifier import compare, load_classifier, read_scenes
 from spdinv.world.render import render
 from spdinv.world.captions import Phrasing
@@ -71,16 +72,6 @@ def test_spdinv_edit_on_the_embedded_model(model, classifier, engine):
     reading = read_scenes(classifier, result.edited)[0]
     assert compare(reading, target)["all"], reading
     assert background_psnr(result.edited, render(target), pair.mask()) >= 25.0
-
-
-def hand_drawn_square() -> "Image.Image":
-    """A large purple square on a brown background drawn with PIL, off the world renderer's grid
-    and palette (other shades, an off-centre square)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (64, 64), (120, 72, 40))
-    ImageDraw.Draw(image).rectangle((17, 15, 47, 45), fill=(140, 50, 170))
-    return image
 
 
 @pytest.mark.parametrize("engine", ["p2p", "masactrl", "none"])

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from PIL import Image, ImageDraw
 from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
 from torch import Tensor
@@ -140,3 +141,11 @@ def same_up_to_rounding(actual: Tensor, expected: Tensor, relative: float = 1e-4
     wrong branch differs by 1e-2 or more. 1e-4 sits between the two."""
     scale = max(float(actual.abs().max()), float(expected.abs().max()), 1e-12)
     return float((actual - expected).abs().max()) <= relative * scale
+
+
+def hand_drawn_square() -> Image.Image:
+    """A large purple square on a brown background drawn with PIL (64x64), off the shapes world's
+    grid and palette: other shades, an off-centre square. Not an image the world renderer draws."""
+    image = Image.new("RGB", (64, 64), (120, 72, 40))
+    ImageDraw.Draw(image).rectangle((17, 15, 47, 45), fill=(140, 50, 170))
+    return image
