@@ -127,12 +127,15 @@ def edit(
     seed: int = 0,
     progress: bool = False,
     cache: InversionCache | None = None,
+    diagnose: bool = False,
     **options,
 ) -> EditResult:
     """Edit `image` from `source_prompt` to `target_prompt`: invert it with the named method (or
     use the given Inversion), then sample [source, target] from z_T with the named engine.
     Keyword options go to the engine (e.g. blend, cross_replace), the sampler (guidance_scale,
-    source_guidance_scale, uncond) or the inversion method (e.g. K, lr)."""
+    source_guidance_scale, uncond) or the inversion method (e.g. K, lr). With `diagnose` the
+    inversion carries its per-step residuals, noise and reconstruction errors (extra forwards; a
+    cached inversion has those it was stored with)."""
     source_prompt = check_prompt(source_prompt, "source prompt")
     target_prompt = check_prompt(target_prompt, "target prompt")
     given = isinstance(inversion, Inversion)
@@ -150,9 +153,9 @@ def edit(
         inverted = inversion
     elif cache is not None:
         inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
-                                     **inversion_options)
+                                     diagnose=diagnose, **inversion_options)
     else:
-        inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=False,
+        inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=diagnose,
                           progress=progress, **inversion_options)
     inverting = time.perf_counter() - start
 
