@@ -119,8 +119,9 @@ def build_app(session: DemoSession) -> gr.Blocks:
     limits = (f"Uploads: any format PIL reads, at most {MAX_UPLOAD_BYTES // 2**20} MB and "
               f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels; centre-cropped and resized to {session.model.image_size} px "
               f"as `spdinv edit` does.")
-    with gr.Blocks(title="spdinv demo", analytics_enabled=False) as app:
-        gr.Markdown(f"## spdinv: text-driven editing of real images\nModel: `{session.model.name}`. {limits}")
+    with gr.Blocks(title="spdinv demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        name = session.model.name.rstrip("/").split("/")[-1]
+        gr.Markdown(f"## spdinv: text-driven editing of real images\nModel: `{name}`. {limits}")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], format="png",
@@ -151,14 +152,15 @@ def build_app(session: DemoSession) -> gr.Blocks:
                     seed = gr.Number(0, precision=0, label="seed", minimum=0)
                 run = gr.Button("Edit", variant="primary", elem_id="edit-button")
             with gr.Column():
-                edited = gr.Image(label="edit", format="png", interactive=False, elem_id="edited")
+                edited = gr.Image(label="edit", format="png", interactive=False, elem_id="edited", height=256)
                 with gr.Row():
                     reconstruction = gr.Image(label="reconstruction", format="png", interactive=False,
-                                              elem_id="reconstruction")
-                    mask = gr.Image(label="LocalBlend mask", format="png", interactive=False, elem_id="mask")
+                                              elem_id="reconstruction", height=160)
+                    mask = gr.Image(label="LocalBlend mask", format="png", interactive=False, elem_id="mask",
+                                    height=160)
                 summary = gr.Markdown(label="summary", elem_id="summary")
                 residuals = gr.Image(label="inversion residual per step", format="png", interactive=False)
-                compared = gr.Gallery(label="all inversion x engine results", columns=4, format="png")
+                compared = gr.Gallery(label="all inversion x engine results", columns=4, format="png", height=200)
                 download = gr.File(label="download: the files `spdinv edit --out` writes", elem_id="download")
 
         gr.Examples([[str(e.image), e.source, e.target, e.engine, e.blend] for e in examples],

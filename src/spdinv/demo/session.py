@@ -5,6 +5,7 @@ files `spdinv edit --out` writes (plus the residual plot) into a folder and a zi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import shutil
@@ -161,6 +162,10 @@ class DemoSession:
     allowed: list[Path]
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="spdinv-demo-")))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    keep: int = 32  # results of this many recent requests stay on disk (Gradio serves copies of them)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
 
     def edit(self, request: EditRequest, *, progress: bool = False) -> DemoResult:
         """Check everything, then run each inversion x engine through editing.edit() holding the lock."""
@@ -171,7 +176,7 @@ class DemoSession:
         prepared = []
         for method in request.inversions:
             for engine in request.engines:
-                options = dict(request.options, guidance_scale=request.guidance)
+                options = dict(_applicable(request, method, engine), guidance_scale=request.guidance)
                 if engine == "p2p" and request.blend.strip():
                     options["blend"] = request.blend.strip()
                 engine_options, _, method_options = split_options(engine, method, options)
@@ -180,9 +185,17 @@ class DemoSession:
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
-            runs = self._run_all(image, request, prepared, progress)
-        folder = self._write(image, request, runs, prepared, {"lock_wait": waited})
+            here = self._new_folder()
+            runs = self._run_all(image, request, prepared, progress, here)
+        folder = self._write(image, request, runs, prepared, {"lock_wait": waited}, here / "spdinv-edit")
         return DemoResult(image, runs, folder, _zip(folder), notices)
+
+    def _new_folder(self) -> Path:
+        """A folder for this request's files; the oldest beyond `keep` are removed (under the lock)."""
+        previous = sorted(self.workdir.glob("edit-*"), key=lambda p: p.stat().st_mtime)
+        for old in previous[: max(0, len(previous) - self.keep + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix="edit-", dir=self.workdir))
 
     def _check_words(self, request: EditRequest, prepared: list) -> None:
         """Blend, reweight and replace words against the prompts, before any compute (as the CLI does)."""
@@ -191,7 +204,8 @@ class DemoSession:
         for _, engine, _, engine_options, _ in prepared:
             get_engine(engine).editor(self.model, request.source.strip(), request.target.strip(), engine_options)
 
-    def _run_all(self, image: Image.Image, request: EditRequest, prepared: list, progress: bool) -> list[DemoRun]:
+    def _run_all(self, image: Image.Image, request: EditRequest, prepared: list, progress: bool,
+                 folder: Path) -> list[DemoRun]:
         from ..editing import edit
 
         runs, inverted, plots = [], {}, {}
@@ -210,27 +224,26 @@ class DemoSession:
             runs.append(DemoRun(method, engine, edited, reconstruction, result.mask, psnr(result.reconstruction, source_tensor),
                                 status, {k: v for k, v in result.timings.items() if not (given and k == "invert")},
                                 result.inversion.noise_error))
-            runs[-1].residuals = plots[method] if given else self._plot(result.inversion, method, request.source)
+            runs[-1].residuals = plots[method] if given else self._plot(result.inversion, request.source,
+                                                                                   folder / f"residuals-{method}.png")
             plots[method] = runs[-1].residuals
         return runs
 
-    def _plot(self, inversion, method: str, prompt: str) -> Path | None:
+    def _plot(self, inversion, prompt: str, path: Path) -> Path | None:
         from ..plots import plot_residuals
 
         steps = [s for s in inversion.steps if s.residual_after == s.residual_after]  # NaN: no residual measured
         if not steps:
             return None
-        path = Path(tempfile.mkstemp(suffix=".png", prefix=f"residuals-{method}-", dir=self.workdir)[1])
-        plot_residuals(inversion.steps, path, title=f"{method}: {prompt}")
+        plot_residuals(inversion.steps, path, title=f"{inversion.method}: {prompt}")
         return path
 
     def _write(self, image: Image.Image, request: EditRequest, runs: list[DemoRun], prepared: list,
-               timings: dict) -> Path:
+               timings: dict, out: Path) -> Path:
         """The folder `spdinv edit --out` writes (source, edit, reconstruction, mask, grid, config.json)."""
         from ..editing.command import Run, write_outputs
         from ..editing.sampler import SamplerOptions
 
-        out = Path(tempfile.mkdtemp(prefix="edit-", dir=self.workdir)) / "spdinv-edit"
         per_method = {m: method_options for m, _, _, _, method_options in prepared}
         per_engine = {e: engine_options for _, e, _, engine_options, _ in prepared}
         written = [Run(r.method, r.engine, r.edited, r.reconstruction, r.mask, r.psnr, r.cache,
@@ -245,9 +258,27 @@ class DemoSession:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _sampler_fields() -> set[str]:
-    import dataclasses
+def _applicable(request: EditRequest, method: str, engine: str) -> dict:
+    """The options that apply to this inversion x engine pair; in compare mode each pair takes
+    those it has (as `spdinv edit --inversion all` does), and an option no chosen method, engine
+    or the sampler has is an error."""
+    from ..editing import get_engine
+    from ..inversion import get_method
 
+    def names(*classes) -> set[str]:
+        return {f.name for cls in classes for f in dataclasses.fields(cls)}
+
+    everything = names(*(get_method(m).options for m in request.inversions),
+                       *(get_engine(e).options for e in request.engines)) | _sampler_fields()
+    unknown = sorted(set(request.options) - everything)
+    if unknown:
+        raise SpdinvError(f"option(s) {', '.join(unknown)} apply to none of inversion {', '.join(request.inversions)}, "
+                          f"engine {', '.join(request.engines)} or the sampler; valid: {', '.join(sorted(everything))}")
+    mine = names(get_method(method).options, get_engine(engine).options) | _sampler_fields()
+    return {k: v for k, v in request.options.items() if k in mine}
+
+
+def _sampler_fields() -> set[str]:
     from ..editing.sampler import SamplerOptions
 
     return {f.name for f in dataclasses.fields(SamplerOptions)}
@@ -255,8 +286,6 @@ def _sampler_fields() -> set[str]:
 
 def _without_method_options(options: dict, method: str) -> dict:
     """A given inversion takes no inversion-method options."""
-    import dataclasses
-
     from ..inversion import get_method
 
     names = {f.name for f in dataclasses.fields(get_method(method).options)}
