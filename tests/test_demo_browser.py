@@ -114,6 +114,10 @@ def test_page_edits_an_uploaded_drawing(browser, embedded_server, tmp_path):
     seconds = time.perf_counter() - start
     page.locator("#summary").get_by_text("cache miss").wait_for(timeout=10_000)
     page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+    if os.environ.get("SPDINV_DEMO_SCREENSHOT"):  # how docs/demo.png is made (README)
+        small = Image.open(tmp_path / "demo.png").convert("RGB")
+        small = small.resize((small.width * 3 // 4, small.height * 3 // 4), Image.LANCZOS)
+        small.quantize(128, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE).save(os.environ["SPDINV_DEMO_SCREENSHOT"], optimize=True)
 
     edited = _image_of(page, "edited")
     assert edited.size == (64, 64)

@@ -24,6 +24,9 @@ log = logging.getLogger("spdinv.demo")
 QUEUE_SIZE = 8  # requests waiting at once; one more is refused with "queue is full"
 CONCURRENCY = 2  # requests past the queue at once: one edits (the model's lock), one can be checked meanwhile
 STEP_PRESETS = (10, 20)
+# Results are small (64 px on the embedded model): shown filling their boxes, pixels kept sharp.
+CSS = """#edited img, #reconstruction img, #mask img {
+  width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"""
 
 
 def _path(payload) -> str | None:
@@ -160,7 +163,8 @@ def build_app(session: DemoSession) -> gr.Blocks:
                                     height=160)
                 summary = gr.Markdown(label="summary", elem_id="summary")
                 residuals = gr.Image(label="inversion residual per step", format="png", interactive=False)
-                compared = gr.Gallery(label="all inversion x engine results", columns=4, format="png", height=200)
+                compared = gr.Gallery(label="all inversion x engine results", columns=4, format="png", height=200,
+                                      object_fit="contain", elem_id="compared")
                 download = gr.File(label="download: the files `spdinv edit --out` writes", elem_id="download")
 
         gr.Examples([[str(e.image), e.source, e.target, e.engine, e.blend] for e in examples],
@@ -202,7 +206,7 @@ def launch(session: DemoSession, host: str = "127.0.0.1", port: int = 7860, *, q
     app.queue(max_size=queue_size, default_concurrency_limit=CONCURRENCY)
     allowed = [str(EXAMPLES_DIR), str(session.workdir)]
     _, url, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=not block,
-                           share=False, show_error=False, max_file_size=MAX_UPLOAD_BYTES, allowed_paths=allowed,
+                           share=False, show_error=False, css=CSS, max_file_size=MAX_UPLOAD_BYTES, allowed_paths=allowed,
                            ssr_mode=False, enable_monitoring=False, mcp_server=False, footer_links=["api"],
                            theme=gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                                                    font_mono=["ui-monospace", "monospace"]))
