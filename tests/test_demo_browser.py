@@ -166,3 +166,24 @@ def test_api_endpoint_and_two_requests_at_once(tiny_server):
     with pytest.raises(Exception, match="blend word 'square' is not in the source prompt"):
         client.predict(image=gradio_client.handle_file(str(EXAMPLE.image)), source=EXAMPLE.source,
                        target=EXAMPLE.target, blend="square square", api_name="/edit")
+
+
+def test_a_full_queue_says_so(tiny):
+    """Past the queue's bound a request is refused at once with Gradio's "Queue is full" (no hang)."""
+    session = DemoSession(tiny, None, readable_folders())
+    app, url = launch(session, port=free_port(), block=False, queue_size=1)
+    try:
+        client = gradio_client.Client(url, verbose=False)
+        jobs = [_edit(client, EXAMPLE.target) for _ in range(5)]
+        outcomes = []
+        for job in jobs:
+            try:
+                job.result(timeout=120)
+                outcomes.append("done")
+            except Exception as error:  # noqa: BLE001 - gradio_client's QueueError, whatever its module
+                outcomes.append(str(error))
+    finally:
+        app.close()
+        session.close()
+    assert "done" in outcomes
+    assert any("Queue is full" in outcome for outcome in outcomes), outcomes

@@ -163,7 +163,7 @@ def build_app(session: DemoSession) -> gr.Blocks:
                                     height=160)
                 summary = gr.Markdown(label="summary", elem_id="summary")
                 residuals = gr.Image(label="inversion residual per step", format="png", interactive=False)
-                compared = gr.Gallery(label="all inversion x engine results", columns=4, format="png", height=200,
+                compared = gr.Gallery(label="all inversion x engine results", columns=4, format="png", height="auto", preview=False,
                                       object_fit="contain", elem_id="compared")
                 download = gr.File(label="download: the files `spdinv edit --out` writes", elem_id="download")
 
