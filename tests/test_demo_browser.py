@@ -163,6 +163,11 @@ def test_api_endpoint_and_two_requests_at_once(tiny_server):
         assert "cache hit" in single[5]
     assert not np.array_equal(_pixels(together[0][0]), _pixels(together[1][0]))  # two different edits
 
+    # the README's call: positional image, source, target, inversion, engine, blend, steps; the edit first
+    edited, *rest = client.predict(gradio_client.handle_file(str(EXAMPLE.image)), EXAMPLE.source, EXAMPLE.target,
+                                   "ddim", "p2p", "circle circle", 3, api_name="/edit")
+    assert Image.open(edited).size == (32, 32) and len(rest) == 6
+
     with pytest.raises(Exception, match="blend word 'square' is not in the source prompt"):
         client.predict(image=gradio_client.handle_file(str(EXAMPLE.image)), source=EXAMPLE.source,
                        target=EXAMPLE.target, blend="square square", api_name="/edit")
@@ -187,3 +192,15 @@ def test_a_full_queue_says_so(tiny):
         session.close()
     assert "done" in outcomes
     assert any("Queue is full" in outcome for outcome in outcomes), outcomes
+
+
+def test_a_server_path_in_a_request_is_not_read(tiny_server):
+    """A request naming a file on the server instead of uploading it gets an error, not the file."""
+    import httpx
+
+    inputs = [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, EXAMPLE.source, EXAMPLE.target,
+              "ddim", "none", "", 3, 7.5, 0, "", [], []]
+    event = httpx.post(tiny_server + "gradio_api/call/edit", json={"data": inputs}, timeout=30).json()["event_id"]
+    with httpx.stream("GET", f"{tiny_server}gradio_api/call/edit/{event}", timeout=60) as stream:
+        answer = "".join(stream.iter_text())
+    assert "event: error" in answer and "complete" not in answer, answer
