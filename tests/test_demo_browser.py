@@ -110,6 +110,7 @@ def test_page_edits_an_uploaded_drawing(browser, embedded_server, tmp_path):
     page.keyboard.type('{"K": 5}')  # SPDInv's gradient steps per timestep: 5 keeps this test near 10 s
     start = time.perf_counter()
     page.locator("#edit-button").click()
+    page.get_by_text("invert (spdinv)").first.wait_for(timeout=30_000)  # the live progress, from tqdm
     page.locator("#edited img").wait_for(timeout=120_000)
     seconds = time.perf_counter() - start
     page.locator("#summary").get_by_text("cache miss").wait_for(timeout=10_000)

@@ -103,7 +103,8 @@ def build_app(session: DemoSession) -> gr.Blocks:
         size = result.image.size[0]
         gallery = [(r.edited, f"{r.method} + {r.engine}") for r in result.runs]
         return (first.edited, first.reconstruction, None if first.mask is None else _mask_image(first.mask, size),
-                None if first.residuals is None else str(first.residuals), gallery, _summary(result), str(result.archive))
+                None if first.residuals is None else str(first.residuals),
+                gr.Gallery(value=gallery, visible=len(gallery) > 1), _summary(result), str(result.archive))
 
     def inspect(image):
         """On upload: what the model will see, and how the upload was converted."""
@@ -163,8 +164,8 @@ def build_app(session: DemoSession) -> gr.Blocks:
                                     height=160)
                 summary = gr.Markdown(label="summary", elem_id="summary")
                 residuals = gr.Image(label="inversion residual per step", format="png", interactive=False)
-                compared = gr.Gallery(label="all inversion x engine results", columns=4, format="png", height="auto", preview=False,
-                                      object_fit="contain", elem_id="compared")
+                compared = gr.Gallery(label="all inversion x engine results (compare)", columns=4, format="png", preview=False,
+                                      object_fit="contain", elem_id="compared", visible=False)
                 download = gr.File(label="download: the files `spdinv edit --out` writes", elem_id="download")
 
         gr.Examples([[str(e.image), e.source, e.target, e.engine, e.blend] for e in examples],

@@ -46,6 +46,17 @@ class EditRequest:
     options: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Pair:
+    """One inversion x engine of a request, with its options routed and checked."""
+
+    method: str
+    engine: str
+    options: dict  # what edit() takes
+    engine_options: object  # the engine's options dataclass
+    method_options: dict
+
+
 @dataclass
 class DemoRun:
     """One inversion x engine result."""
@@ -173,21 +184,21 @@ class DemoSession:
 
         check_request(request)
         image, notices = read_upload(request.image, self.allowed, self.model.image_size)
-        prepared = []
+        pairs = []
         for method in request.inversions:
             for engine in request.engines:
                 options = dict(_applicable(request, method, engine), guidance_scale=request.guidance)
                 if engine == "p2p" and request.blend.strip():
                     options["blend"] = request.blend.strip()
                 engine_options, _, method_options = split_options(engine, method, options)
-                prepared.append((method, engine, options, engine_options, method_options))
-        self._check_words(request, prepared)
+                pairs.append(Pair(method, engine, options, engine_options, method_options))
+        self._check_words(request, pairs)
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
             here = self._new_folder()
-            runs = self._run_all(image, request, prepared, progress, here)
-        folder = self._write(image, request, runs, prepared, {"lock_wait": waited}, here / "spdinv-edit")
+            runs = self._run_all(image, request, pairs, progress, here)
+        folder = self._write(image, request, runs, pairs, {"lock_wait": waited}, here / "spdinv-edit")
         return DemoResult(image, runs, folder, _zip(folder), notices)
 
     def _new_folder(self) -> Path:
@@ -197,20 +208,22 @@ class DemoSession:
             shutil.rmtree(old, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix="edit-", dir=self.workdir))
 
-    def _check_words(self, request: EditRequest, prepared: list) -> None:
+    def _check_words(self, request: EditRequest, pairs: list[Pair]) -> None:
         """Blend, reweight and replace words against the prompts, before any compute (as the CLI does)."""
         from ..editing import get_engine
 
-        for _, engine, _, engine_options, _ in prepared:
-            get_engine(engine).editor(self.model, request.source.strip(), request.target.strip(), engine_options)
+        for pair in pairs:
+            get_engine(pair.engine).editor(self.model, request.source.strip(), request.target.strip(),
+                                           pair.engine_options)
 
-    def _run_all(self, image: Image.Image, request: EditRequest, prepared: list, progress: bool,
+    def _run_all(self, image: Image.Image, request: EditRequest, pairs: list[Pair], progress: bool,
                  folder: Path) -> list[DemoRun]:
         from ..editing import edit
 
         runs, inverted, plots = [], {}, {}
         source_tensor = to_tensor(image)
-        for method, engine, options, _, _ in prepared:
+        for pair in pairs:
+            method, engine, options = pair.method, pair.engine, pair.options
             given = inverted.get(method)  # compare mode: one inversion per method, reused by each engine
             result = edit(self.model, image, request.source, request.target, given or method, engine,
                           num_steps=request.steps, seed=request.seed, progress=progress, diagnose=True,
@@ -221,8 +234,8 @@ class DemoSession:
             edited, reconstruction = result.pil()
             status = ("cache hit" if result.cache_hit else "cache miss") if result.cache_hit is not None else (
                 "reused" if given is not None else "not cached")
-            runs.append(DemoRun(method, engine, edited, reconstruction, result.mask, psnr(result.reconstruction, source_tensor),
-                                status, {k: v for k, v in result.timings.items() if not (given and k == "invert")},
+            runs.append(DemoRun(method, engine, edited, reconstruction, result.mask,
+                                psnr(result.reconstruction, source_tensor), status, {k: v for k, v in result.timings.items() if not (given and k == "invert")},
                                 result.inversion.noise_error))
             runs[-1].residuals = plots[method] if given else self._plot(result.inversion, request.source,
                                                                                    folder / f"residuals-{method}.png")
@@ -232,24 +245,24 @@ class DemoSession:
     def _plot(self, inversion, prompt: str, path: Path) -> Path | None:
         from ..plots import plot_residuals
 
-        steps = [s for s in inversion.steps if s.residual_after == s.residual_after]  # NaN: no residual measured
-        if not steps:
+        measured = [s for s in inversion.steps if s.residual_after == s.residual_after]  # NaN: not measured
+        if not measured:
             return None
         plot_residuals(inversion.steps, path, title=f"{inversion.method}: {prompt}")
         return path
 
-    def _write(self, image: Image.Image, request: EditRequest, runs: list[DemoRun], prepared: list,
+    def _write(self, image: Image.Image, request: EditRequest, runs: list[DemoRun], pairs: list[Pair],
                timings: dict, out: Path) -> Path:
         """The folder `spdinv edit --out` writes (source, edit, reconstruction, mask, grid, config.json)."""
         from ..editing.command import Run, write_outputs
         from ..editing.sampler import SamplerOptions
 
-        per_method = {m: method_options for m, _, _, _, method_options in prepared}
-        per_engine = {e: engine_options for _, e, _, engine_options, _ in prepared}
+        per_method = {pair.method: pair.method_options for pair in pairs}
+        per_engine = {pair.engine: pair.engine_options for pair in pairs}
         written = [Run(r.method, r.engine, r.edited, r.reconstruction, r.mask, r.psnr, r.cache,
                        r.timings) for r in runs]
         args = argparse.Namespace(out=out, image=Path(request.image).name, seed=request.seed, steps=request.steps)
-        sampler = SamplerOptions(**{k: v for k, v in prepared[0][2].items() if k in _sampler_fields()})
+        sampler = SamplerOptions(**{k: v for k, v in pairs[0].options.items() if k in _sampler_fields()})
         write_outputs(args, self.model, image, request.source.strip(), request.target.strip(), sampler, per_method,
                       per_engine, written, timings, command=["spdinv demo", *_request_summary(request)])
         return out
