@@ -120,3 +120,12 @@ def test_compare_mode_writes_what_the_cli_writes_and_equals_edit(session, tiny, 
     again = session.edit(EditRequest(path, SOURCE, TARGET, ["spdinv"], ["none"], steps=3, options={"K": 3}))
     assert again.runs[0].cache == "cache hit"  # the same inversion cache the CLI uses
     assert np.array_equal(np.asarray(again.runs[0].edited), np.asarray(result.runs[3].edited))
+
+
+def test_demo_command_refuses_an_unknown_model_in_one_line(capsys):
+    from spdinv.cli import main
+
+    assert main(["demo", "--model", "/no/such/model", "--no-cache"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("spdinv: error: ") and "/no/such/model" in error and "\n" not in error
+    assert main(["demo", "--port", "70000"]) == 2

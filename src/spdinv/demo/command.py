@@ -47,8 +47,11 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"serving {model.name} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
     try:
         launch(session, args.host, args.port, queue_size=args.queue_size)
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops: not an interruption of work
+        pass
     finally:
         session.close()
+    print("stopped", file=sys.stderr)
 
 
 def demo_cache(args: argparse.Namespace):
