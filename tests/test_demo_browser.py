@@ -128,6 +128,11 @@ def test_page_edits_an_uploaded_drawing(browser, embedded_server, tmp_path):
     assert page.locator("#mask img").count() == 1  # LocalBlend's mask is shown
     assert page.locator("#download a, #download [href]").count() >= 1
 
+    shape = next(e for e in load_examples() if e.kind == "shape")
+    page.get_by_text(f"shape: {shape.target}"[:40]).click()  # an example fills the image, prompts and engine
+    playwright.expect(_textbox(page, "target")).to_have_value(shape.target)
+    playwright.expect(_textbox(page, "engine")).to_have_value(shape.engine)
+
     _textbox(page, "source").fill("")
     page.locator("#edit-button").click()
     page.get_by_text("the source prompt is empty").first.wait_for(timeout=10_000)
