@@ -129,3 +129,18 @@ def test_demo_command_refuses_an_unknown_model_in_one_line(capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("spdinv: error: ") and "/no/such/model" in error and "\n" not in error
     assert main(["demo", "--port", "70000"]) == 2
+
+
+def test_the_inversion_cache_is_shared_with_the_cli(tiny_dir, red_circle, tmp_path):
+    """`spdinv edit` inverts and stores; the demo, on the same model and image, finds it."""
+    from spdinv.cli import main
+    from spdinv.model import load_model
+
+    cache = tmp_path / "cache"
+    assert main(["edit", str(red_circle), "--source", SOURCE, "--target", TARGET, "--model", str(tiny_dir),
+                 "--steps", "3", "--K", "3", "--cache", str(cache), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    demo = DemoSession(load_model(tiny_dir), InversionCache(cache), [red_circle.parent], workdir=tmp_path / "work")
+    result = demo.edit(EditRequest(red_circle, SOURCE, TARGET, ["spdinv"], ["p2p"], steps=3, options={"K": 3}))
+    assert result.runs[0].cache == "cache hit"
+    assert result.runs[0].noise_error is None  # the CLI stores no diagnostics; the page says "not measured"
+    demo.close()
