@@ -16,7 +16,8 @@ from spdinv.errors import SpdinvError
 from spdinv.images import to_tensor
 from spdinv.testing import same_up_to_rounding
 
-SOURCE, TARGET = "a large red circle in the centre on a white background", "a large blue circle in the centre on a white background"
+SOURCE = "a large red circle in the centre on a white background"
+TARGET = "a large blue circle in the centre on a white background"
 
 
 @pytest.fixture

@@ -83,7 +83,8 @@ def _textbox(page, elem_id: str):
 
 def _image_of(page, elem_id: str) -> Image.Image:
     source = page.locator(f"#{elem_id} img").first.get_attribute("src")
-    response = page.request.get(source if source.startswith("http") else page.url.rstrip("/") + "/" + source.lstrip("/"))
+    url = source if source.startswith("http") else page.url.rstrip("/") + "/" + source.lstrip("/")
+    response = page.request.get(url)
     assert response.ok, response.status
     return Image.open(io.BytesIO(response.body())).convert("RGB")
 
@@ -118,7 +119,8 @@ def test_page_edits_an_uploaded_drawing(browser, embedded_server, tmp_path):
     if os.environ.get("SPDINV_DEMO_SCREENSHOT"):  # how docs/demo.png is made (README)
         small = Image.open(tmp_path / "demo.png").convert("RGB")
         small = small.resize((small.width * 3 // 4, small.height * 3 // 4), Image.LANCZOS)
-        small.quantize(128, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE).save(os.environ["SPDINV_DEMO_SCREENSHOT"], optimize=True)
+        small = small.quantize(128, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
+        small.save(os.environ["SPDINV_DEMO_SCREENSHOT"], optimize=True)
 
     edited = _image_of(page, "edited")
     assert edited.size == (64, 64)

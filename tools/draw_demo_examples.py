@@ -36,7 +36,10 @@ def draw(shape: str, colour: tuple[int, int, int], background: tuple[int, int, i
     rng = np.random.default_rng(seed)
     canvas = Image.new("RGB", (SIZE, SIZE), background)
     pen = ImageDraw.Draw(canvas)
-    outline = _ellipse(SIZE / 2 + 2, SIZE / 2 - 1, 0.2 * SIZE) if shape == "circle" else _square(SIZE / 2 - 1, SIZE / 2 + 2, 0.2 * SIZE)
+    if shape == "circle":
+        outline = _ellipse(SIZE / 2 + 2, SIZE / 2 - 1, 0.2 * SIZE)
+    else:
+        outline = _square(SIZE / 2 - 1, SIZE / 2 + 2, 0.2 * SIZE)
     pen.polygon(_wobbly(outline, rng, 0.8), fill=colour)
     grain = rng.normal(0, 5, (SIZE, SIZE, 1))
     array = np.clip(np.asarray(canvas.filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float64) + grain, 0, 255)

@@ -91,7 +91,8 @@ def parse_options(text: str) -> dict:
     try:
         options = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SpdinvError(f"options are not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+        where = f"line {error.lineno}, column {error.colno}"
+        raise SpdinvError(f"options are not valid JSON: {error.msg} ({where})") from None
     if not isinstance(options, dict):
         raise SpdinvError('options must be a JSON object, e.g. {"cross_replace": 0.7}')
     return options
@@ -122,7 +123,8 @@ def read_upload(path: str | Path | None, allowed: list[Path], size: int) -> tupl
     if not any(resolved.is_relative_to(folder.resolve()) for folder in allowed):
         raise SpdinvError("the image must be uploaded; the server reads no other path")
     if resolved.is_file() and resolved.stat().st_size > MAX_UPLOAD_BYTES:
-        raise SpdinvError(f"the upload is {resolved.stat().st_size / 2**20:.1f} MB; at most {MAX_UPLOAD_BYTES // 2**20} MB")
+        megabytes = resolved.stat().st_size / 2**20
+        raise SpdinvError(f"the upload is {megabytes:.1f} MB; at most {MAX_UPLOAD_BYTES // 2**20} MB")
     _check_pixels(resolved)
     image, notices = open_image(resolved)
     fitted, more = conform_image(image, size)
@@ -223,23 +225,25 @@ class DemoSession:
         runs, inverted, plots = [], {}, {}
         source_tensor = to_tensor(image)
         for pair in pairs:
-            method, engine, options = pair.method, pair.engine, pair.options
-            given = inverted.get(method)  # compare mode: one inversion per method, reused by each engine
-            result = edit(self.model, image, request.source, request.target, given or method, engine,
+            given = inverted.get(pair.method)  # compare mode: one inversion per method, reused by each engine
+            options = pair.options if given is None else _without_method_options(pair.options, pair.method)
+            result = edit(self.model, image, request.source, request.target, given or pair.method, pair.engine,
                           num_steps=request.steps, seed=request.seed, progress=progress, diagnose=True,
-                          cache=None if given else self.cache,
-                          **(options if given is None else _without_method_options(options, method)))
-            inverted[method] = result.inversion
-            require_finite(result.edited, f"the {method} + {engine} result")
+                          cache=None if given else self.cache, **options)
+            require_finite(result.edited, f"the {pair.method} + {pair.engine} result")
+            if given is None:
+                inverted[pair.method] = result.inversion
+                plots[pair.method] = self._plot(result.inversion, request.source,
+                                                folder / f"residuals-{pair.method}.png")
+                cached = {None: "not cached", True: "cache hit", False: "cache miss"}
+                status = cached[result.cache_hit]
+            else:
+                status = "reused"
             edited, reconstruction = result.pil()
-            status = ("cache hit" if result.cache_hit else "cache miss") if result.cache_hit is not None else (
-                "reused" if given is not None else "not cached")
-            runs.append(DemoRun(method, engine, edited, reconstruction, result.mask,
-                                psnr(result.reconstruction, source_tensor), status, {k: v for k, v in result.timings.items() if not (given and k == "invert")},
-                                result.inversion.noise_error))
-            runs[-1].residuals = plots[method] if given else self._plot(result.inversion, request.source,
-                                                                                   folder / f"residuals-{method}.png")
-            plots[method] = runs[-1].residuals
+            timings = {k: v for k, v in result.timings.items() if not (given and k == "invert")}
+            runs.append(DemoRun(pair.method, pair.engine, edited, reconstruction, result.mask,
+                                psnr(result.reconstruction, source_tensor), status, timings,
+                                result.inversion.noise_error, plots[pair.method]))
         return runs
 
     def _plot(self, inversion, prompt: str, path: Path) -> Path | None:
