@@ -102,7 +102,7 @@ class Inputs:
                 self.guidance, self.seed, self.options, self.compare_inversions, self.compare_engines]
 
 
-def _inputs() -> Inputs:
+def _inputs(seed: int) -> Inputs:
     from ..editing import ENGINES
     from ..inversion import METHODS
 
@@ -128,7 +128,7 @@ def _inputs() -> Inputs:
         options = gr.Code(language="json", label='options as JSON, e.g. {"cross_replace": 0.7, "K": 10}', value="",
                           elem_id="options")
         gr.Markdown(_options_help())
-        seed = gr.Number(0, precision=0, label="seed", minimum=0)
+        seed = gr.Number(seed, precision=0, label="seed", minimum=0)
     run = gr.Button("Edit", variant="primary", elem_id="edit-button")
     return Inputs(image, converted, source, target, blend, suggested, inversion, engine, steps, presets, guidance,
                   compare_inversions, compare_engines, options, seed, run)
@@ -195,7 +195,7 @@ def build_app(session: DemoSession) -> gr.Blocks:
         gr.Markdown(f"## spdinv: text-driven editing of real images\nModel: `{name}`. {limits}")
         with gr.Row():
             with gr.Column():
-                given = _inputs()
+                given = _inputs(session.seed)
             with gr.Column():
                 results = _outputs()
         gr.Examples([[str(e.image), e.source, e.target, e.engine, e.blend] for e in examples],

@@ -43,7 +43,7 @@ def run_demo(args: argparse.Namespace) -> None:
     except ImportError as error:
         raise SpdinvError(f"the demo needs Gradio ({error.name} is missing): pip install 'spdinv[demo]'") from None
     model = load_model_from_args(args)
-    session = DemoSession(model, demo_cache(args), readable_folders())
+    session = DemoSession(model, demo_cache(args), readable_folders(), seed=args.seed)
     print(f"serving {model.name} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
     try:
         launch(session, args.host, args.port, queue_size=args.queue_size)

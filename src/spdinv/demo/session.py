@@ -176,6 +176,7 @@ class DemoSession:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="spdinv-demo-")))
     lock: threading.Lock = field(default_factory=threading.Lock)
     keep: int = 32  # results of this many recent requests stay on disk (Gradio serves copies of them)
+    seed: int = 0  # the page's default seed (`spdinv demo --seed`)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
