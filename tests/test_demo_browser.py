@@ -151,6 +151,14 @@ def _edit(client, target: str, seed: int = 0):
                          options='{"K": 3}', api_name="/edit")
 
 
+def _config(archive: str) -> dict:
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(archive) as opened:
+        return json.loads(opened.read("spdinv-edit/config.json"))
+
+
 def _pixels(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -170,6 +178,8 @@ def test_api_endpoint_and_two_requests_at_once(tiny_server):
         assert np.array_equal(_pixels(edited), _pixels(single[0]))
         assert "cache hit" in single[5]
     assert not np.array_equal(_pixels(together[0][0]), _pixels(together[1][0]))  # two different edits
+    waits = [_config(joint[6])["timings"]["lock_wait"] for joint in together]
+    assert max(waits) > 0.2, waits  # they did meet: one waited for the other's edit to finish
 
     # the README's call: positional image, source, target, inversion, engine, blend, steps; the edit first
     edited, *rest = client.predict(gradio_client.handle_file(str(EXAMPLE.image)), EXAMPLE.source, EXAMPLE.target,
