@@ -4,16 +4,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo bench
+.PHONY: setup test demo serve bench chromium
 
 $(BIN)/spdinv: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,demo]"
 	touch $@
 
-setup: $(BIN)/spdinv
+# The demo's browser tests drive Debian's chromium (Playwright's own browser download needs the
+# network at test time): installed when missing, as root or through sudo; otherwise a warning, and
+# those tests skip saying so.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+		elif sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q chromium; \
+		else echo "warning: chromium is missing and cannot be installed without root: apt-get install -y chromium" \
+			"(the demo's browser tests skip)" >&2; fi
+
+setup: $(BIN)/spdinv chromium
 
 test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/pytest
@@ -21,3 +31,6 @@ test: setup
 demo: setup
 	$(BIN)/spdinv edit examples/red-circle.png --source "a large red circle in the centre on a white background" \
 		--target "a large blue circle in the centre on a white background" --blend "circle circle" --out spdinv-out/demo
+
+serve: setup
+	$(BIN)/spdinv demo

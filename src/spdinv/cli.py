@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.command import add_bench_parser
 
     add_bench_parser(sub)
+    from .demo.command import add_demo_parser
+
+    add_demo_parser(sub)
     return parser
 
 

@@ -122,15 +122,16 @@ class InversionCache:
             self.problem = str(error)
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
-               seed: int = 0, progress: bool = False, **options) -> tuple[Inversion, bool]:
-        """(inversion, whether it came from the cache)."""
+               seed: int = 0, progress: bool = False, diagnose: bool = False, **options) -> tuple[Inversion, bool]:
+        """(inversion, whether it came from the cache); `diagnose` as invert() (not part of the key)."""
         key = self.key(model, image, prompt, method, steps, seed, options)
         cached = self.load(key, model, steps)
         if cached is not None:
             self.hits += 1
             return cached, True
         self.misses += 1
-        inversion = invert(model, image, prompt, method, steps, seed=seed, diagnose=False, progress=progress, **options)
+        inversion = invert(model, image, prompt, method, steps, seed=seed, diagnose=diagnose, progress=progress,
+                           **options)
         self.store(key, inversion)
         return inversion, False
 

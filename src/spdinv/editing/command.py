@@ -174,9 +174,10 @@ def _mask_image(mask, size: int):
 
 
 def write_outputs(args, model, image, source: str, target: str, sampler, per_method: dict, per_engine: dict,
-                  runs: list[Run], timings: dict) -> None:
+                  runs: list[Run], timings: dict, command: list[str] | None = None) -> None:
     """edit.png / reconstruction.png / mask.png (suffixed -METHOD-ENGINE when several), source.png,
-    grid.png and config.json, moved into --out only when all are written."""
+    grid.png and config.json, moved into --out only when all are written. `command` is what
+    config.json records as the command (default: this process's sys.argv)."""
     from ..outputs import staged_output, write_json
     from .grid import labelled_grid
 
@@ -208,5 +209,5 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             "source": source, "target": target, "image": str(args.image), "model": model.name,
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": args.seed,
             "steps": args.steps, "sampler": dataclasses.asdict(sampler), "runs": records, "timings": timings,
-            "command": sys.argv,
+            "command": sys.argv if command is None else command,
         })

@@ -1,0 +1,67 @@
+"""`spdinv demo`: serve the web demo on one model (localhost by default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_demo_parser(sub) -> None:
+    """Register `spdinv demo` on the CLI's subparsers."""
+    from ..cli import add_model_arguments
+
+    demo = sub.add_parser("demo", help="serve the web demo (Gradio; pip install spdinv[demo])")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    demo.add_argument("--queue-size", type=_port, default=8, help="requests that may wait at once (default 8)")
+    add_model_arguments(demo)
+    demo.add_argument("--cache", type=Path, default=None,
+                      help="inversion cache folder, shared with `spdinv edit` (default $SPDINV_CACHE or "
+                           "~/.cache/spdinv/inversions)")
+    demo.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
+    demo.set_defaults(run=run_demo)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {value}")
+    return value
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from ..cli import load_model_from_args
+    from ..errors import SpdinvError
+    from .session import DemoSession
+
+    try:
+        from .app import launch, readable_folders
+    except ImportError as error:
+        raise SpdinvError(f"the demo needs Gradio ({error.name} is missing): pip install 'spdinv[demo]'") from None
+    model = load_model_from_args(args)
+    session = DemoSession(model, demo_cache(args), readable_folders(), seed=args.seed)
+    print(f"serving {model.name} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+    try:
+        launch(session, args.host, args.port, queue_size=args.queue_size)
+    except KeyboardInterrupt:  # Ctrl-C is how a server stops: not an interruption of work
+        pass
+    finally:
+        session.close()
+    print("stopped", file=sys.stderr)
+
+
+def demo_cache(args: argparse.Namespace):
+    """The inversion cache the CLI uses, unless --no-cache or it cannot be written (a warning)."""
+    from ..editing.cache import InversionCache, default_cache_dir
+
+    if args.no_cache:
+        return None
+    cache = InversionCache(args.cache or default_cache_dir())
+    if problem := cache.unusable():
+        print(f"warning: not caching inversions: {problem}", file=sys.stderr)
+        return None
+    return cache

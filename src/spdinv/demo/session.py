@@ -1,0 +1,329 @@
+"""What the web demo does with a request, without Gradio: check the inputs, run
+`spdinv.editing.edit()` for each chosen inversion x engine under the model's lock, and write the
+files `spdinv edit --out` writes (plus the residual plot) into a folder and a zip to download."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import SpdinvError, require_finite
+from ..images import conform_image, open_image, psnr, to_tensor
+from ..model import DiffusionModel
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # the upload limit the server enforces (Gradio's max_file_size)
+MAX_UPLOAD_PIXELS = 40_000_000  # decoded size: larger images are refused before they are decoded
+MAX_PROMPT_CHARS = 1000
+MAX_OPTIONS_CHARS = 4000
+MAX_STEPS = 200
+MAX_RUNS = 12  # compare mode: at most this many inversion x engine pairs in one request
+
+
+@dataclass
+class EditRequest:
+    """One request from the page or the API. `options` go to edit() (engine, sampler, inversion)."""
+
+    image: str | Path
+    source: str
+    target: str
+    inversions: list[str]
+    engines: list[str]
+    blend: str = ""
+    steps: int = 20
+    guidance: float = 7.5
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One inversion x engine of a request, with its options routed and checked."""
+
+    method: str
+    engine: str
+    options: dict  # what edit() takes
+    engine_options: object  # the engine's options dataclass
+    method_options: dict
+
+
+@dataclass
+class DemoRun:
+    """One inversion x engine result."""
+
+    method: str
+    engine: str
+    edited: Image.Image
+    reconstruction: Image.Image
+    mask: object | None  # LocalBlend's (1, 1, h, w) tensor at latent size
+    psnr: float
+    cache: str
+    timings: dict
+    noise_error: float | None = None  # mean final fixed-point residual (the paper's D_Noi)
+    residuals: Path | None = None
+
+
+@dataclass
+class DemoResult:
+    image: Image.Image
+    runs: list[DemoRun]
+    folder: Path
+    archive: Path
+    notices: list[str]
+
+
+def parse_options(text: str) -> dict:
+    """The advanced panel's JSON object of options ({} when blank)."""
+    if not text or not text.strip():
+        return {}
+    if len(text) > MAX_OPTIONS_CHARS:
+        raise SpdinvError(f"options are {len(text)} characters; at most {MAX_OPTIONS_CHARS}")
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}, column {error.colno}"
+        raise SpdinvError(f"options are not valid JSON: {error.msg} ({where})") from None
+    if not isinstance(options, dict):
+        raise SpdinvError('options must be a JSON object, e.g. {"cross_replace": 0.7}')
+    return options
+
+
+def blend_suggestions(source: str, target: str) -> list[str]:
+    """LocalBlend word pairs from the words that differ: each replaced word pair ('red blue') and
+    the word both prompts share after it ('circle circle'), the object a colour or material
+    word describes."""
+    a, b = source.lower().split(), target.lower().split()
+    found: list[str] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag != "replace":
+            continue
+        found.append(f"{a[i1]} {b[j1]}")
+        if i2 < len(a) and j2 < len(b) and a[i2] == b[j2]:
+            found.append(f"{a[i2]} {b[j2]}")
+    return list(dict.fromkeys(found))
+
+
+def read_upload(path: str | Path | None, allowed: list[Path], size: int) -> tuple[Image.Image, list[str]]:
+    """The uploaded file as the CLI reads it (decoded, converted to RGB, centre-cropped, resized to
+    `size`), with notices. Only files under `allowed` folders (Gradio's upload folder, the shipped
+    examples) are read: never a path a request names elsewhere on the server."""
+    if path is None or str(path) == "":
+        raise SpdinvError("no image: upload one or pick an example")
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(folder.resolve()) for folder in allowed):
+        raise SpdinvError("the image must be uploaded; the server reads no other path")
+    if resolved.is_file() and resolved.stat().st_size > MAX_UPLOAD_BYTES:
+        megabytes = resolved.stat().st_size / 2**20
+        raise SpdinvError(f"the upload is {megabytes:.1f} MB; at most {MAX_UPLOAD_BYTES // 2**20} MB")
+    _check_pixels(resolved)
+    image, notices = open_image(resolved)
+    fitted, more = conform_image(image, size)
+    return fitted, notices + more
+
+
+def _check_pixels(path: Path) -> None:
+    try:
+        with Image.open(path) as header:  # reads the header only
+            width, height = header.size
+    except Exception:  # noqa: BLE001 - open_image gives the one-line reason
+        return
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise SpdinvError(f"the image is {width}x{height} ({width * height / 1e6:.0f} megapixels); "
+                          f"at most {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels")
+
+
+def check_request(request: EditRequest) -> None:
+    from ..editing import get_engine
+    from ..inversion import check_prompt, get_method
+
+    for text, what in ((request.source, "source prompt"), (request.target, "target prompt")):
+        check_prompt(text or "", what)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise SpdinvError(f"the {what} is {len(text)} characters; at most {MAX_PROMPT_CHARS}")
+    if not request.inversions or not request.engines:
+        raise SpdinvError("choose at least one inversion and one engine")
+    for name in request.inversions:
+        get_method(name)
+    for name in request.engines:
+        get_engine(name)
+    if len(request.inversions) * len(request.engines) > MAX_RUNS:
+        raise SpdinvError(f"compare at most {MAX_RUNS} inversion x engine pairs at once")
+    if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
+        raise SpdinvError(f"steps must be an integer in [1, {MAX_STEPS}], got {request.steps}")
+    if request.blend.strip() and "p2p" not in request.engines:
+        raise SpdinvError("blend words are a p2p (Prompt-to-Prompt) option; the engine is "
+                          + ", ".join(request.engines))
+
+
+@dataclass
+class DemoSession:
+    """The served model, its lock (attention processors live on its UNet, so edits on one model
+    never interleave), the inversion cache shared with the CLI, and where results go."""
+
+    model: DiffusionModel
+    cache: object | None  # spdinv.editing.cache.InversionCache
+    allowed: list[Path]
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="spdinv-demo-")))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    keep: int = 32  # results of this many recent requests stay on disk (Gradio serves copies of them)
+    seed: int = 0  # the page's default seed (`spdinv demo --seed`)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def edit(self, request: EditRequest, *, progress: bool = False) -> DemoResult:
+        """Check everything, then run each inversion x engine through editing.edit() holding the lock."""
+        from ..editing import split_options
+
+        check_request(request)
+        image, notices = read_upload(request.image, self.allowed, self.model.image_size)
+        pairs = []
+        for method in request.inversions:
+            for engine in request.engines:
+                options = dict(_applicable(request, method, engine), guidance_scale=request.guidance)
+                if engine == "p2p" and request.blend.strip():
+                    options["blend"] = request.blend.strip()
+                engine_options, _, method_options = split_options(engine, method, options)
+                pairs.append(Pair(method, engine, options, engine_options, method_options))
+        self._check_words(request, pairs)
+        start = time.perf_counter()
+        with self.lock:
+            waited = time.perf_counter() - start
+            here = self._new_folder()
+            runs = self._run_all(image, request, pairs, progress, here)
+        folder = self._write(image, request, runs, pairs, {"lock_wait": waited}, here / "spdinv-edit")
+        return DemoResult(image, runs, folder, _zip(folder), notices)
+
+    def _new_folder(self) -> Path:
+        """A folder for this request's files; the oldest beyond `keep` are removed (under the lock)."""
+        previous = sorted(self.workdir.glob("edit-*"), key=lambda p: p.stat().st_mtime)
+        for old in previous[: max(0, len(previous) - self.keep + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix="edit-", dir=self.workdir))
+
+    def _check_words(self, request: EditRequest, pairs: list[Pair]) -> None:
+        """Blend, reweight and replace words against the prompts, before any compute (as the CLI does)."""
+        from ..editing import get_engine
+
+        for pair in pairs:
+            get_engine(pair.engine).editor(self.model, request.source.strip(), request.target.strip(),
+                                           pair.engine_options)
+
+    def _run_all(self, image: Image.Image, request: EditRequest, pairs: list[Pair], progress: bool,
+                 folder: Path) -> list[DemoRun]:
+        from ..editing import edit
+
+        runs, inverted, plots = [], {}, {}
+        source_tensor = to_tensor(image)
+        for pair in pairs:
+            given = inverted.get(pair.method)  # compare mode: one inversion per method, reused by each engine
+            options = pair.options if given is None else _without_method_options(pair.options, pair.method)
+            result = edit(self.model, image, request.source, request.target, given or pair.method, pair.engine,
+                          num_steps=request.steps, seed=request.seed, progress=progress, diagnose=True,
+                          cache=None if given else self.cache, **options)
+            require_finite(result.edited, f"the {pair.method} + {pair.engine} result")
+            if given is None:
+                inverted[pair.method] = result.inversion
+                plots[pair.method] = self._plot(result.inversion, request.source,
+                                                folder / f"residuals-{pair.method}.png")
+                cached = {None: "not cached", True: "cache hit", False: "cache miss"}
+                status = cached[result.cache_hit]
+            else:
+                status = "reused"
+            edited, reconstruction = result.pil()
+            timings = {k: v for k, v in result.timings.items() if not (given and k == "invert")}
+            runs.append(DemoRun(pair.method, pair.engine, edited, reconstruction, result.mask,
+                                psnr(result.reconstruction, source_tensor), status, timings,
+                                result.inversion.noise_error, plots[pair.method]))
+        return runs
+
+    def _plot(self, inversion, prompt: str, path: Path) -> Path | None:
+        from ..plots import plot_residuals
+
+        measured = [s for s in inversion.steps if s.residual_after == s.residual_after]  # NaN: not measured
+        if not measured:
+            return None
+        plot_residuals(inversion.steps, path, title=f"{inversion.method}: {prompt}")
+        return path
+
+    def _write(self, image: Image.Image, request: EditRequest, runs: list[DemoRun], pairs: list[Pair],
+               timings: dict, out: Path) -> Path:
+        """The folder `spdinv edit --out` writes (source, edit, reconstruction, mask, grid, config.json)."""
+        from ..editing.command import Run, write_outputs
+        from ..editing.sampler import SamplerOptions
+
+        per_method = {pair.method: pair.method_options for pair in pairs}
+        per_engine = {pair.engine: pair.engine_options for pair in pairs}
+        written = [Run(r.method, r.engine, r.edited, r.reconstruction, r.mask, r.psnr, r.cache,
+                       r.timings) for r in runs]
+        args = argparse.Namespace(out=out, image=Path(request.image).name, seed=request.seed, steps=request.steps)
+        sampler = SamplerOptions(**{k: v for k, v in pairs[0].options.items() if k in _sampler_fields()})
+        write_outputs(args, self.model, image, request.source.strip(), request.target.strip(), sampler, per_method,
+                      per_engine, written, timings, command=["spdinv demo", *_request_summary(request)])
+        return out
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _applicable(request: EditRequest, method: str, engine: str) -> dict:
+    """The options that apply to this inversion x engine pair; in compare mode each pair takes
+    those it has (as `spdinv edit --inversion all` does), and an option no chosen method, engine
+    or the sampler has is an error."""
+    from ..editing import get_engine
+    from ..inversion import get_method
+
+    def names(*classes) -> set[str]:
+        return {f.name for cls in classes for f in dataclasses.fields(cls)}
+
+    everything = names(*(get_method(m).options for m in request.inversions),
+                       *(get_engine(e).options for e in request.engines)) | _sampler_fields()
+    unknown = sorted(set(request.options) - everything)
+    if unknown:
+        raise SpdinvError(f"option(s) {', '.join(unknown)} apply to none of inversion {', '.join(request.inversions)}, "
+                          f"engine {', '.join(request.engines)} or the sampler; valid: {', '.join(sorted(everything))}")
+    mine = names(get_method(method).options, get_engine(engine).options) | _sampler_fields()
+    return {k: v for k, v in request.options.items() if k in mine}
+
+
+def _sampler_fields() -> set[str]:
+    from ..editing.sampler import SamplerOptions
+
+    return {f.name for f in dataclasses.fields(SamplerOptions)}
+
+
+def _without_method_options(options: dict, method: str) -> dict:
+    """A given inversion takes no inversion-method options."""
+    from ..inversion import get_method
+
+    names = {f.name for f in dataclasses.fields(get_method(method).options)}
+    return {k: v for k, v in options.items() if k not in names}
+
+
+def _request_summary(request: EditRequest) -> list[str]:
+    return [f"inversion={','.join(request.inversions)}", f"engine={','.join(request.engines)}",
+            f"blend={request.blend.strip()}", f"steps={request.steps}", f"guidance={request.guidance}",
+            f"options={json.dumps(request.options, sort_keys=True)}"]
+
+
+def _zip(folder: Path) -> Path:
+    archive = folder.with_suffix(".zip")
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as handle:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                handle.write(path, Path(folder.name) / path.relative_to(folder))
+    return archive
+
+
+__all__ = ["DemoSession", "DemoResult", "DemoRun", "EditRequest", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
+           "blend_suggestions", "parse_options", "read_upload"]
