@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("editing", ("editing",)),
     ("world", ("world", "testing")),
     ("bench", ("bench",)),
-    ("commands", ("commands", "editing.command", "bench.command", "world.command")),
+    ("commands", ("commands", "editing.command", "bench.command", "world.command", "demo")),
     ("cli", ("cli", "__main__")),
 ]
 

@@ -228,7 +228,7 @@ def _number(value, what: str, integer: bool = False) -> float | int:
 
 
 def _seed(value) -> int:
-    from ..cli import MAX_SEED
+    from ..arguments import MAX_SEED
 
     seed = _number(value, "seed", integer=True)
     if not 0 <= seed <= MAX_SEED:

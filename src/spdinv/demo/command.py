@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_demo_parser(sub) -> None:
     """Register `spdinv demo` on the CLI's subparsers."""
-    from ..cli import add_model_arguments
+    from ..arguments import add_model_arguments
 
     demo = sub.add_parser("demo", help="serve the web demo (Gradio; pip install spdinv[demo])")
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
@@ -34,7 +34,7 @@ def _port(text: str) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from ..cli import load_model_from_args
+    from ..commands import load_model_from_args
     from ..errors import SpdinvError
     from .session import DemoSession
 
