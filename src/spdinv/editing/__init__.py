@@ -127,7 +127,7 @@ def _invert(model: DiffusionModel, image, source_prompt: str, inversion: Inversi
         return inversion, None, time.perf_counter() - start
     if cache is not None:
         inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
-                                     **options)
+                                     diagnose=diagnose, **options)
         return inverted, hit, time.perf_counter() - start
     inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=diagnose,
                       progress=progress, **options)
@@ -203,7 +203,7 @@ def edit(
     use the given Inversion), then sample [source, target] from z_T with the named engine; the
     one-pair case of `edits`. Keyword options go to the engine (e.g. blend, cross_replace), the
     sampler (guidance_scale, source_guidance_scale, uncond) or the inversion method (e.g. K, lr);
-    `diagnose` asks the inversion (when computed here, not cached) for its diagnostics."""
+    `diagnose` asks an inversion computed here (or by the cache) for its diagnostics."""
     source_prompt = check_prompt(source_prompt, "source prompt")
     target_prompt = check_prompt(target_prompt, "target prompt")
     given = isinstance(inversion, Inversion)
