@@ -11,7 +11,8 @@ from spdinv.cli import main
 from spdinv.errors import SpdinvError
 from spdinv.export import load_inversion, save_inversion
 from spdinv.inversion import METHODS, invert
-from spdinv.inversion.aidi import AIDIOptions, anderson_update, solve_anderson
+from spdinv.inversion.aidi import AIDIOptions, solve_anderson
+from spdinv.inversion.solvers import anderson_update
 from spdinv.sampling import loop, reconstruction_error, source_branch
 
 PROMPT = "a large red circle in the centre on a white background"

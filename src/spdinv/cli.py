@@ -52,6 +52,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _solver_names() -> list[str]:
+    from .inversion.solvers import SOLVERS
+
+    return list(SOLVERS)
+
+
 def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
     spd = parser.add_argument_group("SPDInv options")
@@ -61,7 +67,10 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     spd.add_argument("--delta", type=_positive_float, default=None, help="early-stop threshold on the mean squared residual (default 5e-6)")
     spd.add_argument("--relative-delta", type=_positive_float, default=None,
                      help="also stop only below this fraction of each step's first residual (scale-aware; default off)")
-    spd.add_argument("--optimizer", default=None, help="adamw (default), adam or sgd")
+    spd.add_argument("--optimizer", default=None, help="the gradient solver's: adamw (default), adam or sgd")
+    spd.add_argument("--solver", default=None, choices=_solver_names(),
+                     help="fixed-point solver: gradient (the paper's, default), anderson, hybrid (Anderson with gradient "
+                          "fallback), polyak (residual-scaled gradient steps), newton_krylov (GMRES with UNet JVPs)")
     guided = parser.add_argument_group("null_text, negative_prompt and direct options")
     guided.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale, >= 1 (default 7.5)")
@@ -81,7 +90,7 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     aidi.add_argument("--tol", type=_positive_float, default=None,
                       help="early-stop threshold on the mean squared residual (default 5e-6)")
 
-INVERSION_OPTIONS = ("K", "lr", "delta", "relative_delta", "optimizer", "guidance", "inner_steps", "lr_decay", "early_stop",
+INVERSION_OPTIONS = ("K", "lr", "delta", "relative_delta", "optimizer", "solver", "guidance", "inner_steps", "lr_decay", "early_stop",
                      "early_stop_growth", "iterations", "window", "damping", "tol")
 
 
