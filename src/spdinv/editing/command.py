@@ -85,7 +85,7 @@ def add_edit_parser(sub) -> None:
     p2p.add_argument("--reweight-words", default=None, help="target words to reweight (default: the target blend word)")
     p2p.add_argument("--blend-threshold", type=_number, default=None, help="LocalBlend mask threshold (0.3)")
     p2p.add_argument("--blend-start", type=_number, default=None, help="fraction of steps before LocalBlend starts (0.2)")
-    p2p.add_argument("--blend-scale", type=_number, default=None, help="resolution of the maps LocalBlend reads (0.25)")
+    p2p.add_argument("--blend-scale", type=_number, default=None, help="resolution of the maps LocalBlend reads, relative to the latent (default: the maps 16 tokens a side)")
     p2p.add_argument("--prox", action="store_true", default=None, help="ProxEdit proximal guidance (off by default)")
     p2p.add_argument("--prox-quantile", type=_number, default=None, help="ProxEdit threshold quantile (0.7)")
     p2p.add_argument("--prox-timestep", type=_integer, default=None, help="ProxEdit pulls back below this timestep (400)")

@@ -29,8 +29,8 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch
 _REGULARISATION = 1e-10
 ANDERSON_WINDOW = 5  # iterates remembered by SPDInv's Anderson solvers (AIDI's default)
 KRYLOV_DIMENSION = 3  # GMRES iterations (JVPs) per Newton step
-# The hybrid leaves Anderson for a gradient step when a residual exceeds this fraction of the one before.
-STALL_RATIO = 0.9
+# The hybrid leaves Anderson for a gradient step after this many evaluations in a row without a new best.
+STALL_EVALUATIONS = 2
 
 Map = Callable[[Tensor], Tensor]
 
@@ -130,32 +130,31 @@ def anderson_update(iterates: list[Tensor], residuals: list[Tensor], damping: fl
 def anderson_mixing(f: Map, z_init: Tensor, f_init: Tensor | None, *, updates: int, window: int, damping: float,
                     done: Callable[[float, float], bool], safeguard: bool = False) -> StepResult:
     """Iterate z <- f(z) from z_init with Anderson acceleration, at most `updates` times, until
-    `done(residual, first_residual)`. With `safeguard`, a residual that grows or falls by less
-    than STALL_RATIO is answered by a Polyak gradient step from the best iterate, and the mixing
-    starts over from there (the paper's reason to prefer gradient descent, kept as a fallback)."""
+    `done(residual, first_residual)`. With `safeguard`, STALL_EVALUATIONS residuals in a row above
+    the best (the mixing grows or stalls) are answered by a Polyak gradient step from the best
+    iterate, whose residual then joins the mixing's history (the paper's reason to prefer
+    gradient descent, kept as a fallback)."""
     shape = z_init.shape
     z = z_init.detach().float()
     iterates: deque[Tensor] = deque(maxlen=window)
     residuals: deque[Tensor] = deque(maxlen=window)
-    tracker, steps, backwards, previous = ResidualTracker(best_latent=z), 0, 0, None
+    tracker, steps, backwards, stalled = ResidualTracker(best_latent=z), 0, 0, 0
     while True:
         g = (f_init.float() if steps == 0 and f_init is not None else f(z)) - z
         value = float(g.pow(2).mean())
         if not tracker.observe(value, z, steps) or done(value, tracker.first_residual) or steps == updates:
             break
-        if safeguard and previous is not None and value > STALL_RATIO * previous:
+        stalled = 0 if value <= tracker.best_residual else stalled + 1
+        if safeguard and stalled >= STALL_EVALUATIONS:
             with torch.enable_grad():
                 x = tracker.best_latent.clone().requires_grad_(True)
                 z = (x + polyak_step(x, F.mse_loss(f(x), x))).detach()
             tracker.calls, backwards = tracker.calls + 1, backwards + 1
-            iterates.clear()
-            residuals.clear()
-            previous = None
+            stalled = 0
         else:
             iterates.append(z.flatten())
             residuals.append(g.flatten())
             z = anderson_update(list(iterates), list(residuals), damping).view(shape)
-            previous = value
         steps += 1
     return tracker.result(steps, gradient_calls=backwards)
 
