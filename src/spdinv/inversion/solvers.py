@@ -128,9 +128,11 @@ def anderson_update(iterates: list[Tensor], residuals: list[Tensor], damping: fl
 
 @torch.no_grad()
 def anderson_mixing(f: Map, z_init: Tensor, f_init: Tensor | None, *, updates: int, window: int, damping: float,
-                    done: Callable[[float, float], bool], safeguard: bool = False) -> StepResult:
+                    done: Callable[[float, float], bool], safeguard: bool = False,
+                    earlier: tuple[Tensor, Tensor] | None = None) -> StepResult:
     """Iterate z <- f(z) from z_init with Anderson acceleration, at most `updates` times, until
-    `done(residual, first_residual)`. With `safeguard`, STALL_EVALUATIONS residuals in a row above
+    `done(residual, first_residual)`; `earlier`, an iterate before z_init and its residual, starts
+    the history (so the first update already mixes). With `safeguard`, STALL_EVALUATIONS residuals in a row above
     the best (the mixing grows or stalls) are answered by a Polyak gradient step from the best
     iterate, whose residual then joins the mixing's history (the paper's reason to prefer
     gradient descent, kept as a fallback)."""
@@ -138,6 +140,9 @@ def anderson_mixing(f: Map, z_init: Tensor, f_init: Tensor | None, *, updates: i
     z = z_init.detach().float()
     iterates: deque[Tensor] = deque(maxlen=window)
     residuals: deque[Tensor] = deque(maxlen=window)
+    if earlier is not None and window > 1:
+        iterates.append(earlier[0].detach().float().flatten())
+        residuals.append(earlier[1].detach().float().flatten())
     tracker, steps, backwards, stalled = ResidualTracker(best_latent=z), 0, 0, 0
     while True:
         g = (f_init.float() if steps == 0 and f_init is not None else f(z)) - z
@@ -159,16 +164,25 @@ def anderson_mixing(f: Map, z_init: Tensor, f_init: Tensor | None, *, updates: i
     return tracker.result(steps, gradient_calls=backwards)
 
 
+def ddim_step(f: Map, z_init: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The DDIM guess is one fixed-point iteration from the step's previous latent, z_init =
+    f(z_prev), so (z_prev, z_init - z_prev) is an iterate and its residual, known at no cost."""
+    z_prev = getattr(f, "z_prev", None)
+    return None if z_prev is None else (z_prev, z_init.float() - z_prev.float())
+
+
 def anderson(f: Map, z_init: Tensor, options, f_init: Tensor | None = None) -> StepResult:
-    """Anderson-accelerated fixed-point iteration (AIDI's solver, window 5, no damping)."""
+    """Anderson-accelerated fixed-point iteration (window 5, no damping), its history started
+    with the DDIM step."""
     return anderson_mixing(f, z_init, f_init, updates=options.K, window=ANDERSON_WINDOW, damping=1.0,
-                           done=lambda value, first: converged(value, first, options))
+                           done=lambda value, first: converged(value, first, options), earlier=ddim_step(f, z_init))
 
 
 def hybrid(f: Map, z_init: Tensor, options, f_init: Tensor | None = None) -> StepResult:
     """Safeguarded Anderson: a Polyak gradient step from the best iterate when it stalls or diverges."""
     return anderson_mixing(f, z_init, f_init, updates=options.K, window=ANDERSON_WINDOW, damping=1.0,
-                           done=lambda value, first: converged(value, first, options), safeguard=True)
+                           done=lambda value, first: converged(value, first, options), safeguard=True,
+                           earlier=ddim_step(f, z_init))
 
 
 def jvp(f: Map, z: Tensor, v: Tensor) -> Tensor:
