@@ -99,6 +99,24 @@ def test_the_safeguard_takes_a_gradient_step_where_the_iteration_diverges():
     assert torch.allclose(guarded.latent, torch.ones(1, 1, 2, 2), atol=1e-6)
 
 
+def test_the_ddim_guess_is_one_iteration_from_the_previous_latent(tiny, image):
+    """What anderson and hybrid start their history with: z_guess = f(z_prev), to rounding (the
+    guess and f use the same coefficients, one as tensors, one as floats)."""
+    from spdinv.inversion import image_latent
+    from spdinv.inversion.base import ddim_guess, fixed_point_map
+    from spdinv.inversion.solvers import ddim_step
+
+    schedule, embedding = tiny.schedule(10), tiny.encode_prompt(PROMPT)
+    z_prev = image_latent(tiny, image)
+    f = fixed_point_map(tiny, schedule, 3, z_prev, embedding)
+    guess = ddim_guess(tiny, schedule, 3, z_prev, embedding)
+    earlier, residual = ddim_step(f, guess)
+    assert earlier is z_prev
+    with torch.no_grad():
+        assert torch.allclose(residual, f(z_prev) - z_prev, rtol=0, atol=1e-5)
+    assert ddim_step(contraction, guess) is None
+
+
 def test_gmres_solves_a_small_linear_system():
     matrix = torch.tensor([[2.0, 0.5, 0.0], [0.1, 1.5, 0.2], [0.0, 0.3, 1.0]], dtype=torch.float64)
     b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)

@@ -25,6 +25,7 @@ ENGINE_FLAGS = {
     "blend_threshold": ("p2p", "blend_threshold"),
     "blend_start": ("p2p", "blend_start"),
     "blend_scale": ("p2p", "blend_scale"),
+    "blend_norm": ("p2p", "blend_norm"),
     "prox": ("p2p", "prox"),
     "prox_quantile": ("p2p", "prox_quantile"),
     "prox_timestep": ("p2p", "prox_timestep"),
@@ -86,6 +87,8 @@ def add_edit_parser(sub) -> None:
     p2p.add_argument("--blend-threshold", type=_number, default=None, help="LocalBlend mask threshold (0.3)")
     p2p.add_argument("--blend-start", type=_number, default=None, help="fraction of steps before LocalBlend starts (0.2)")
     p2p.add_argument("--blend-scale", type=_number, default=None, help="resolution of the maps LocalBlend reads, relative to the latent (default: the maps 16 tokens a side)")
+    p2p.add_argument("--blend-norm", default=None, choices=("max", "range"),
+                     help="LocalBlend map scaling before the threshold: range (minus its min, default) or max (P2P's)")
     p2p.add_argument("--prox", action="store_true", default=None, help="ProxEdit proximal guidance (off by default)")
     p2p.add_argument("--prox-quantile", type=_number, default=None, help="ProxEdit threshold quantile (0.7)")
     p2p.add_argument("--prox-timestep", type=_integer, default=None, help="ProxEdit pulls back below this timestep (400)")
