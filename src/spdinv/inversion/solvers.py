@@ -9,7 +9,7 @@ updates; delta / relative_delta: the stop test; lr / optimizer: the gradient sol
 f(z_init) when the caller already has it (evaluated without a graph). Every solver returns the
 best *measured* iterate, and a non-finite residual ends its search with that iterate
 (ResidualTracker). Network calls count evaluations of f (a JVP's primal included); gradient calls
-count backward passes and JVPs, each of which costs about as much as a backward pass.
+count backward passes and JVPs (on CPU a JVP took ~6 forwards' time, a forward + backward ~2.4).
 """
 
 from __future__ import annotations
