@@ -172,8 +172,7 @@ def ddim_step(f: Map, z_init: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def anderson(f: Map, z_init: Tensor, options, f_init: Tensor | None = None) -> StepResult:
-    """Anderson-accelerated fixed-point iteration (window 5, no damping), its history started
-    with the DDIM step."""
+    """Anderson-accelerated fixed-point iteration, its history started with the DDIM step."""
     return anderson_mixing(f, z_init, f_init, updates=options.K, window=ANDERSON_WINDOW, damping=1.0,
                            done=lambda value, first: converged(value, first, options), earlier=ddim_step(f, z_init))
 
