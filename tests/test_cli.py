@@ -137,3 +137,15 @@ def test_the_executable_pauses_the_collector_only_to_parse_and_exits_with_mains_
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_solver_flag_is_listed_and_reaches_the_inversion(tmp_path, tiny_dir, red_circle, capsys):
+    from spdinv.cli import build_parser
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["invert"].format_help()
+    assert "--solver {gradient,anderson,hybrid,polyak,newton_krylov}" in help_text
+    out = tmp_path / "out"
+    code, _, _ = run(invert_args(red_circle, out, tiny_dir, "--solver", "anderson"), capsys)
+    assert code == 0 and json.loads((out / "config.json").read_text())["solver"] == "anderson"
+    code, _, err = run(invert_args(red_circle, tmp_path / "bad", tiny_dir, "--solver", "nope"), capsys)
+    assert code == 2 and "invalid choice: 'nope'" in err and "Traceback" not in err

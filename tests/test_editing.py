@@ -16,7 +16,7 @@ from spdinv.cli import main
 from spdinv.editing import ENGINES, edit, run_editor
 from spdinv.editing.attention import attention_layers, nearest_scale
 from spdinv.editing.cache import InversionCache
-from spdinv.editing.p2p import P2PEditor, P2POptions
+from spdinv.editing.p2p import P2PEditor, P2POptions, blend_map_scale
 from spdinv.editing.tokens import refinement_mapper, word_positions
 from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
@@ -236,6 +236,27 @@ def test_layers_of_a_three_level_unet_like_the_embedded_model():
         ("down", 0, 1), ("down", 1, 2), ("mid", 0, 4), ("up", 1, 2), ("up", 1, 2), ("up", 2, 1), ("up", 2, 1)]
     blend = nearest_scale([layer for layer in layers if layer.place != "mid"], 0.25)
     assert {layer.downscale for layer in blend} == {2}  # SD's 16x16-of-64 level is absent: the nearest one
+    # LocalBlend's default reads the maps 16 tokens a side: this model's finest for its 16x16 latent
+    default = nearest_scale([layer for layer in layers if layer.place != "mid"], blend_map_scale((16, 16), None))
+    assert {layer.downscale for layer in default} == {1}
+    assert blend_map_scale((64, 64), None) == 0.25 and blend_map_scale((16, 16), 0.5) == 0.5
+
+
+def test_local_blend_range_norm_removes_the_maps_floor(tiny, inversions):
+    """A word map with a floor of 0.8 of its max: 'max' (P2P's) keeps the whole frame at threshold
+    0.3, 'range' only the peak and its 3x3 neighbourhood."""
+    masks = {}
+    for norm in ("max", "range"):
+        editor = P2PEditor(tiny, SOURCE, TARGET, P2POptions(blend="red blue", blend_norm=norm))
+        editor.prepare(tiny, inversions["spdinv"])
+        red, blue = word_positions(tiny.tokenizer, SOURCE, "red")[0], word_positions(tiny.tokenizer, TARGET, "blue")[0]
+        for layer in editor.blend_layers:
+            maps = torch.full((2, 4, 64, tiny.tokenizer.model_max_length), 0.8)
+            maps[:, :, 3 * 8 + 3, [red, blue]] = 1.0
+            editor.maps[layer.name] = maps
+        editor.local_blend(torch.zeros(2, 4, 8, 8))
+        masks[norm] = editor.mask[0, 0]
+    assert masks["max"].sum() == 64 and masks["range"].sum() == 9 and masks["range"][2:5, 2:5].all()
 
 
 def test_engines_pick_the_official_layers_on_an_sd_shaped_unet(tiny, inversions):
@@ -291,6 +312,7 @@ def test_word_positions_handle_multi_token_words_and_phrases(tiny):
     (dict(mode="replace", target="a blue circle"), "use refine"),
     (dict(cross_replace=1.5), r"cross_replace must be in \[0, 1\], got 1.5"),
     (dict(blend_threshold=0.0), r"blend_threshold must be in \(0, 1\)"),
+    (dict(blend_norm="mean"), "unknown p2p blend_norm .mean.; valid: max, range"),
     (dict(engine="masactrl", start_layer=-0.1), "start_layer must be in"),
     (dict(engine="pnp", feature_injection=2.0), "feature_injection must be in"),
     (dict(engine="nope"), "unknown engine 'nope'; valid: p2p, masactrl, pnp, none"),

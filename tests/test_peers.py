@@ -11,8 +11,9 @@ from spdinv.cli import main
 from spdinv.errors import SpdinvError
 from spdinv.export import load_inversion, save_inversion
 from spdinv.inversion import METHODS, invert
-from spdinv.inversion.aidi import AIDIOptions, anderson_update, solve_anderson
+from spdinv.inversion.aidi import AIDIOptions, solve_anderson
 from spdinv.inversion.reconstruction import reconstruction_error, source_branch
+from spdinv.inversion.solvers import anderson_update
 from spdinv.sampling import Branch, loop
 
 PROMPT = "a large red circle in the centre on a white background"

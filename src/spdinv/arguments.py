@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import re
 import typing
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 # argparse's own pattern takes "-1e-6" or "-inf" for an option ("expected one argument")
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
@@ -124,11 +124,13 @@ def add_steps_argument(parser: argparse.ArgumentParser) -> None:
 
 # ---- flags from option dataclasses ---------------------------------------------------------------
 
-def option(default: Any, help: str, *, parse: Callable[[str], Any] | None = None, flag: str | None = None) -> Any:
+def option(default: Any, help: str, *, parse: Callable[[str], Any] | None = None, flag: str | None = None,
+           choices: Sequence[str] | None = None) -> Any:
     """A field of an options dataclass that knows its command-line flag: `help` (the default is
     appended), `parse` (the flag's argparse type; default from the annotation: int, float, str,
-    bool -> a switch) and `flag` (default --FIELD-NAME)."""
-    return dataclasses.field(default=default, metadata={"help": help, "parse": parse, "flag": flag})
+    bool -> a switch), `flag` (default --FIELD-NAME) and `choices` (listed by --help)."""
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse, "flag": flag,
+                                                        "choices": None if choices is None else tuple(choices)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +143,7 @@ class OptionFlag:
     switch: bool
     fields: dict[str, str]
     help: str
+    choices: tuple[str, ...] | None = None
 
 
 def _parse_type(owner: type, field: dataclasses.Field) -> tuple[Callable | None, bool]:
@@ -168,7 +171,8 @@ def option_flags(classes: Mapping[str, type]) -> dict[str, OptionFlag]:
             text = field.metadata.get("help", field.name.replace("_", " "))
             default = "" if field.default in (None, False, dataclasses.MISSING) else f" (default {field.default!r})"
             if dest not in found:
-                found[dest] = OptionFlag(flag, dest, parse, switch, {owner: field.name}, "")
+                found[dest] = OptionFlag(flag, dest, parse, switch, {owner: field.name}, "",
+                                         field.metadata.get("choices"))
                 helps[dest] = []
             else:
                 found[dest].fields[owner] = field.name
@@ -195,7 +199,8 @@ def add_option_arguments(parser: argparse.ArgumentParser, classes: Mapping[str, 
         if flag.switch:
             groups[owner].add_argument(flag.flag, dest=flag.dest, action="store_true", default=None, help=flag.help)
         else:
-            groups[owner].add_argument(flag.flag, dest=flag.dest, type=flag.parse, default=None, help=flag.help)
+            groups[owner].add_argument(flag.flag, dest=flag.dest, type=flag.parse, default=None, help=flag.help,
+                                       choices=flag.choices)
     return flags
 
 

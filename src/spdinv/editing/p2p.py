@@ -4,8 +4,9 @@ optional ProxEdit proximal guidance (Han et al., 2023) that the official SPDInv 
 
 Like the official controllers, only the conditional half of the batch is edited, the target row
 takes the source row's maps, and LocalBlend reads the *unedited* cross-attention maps summed over
-the steps so far. Resolutions are relative to the latent: SD's 16x16 maps of a 64x64 latent are
-scale 0.25 here, so the embedded model and SD pick equivalent layers.
+the steps so far. Resolutions are relative to the latent, except LocalBlend's default: it reads
+the maps with BLEND_SIDE tokens a side (SD's 16x16 maps of its 64x64 latent, the finest maps of the
+embedded model's 16x16 latent), since a mask needs that many cells to follow an object.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from .tokens import prompt_tokens, refinement_mapper, replacement_mapper, word_p
 
 MODES = ("replace", "refine")
 SOURCES, TARGETS = slice(SOURCE, SOURCE + 1), slice(TARGET, TARGET + 1)  # a branch's latents / eps, keeping the batch dim
+BLEND_NORMS = ("max", "range")
 Words = tuple[str, ...]
+BLEND_SIDE = 16  # tokens a side of the cross-attention maps LocalBlend reads by default
+
+
+def blend_map_scale(latent_hw: tuple[int, int], blend_scale: float | None) -> float:
+    """Resolution (relative to the latent) of the maps LocalBlend reads: `blend_scale` when given,
+    else the one with BLEND_SIDE tokens a side, or the latent's own when it is smaller."""
+    return blend_scale if blend_scale is not None else min(1.0, BLEND_SIDE / min(latent_hw))
 
 
 def _words(value, what: str) -> Words:
@@ -65,7 +74,10 @@ class P2POptions:
     upstream P2P); reweight: scale of the cross-attention of reweight_words in the target
     (default: the target's blend words; 1 disables); blend: LocalBlend words ('SOURCE TARGET');
     blend_threshold, blend_start (fraction of the steps), blend_scale (resolution of the maps
-    it reads, relative to the latent); prox: ProxEdit proximal guidance (quantile of the
+    it reads, relative to the latent; default: BLEND_SIDE tokens a side, `blend_map_scale`),
+    blend_norm (how the map is scaled to [0, 1] before the threshold: 'max' divides by its max, as
+    P2P; 'range' first subtracts its min, for maps whose attention off the object is not near 0);
+    prox: ProxEdit proximal guidance (quantile of the
     guidance-difference threshold; pull back to the inverted trajectory below prox_timestep)."""
 
     mode: str = option("refine", "refine or replace (equal token counts)", flag="--p2p-mode")
@@ -80,7 +92,10 @@ class P2POptions:
         None, "LocalBlend words: 'SOURCE_WORD TARGET_WORD', or one word for both", parse=str)
     blend_threshold: float = option(0.3, "LocalBlend mask threshold")
     blend_start: float = option(0.2, "fraction of steps before LocalBlend starts")
-    blend_scale: float = option(0.25, "resolution of the maps LocalBlend reads")
+    blend_scale: float | None = option(
+        None, "resolution of the maps LocalBlend reads, relative to the latent (default: the maps 16 tokens a side)")
+    blend_norm: str = option("range", "LocalBlend map scaling before the threshold: range (minus its min) or max "
+                             "(P2P's)", choices=BLEND_NORMS)
     prox: bool = option(False, "ProxEdit proximal guidance (off by default)")
     prox_quantile: float = option(0.7, "ProxEdit threshold quantile")
     prox_timestep: int = option(400, "ProxEdit pulls back below this timestep")
@@ -88,10 +103,13 @@ class P2POptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SpdinvError(f"unknown p2p mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.blend_norm not in BLEND_NORMS:
+            raise SpdinvError(f"unknown p2p blend_norm {self.blend_norm!r}; valid: {', '.join(BLEND_NORMS)}")
         for name in ("cross_replace", "self_replace", "blend_start"):
             check_fraction("p2p", name, getattr(self, name))
-        for name in ("self_replace_scale", "blend_scale"):
-            check_fraction("p2p", name, getattr(self, name), open_low=True)
+        check_fraction("p2p", "self_replace_scale", self.self_replace_scale, open_low=True)
+        if self.blend_scale is not None:
+            check_fraction("p2p", "blend_scale", self.blend_scale, open_low=True)
         for name in ("blend_threshold", "prox_quantile"):
             check_fraction("p2p", name, getattr(self, name), open_low=True, open_high=True)
         if not isinstance(self.reweight, (int, float)) or not math.isfinite(self.reweight) or self.reweight < 0:
@@ -208,7 +226,8 @@ class P2PEditor(Editor):
         cross = [layer for layer in self.layers if layer.cross]
         self.cross_layers = cross
         self.self_layers = [layer for layer in self.layers if not layer.cross and layer.scale <= o.self_replace_scale + 1e-9]
-        self.blend_layers = nearest_scale([l for l in cross if l.place != "mid"], o.blend_scale) if o.blend else []
+        self.blend_layers = nearest_scale([l for l in cross if l.place != "mid"],
+                                          blend_map_scale(self.latent_hw, o.blend_scale)) if o.blend else []
         if o.blend and not self.blend_layers:
             raise SpdinvError("LocalBlend needs cross-attention layers in the UNet's down or up blocks")
         self.blend_names = {layer.name for layer in self.blend_layers}
@@ -258,7 +277,7 @@ class P2PEditor(Editor):
 
     def local_blend(self, z: Tensor) -> Tensor:
         """LocalBlend: the blend words' summed cross-attention, averaged over heads and layers,
-        3x3 max-pooled, resized to the latent, normalised by its max and thresholded; the union
+        3x3 max-pooled, resized to the latent, scaled to [0, 1] (blend_norm) and thresholded; the union
         of the source's and the target's masks; x_t = x_src + mask * (x_t - x_src)."""
         maps = []
         for layer in self.blend_layers:
@@ -269,6 +288,8 @@ class P2PEditor(Editor):
         words = (maps * self.blend_alpha[:, None, None, None, :]).sum(-1).mean(1, keepdim=True)
         words = F.max_pool2d(words, 3, 1, padding=1)
         mask = F.interpolate(words, size=tuple(z.shape[-2:]))
+        if self.options.blend_norm == "range":
+            mask = mask - mask.amin(dim=(2, 3), keepdim=True)
         mask = mask / mask.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         mask = mask > self.options.blend_threshold
         mask = mask[SOURCES] | mask

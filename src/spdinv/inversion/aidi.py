@@ -9,20 +9,16 @@ mixing (Walker & Ni 2011). AIDI's blended guidance belongs to editing, not to th
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import Tensor
 
 from ..arguments import option, positive_float
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
-from .base import Inversion, ResidualTracker, StepResult, fixed_point_inversion
-
-# Tikhonov weight of the Anderson least squares, relative to the largest squared column norm.
-_REGULARISATION = 1e-10
+from .base import Inversion, StepResult, fixed_point_inversion
+from .solvers import anderson_mixing
 
 
 @dataclass(frozen=True)
@@ -49,46 +45,12 @@ class AIDIOptions:
             raise SpdinvError(f"tol must be > 0, got {self.tol}")
 
 
-def anderson_update(iterates: list[Tensor], residuals: list[Tensor], damping: float) -> Tensor:
-    """Next iterate of type-II Anderson mixing from the remembered iterates x_j and residuals
-    g_j = f(x_j) - x_j (oldest first, flattened): with dX, dG the column differences,
-    gamma = argmin ||g - dG gamma||, x_new = x + beta g - (dX + beta dG) gamma.
-    A single iterate (or a failed solve) gives the damped step x + beta g."""
-    x, g = iterates[-1], residuals[-1]
-    damped = x + damping * g
-    if len(iterates) < 2:
-        return damped
-    d_x = torch.stack([b - a for a, b in zip(iterates, iterates[1:])], dim=1).double()
-    d_g = torch.stack([b - a for a, b in zip(residuals, residuals[1:])], dim=1).double()
-    gram = d_g.T @ d_g
-    ridge = _REGULARISATION * float(gram.diagonal().max()) + 1e-300
-    gamma = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
-                               d_g.T @ g.double())
-    if not torch.isfinite(gamma).all():
-        return damped
-    return damped - ((d_x + damping * d_g) @ gamma).to(x.dtype)
-
-
-@torch.no_grad()
 def solve_anderson(f, z_init: Tensor, options: AIDIOptions, f_init: Tensor | None = None) -> StepResult:
     """Iterate z <- f(z) from z_init with Anderson acceleration; return the best *measured*
     iterate. A non-finite residual stops the search and falls back to the best iterate.
     `f_init` is f(z_init) when the caller has it."""
-    shape = z_init.shape
-    z = z_init.detach().float()
-    iterates: deque[Tensor] = deque(maxlen=options.window)
-    residuals: deque[Tensor] = deque(maxlen=options.window)
-    tracker, updates = ResidualTracker(best_latent=z), 0
-    while True:
-        g = (f_init.float() if updates == 0 and f_init is not None else f(z)) - z
-        value = float(g.pow(2).mean())
-        if not tracker.observe(value, z, updates) or value < options.tol or updates == options.iterations:
-            break
-        iterates.append(z.flatten())
-        residuals.append(g.flatten())
-        z = anderson_update(list(iterates), list(residuals), options.damping).view(shape)
-        updates += 1
-    return tracker.result(updates)
+    return anderson_mixing(f, z_init, f_init, updates=options.iterations, window=options.window,
+                           damping=options.damping, done=lambda value, first: value < options.tol)
 
 
 def aidi(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
