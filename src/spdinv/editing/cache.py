@@ -74,6 +74,8 @@ class InversionCache:
                    "schedule": [schedule.timesteps, [float(schedule.abar(k)) for k in range(steps + 1)]],
                    "dtype": str(model.dtype), "prompt": prompt, "method": method, "steps": steps, "seed": seed,
                    "settings": settings}
+        if model.concept is not None:
+            payload["concept"] = model.concept.fingerprint
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
         digest.update(_image_bytes(model, image))
         return f"{method}-{digest.hexdigest()[:32]}"
