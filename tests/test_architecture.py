@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "spdinv"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "arguments", "images", "outputs", "masks", "schedule", "families", "prediction",
                     "conditioning", "original_layout", "concepts")),
-    ("model", ("loading", "model", "textual_inversion")),
+    ("model", ("loading", "model", "textual_inversion", "elite")),
     ("sampling", ("sampling",)),
     ("inversion", ("inversion", "plots", "export")),
     ("editing", ("editing",)),

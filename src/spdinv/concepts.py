@@ -138,15 +138,22 @@ def _read(path: Path) -> object:
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise SpdinvError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0]})") from None
     if suffix in PICKLE_SUFFIXES:
-        import pickle
-
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise SpdinvError(f"{path} is not a readable textual-inversion file ({message[:200]})") from None
+        return read_pickle(path, "textual-inversion file")
     raise SpdinvError(f"unknown concept file format {path.suffix or '(no suffix)'!r}: {path}; expected "
                       f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
+
+
+def read_pickle(path: Path, what: str) -> object:
+    """torch.load with weights_only=True (tensors and plain containers; no code runs)."""
+    import pickle
+    import struct
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, struct.error, RuntimeError, OSError, EOFError, ValueError, AttributeError,
+            KeyError, IndexError, TypeError) as error:  # what a corrupt or truncated pickle raises
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SpdinvError(f"{path} is not a readable {what} ({message[:200]})") from None
 
 
 def _vectors(data: object, path: Path) -> Tensor:
