@@ -155,6 +155,15 @@ def test_cli_learn_then_edit_with_the_concept(tmp_path, tiny_dir, red_circle, ca
     assert main(args) == 0
 
 
+def test_cli_invert_with_a_concept(tmp_path, tiny_dir, red_circle, capsys):
+    concept = save_concept(Concept("<me>", torch.randn(1, 32)), tmp_path / "me.safetensors")
+    out = tmp_path / "inv"
+    assert main(["invert", str(red_circle), "--prompt", "a <me> on a white background", "--method", "ddim",
+                 "--steps", "2", "--model", str(tiny_dir), "--out", str(out), "--quiet", "--concept", str(concept),
+                 "--concept-word", "<me>"]) == 0
+    assert out.is_dir() and "does not know" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("make, extra, message", [
     (lambda p: save_concept(Concept("S", torch.zeros(1, 7)), p / "c.safetensors"), [], "made for another model"),
     (lambda p: save_concept(Concept("S", torch.zeros(1, 32)), p / "c.safetensors"), ["--concept-word", "Z"],
@@ -178,8 +187,8 @@ def test_cli_bad_concept_input_exits_2_in_one_line(tmp_path, tiny_dir, red_circl
 
 
 def test_cli_learn_needs_the_word_in_its_prompt(tmp_path, tiny_dir, red_circle, capsys):
-    code = main(["concept", "learn", str(red_circle), "--prompt", "a red circle", "--out", str(tmp_path / "S.safetensors"),
-                 "--model", str(tiny_dir), "--quiet"])
+    code = main(["concept", "learn", str(red_circle), "--prompt", "a red circle",
+                 "--out", str(tmp_path / "S.safetensors"), "--model", str(tiny_dir), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "does not contain the concept word 'S'" in err and err.count("\n") == 1
     assert not (tmp_path / "S.safetensors").exists()

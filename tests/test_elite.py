@@ -53,9 +53,9 @@ def test_the_official_layout_loads_strictly_and_maps_like_elite(unet, checkpoint
     # word 0 by hand: CLS MLP + mean over patches of the patch MLP (LeakyReLU slope 0.01)
     def mlp(prefix, x):
         for index in ("0", "3"):
-            x = torch.nn.functional.layer_norm(x @ state[f"{prefix}.{index}.weight"].T + state[f"{prefix}.{index}.bias"],
-                                               (HIDDEN,), state[f"{prefix}.{int(index) + 1}.weight"],
-                                               state[f"{prefix}.{int(index) + 1}.bias"])
+            linear = x @ state[f"{prefix}.{index}.weight"].T + state[f"{prefix}.{index}.bias"]
+            norm = f"{prefix}.{int(index) + 1}"
+            x = torch.nn.functional.layer_norm(linear, (HIDDEN,), state[f"{norm}.weight"], state[f"{norm}.bias"])
             x = torch.nn.functional.leaky_relu(x)
         return x @ state[f"{prefix}.6.weight"].T + state[f"{prefix}.6.bias"]
     expected = mlp("mapping_0", features[0][:, :1]) + mlp("mapping_patch_0", features[0][:, 1:]).mean(1, keepdim=True)

@@ -93,6 +93,10 @@ def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
         cut = cut if len(cut) <= 60 else cut[:57] + "..."
         found.append(f"the {what} is {len(ids)} tokens; the text encoder reads {window}, so it ignores: {cut!r}")
     if len(tokenizer) < WORD_LEVEL_VOCABULARY:
+        if getattr(model, "concept", None) is not None:  # the concept word is known by construction
+            from .concepts import word_pattern
+
+            prompt = word_pattern(model.concept.word).sub(" ", prompt)
         words = dict.fromkeys(re.findall(r"[a-z]+", prompt.lower()))
         unknown = [w for w in words if len(tokenizer.tokenize(w)) != 1]
         if unknown:
@@ -109,7 +113,8 @@ def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a textual-inversion file (spdinv's or diffusers' .safetensors/.bin, A1111's .pt) whose "
                             "embedding the concept word stands for in every prompt")
     group.add_argument("--concept-word", default=DEFAULT_WORD,
-                       help=f"the placeholder word the prompts use for the concept (default {DEFAULT_WORD}; case-sensitive)")
+                       help=f"the placeholder word the prompts use for the concept (default {DEFAULT_WORD}; "
+                            "case-sensitive)")
 
 
 def concept_from_args(args: argparse.Namespace, prompts: dict[str, str]):

@@ -49,7 +49,8 @@ def run_learn(args: argparse.Namespace) -> None:
     if args.out.suffix.lower() != ".safetensors":
         raise SpdinvError(f"--out must name a .safetensors file, not {args.out}")
     if args.out.is_dir() or not args.out.parent.is_dir():
-        raise SpdinvError(f"cannot write {args.out}: {'a folder' if args.out.is_dir() else 'its folder does not exist'}")
+        why = "a folder" if args.out.is_dir() else "its folder does not exist"
+        raise SpdinvError(f"cannot write {args.out}: {why}")
     raw_image, opened = open_image(args.image)
     model = load_model_from_args(args)
     image, notices = conform_image(raw_image, model.image_size)
@@ -63,5 +64,6 @@ def run_learn(args: argparse.Namespace) -> None:
     save_concept(result.concept, args.out)
     tail = result.losses[-10:]
     print(f"wrote {args.out} ({word!r}: {result.concept.vectors.shape[0]} x {result.concept.vectors.shape[1]}); "
-          f"diffusion loss first step {result.losses[0]:.4f}, mean of the last {len(tail)} {sum(tail) / len(tail):.4f}; "
+          f"diffusion loss first step {result.losses[0]:.4f}, "
+          f"mean of the last {len(tail)} {sum(tail) / len(tail):.4f}; "
           f"{time.perf_counter() - wall:.1f} s")
