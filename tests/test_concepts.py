@@ -2,6 +2,7 @@
 injection, every engine, blend words, the inversion cache, textual inversion, the file formats
 (ours, diffusers', A1111's) and the command line's bad input."""
 
+import copy
 import json
 
 import pytest
@@ -56,6 +57,8 @@ def test_the_word_is_injected_only_where_it_occurs_and_nothing_shared_changes(ti
     other = tiny.with_concept(Concept("S", concept.vectors + 1))
     assert not torch.equal(other.encode_prompt(SOURCE), with_s.encode_prompt(SOURCE))  # caches are per concept
     assert with_s.with_concept(None).tokenizer is tiny.tokenizer
+    copied = copy.deepcopy(with_s.tokenizer)
+    assert copied("a S").input_ids == with_s.tokenizer("a S").input_ids
 
 
 def test_the_injected_vectors_are_the_token_embeddings(tiny, width):

@@ -89,6 +89,8 @@ class ConceptTokenizer:
         return len(self._tokenizer)
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_tokenizer":  # copy/pickle probe these before __init__ ran
+            raise AttributeError(name)
         return getattr(self._tokenizer, name)
 
 

@@ -153,7 +153,8 @@ class LastInversion:
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
                seed: int = 0, progress: bool = False, **options) -> tuple[Inversion, bool]:
         """(inversion, whether it was the last one computed)."""
-        key = (id(model), hashlib.sha256(_image_bytes(model, image)).hexdigest(), prompt, method, steps, seed,
+        key = (id(model), None if model.concept is None else model.concept.fingerprint,
+               hashlib.sha256(_image_bytes(model, image)).hexdigest(), prompt, method, steps, seed,
                json.dumps(options, sort_keys=True, default=str), self.diagnose)
         if self._last is not None and self._last[0] == key:
             self.hits += 1
