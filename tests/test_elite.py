@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from spdinv.elite import GlobalMapper, encode_concept, load_global_mapper
+from spdinv.editing import edit
+from spdinv.elite import encode_concept, load_global_mapper, projections_installed
 from spdinv.errors import SpdinvError
 from spdinv.testing import tiny_pipeline
 
@@ -91,3 +92,30 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(unet, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(SpdinvError, match="not a readable checkpoint"):
         load_global_mapper(tmp_path / "bad.pt", unet)
+
+
+def test_projections_compose_with_an_engine_and_are_put_back(tiny, tmp_path):
+    state = official_state_dict(tiny.unet, tiny.unet.config.cross_attention_dim)
+    torch.save(state, tmp_path / "global_mapper.pt")
+    mapper = load_global_mapper(tmp_path / "global_mapper.pt", tiny.unet, input_dim=INPUT, hidden=HIDDEN)
+    before = {n: (m.to_k, m.to_v) for n, m in tiny.unet.named_modules() if getattr(m, "is_cross_attention", False)}
+    processors = dict(tiny.unet.attn_processors)
+    z, embedding = torch.randn(1, 4, 8, 8), tiny.encode_prompt("a red circle")
+    plain = tiny.eps(z, 500, embedding)
+    with projections_installed(tiny.unet, mapper):
+        swapped = tiny.eps(z, 500, embedding)
+        name = next(iter(before))
+        assert dict(tiny.unet.named_modules())[name].to_k is mapper.projections(name)[0]
+        result = edit(tiny, None, "a red circle", "a blue circle", _inversion(tiny), "p2p")
+    assert not torch.allclose(plain, swapped) and torch.isfinite(result.edited).all()
+    without = edit(tiny, None, "a red circle", "a blue circle", _inversion(tiny), "p2p")
+    assert not torch.allclose(result.edited, without.edited)  # the engine's processors used the swapped projections
+    after = {n: (m.to_k, m.to_v) for n, m in tiny.unet.named_modules() if getattr(m, "is_cross_attention", False)}
+    assert after == before and dict(tiny.unet.attn_processors) == processors
+    assert torch.equal(tiny.eps(z, 500, embedding), plain)
+
+
+def _inversion(model):
+    from spdinv.inversion import invert
+
+    return invert(model, torch.zeros(1, 3, 32, 32), "a red circle", "ddim", 3, progress=False, diagnose=False)

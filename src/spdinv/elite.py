@@ -7,11 +7,14 @@ Only the first word (the deepest features'), w0, is used at generation; it becom
 
 `global_mapper.pt` also holds ELITE's trained key/value projections, one pair per UNet
 cross-attention, as `{module path with dots as underscores}_to_k/_to_v` (bias-free Linear), so the
-module registers one pair per cross-attention of the given UNet and the file loads strictly. Not
+module registers one pair per cross-attention of the given UNet and the file loads strictly;
+`projections_installed` switches them on (the official SPDInv-ELITE script drops them). Not
 run on the real SD 1.4 / CLIP ViT-L/14 weights here (none are available offline)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,6 +74,25 @@ class GlobalMapper(nn.Module):
         """The trained (to_k, to_v) for the cross-attention at module path `name`."""
         key = name.replace(".", "_")
         return getattr(self, f"{key}_to_k"), getattr(self, f"{key}_to_v")
+
+
+@contextmanager
+def projections_installed(unet: nn.Module, mapper: GlobalMapper) -> Iterator[None]:
+    """While inside, every cross-attention computes its keys and values with ELITE's trained
+    projections (for every text condition, the unconditional one included, as ELITE does). The
+    modules are swapped, not the processors, so any processor (diffusers' or an engine's
+    `EditingProcessor`) uses them; the originals are put back on exit."""
+    originals = {}
+    try:
+        for name, module in unet.named_modules():
+            if getattr(module, "is_cross_attention", False) and hasattr(module, "to_k"):
+                to_k, to_v = mapper.projections(name)
+                originals[name] = module, module.to_k, module.to_v
+                module.to_k, module.to_v = to_k.to(module.to_k.weight), to_v.to(module.to_v.weight)
+        yield
+    finally:
+        for module, to_k, to_v in originals.values():
+            module.to_k, module.to_v = to_k, to_v
 
 
 def vision_features(image_encoder: nn.Module, pixels: Tensor) -> list[Tensor]:
