@@ -13,14 +13,14 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "spdinv"
 # Lowest first. A module belongs to the layer with the longest matching prefix (names relative to spdinv).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "arguments", "images", "outputs", "masks", "schedule", "families", "prediction",
-                    "conditioning", "original_layout")),
-    ("model", ("loading", "model")),
+                    "conditioning", "original_layout", "concepts")),
+    ("model", ("loading", "model", "textual_inversion", "elite")),
     ("sampling", ("sampling",)),
     ("inversion", ("inversion", "plots", "export")),
     ("editing", ("editing",)),
     ("world", ("world", "testing")),
     ("bench", ("bench",)),
-    ("commands", ("commands", "editing.command", "bench.command", "world.command", "demo")),
+    ("commands", ("commands", "concept_command", "editing.command", "bench.command", "world.command", "demo")),
     ("cli", ("cli", "__main__")),
 ]
 

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--prompt", required=True, help="the source prompt describing the image")
     invert.add_argument("--method", default="spdinv", help=_method_help())
     commands.add_inversion_arguments(invert)
+    commands.add_concept_arguments(invert)
     add_model_arguments(invert)
     invert.add_argument("--out", type=Path, default=Path("spdinv-out"), help="output folder (default ./spdinv-out)")
     invert.set_defaults(run=run_invert)
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .world.command import add_world_parser
 
     add_world_parser(sub)
+    from .concept_command import add_concept_parser
+
+    add_concept_parser(sub)
     from .bench.command import add_bench_parser
 
     add_bench_parser(sub)
@@ -73,9 +77,10 @@ def run_invert(args: argparse.Namespace) -> None:
     check_output_dir(args.out)
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     commands.check_model_settings(args)
+    concept = commands.concept_from_args(args, {"prompt": prompt})
     from .export import invert_to_folder
 
-    model = commands.load_model_from_args(args)
+    model = commands.load_model_from_args(args).with_concept(concept)
     image, notices = conform_image(raw_image, model.image_size)
     for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)

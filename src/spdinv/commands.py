@@ -93,8 +93,40 @@ def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
         cut = cut if len(cut) <= 60 else cut[:57] + "..."
         found.append(f"the {what} is {len(ids)} tokens; the text encoder reads {window}, so it ignores: {cut!r}")
     if len(tokenizer) < WORD_LEVEL_VOCABULARY:
+        if getattr(model, "concept", None) is not None:  # the concept word is known by construction
+            from .concepts import word_pattern
+
+            prompt = word_pattern(model.concept.word).sub(" ", prompt)
         words = dict.fromkeys(re.findall(r"[a-z]+", prompt.lower()))
         unknown = [w for w in words if len(tokenizer.tokenize(w)) != 1]
         if unknown:
             found.append(f"the model does not know these {what} words: {', '.join(unknown)}")
     return found
+
+
+def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
+    """--concept FILE and --concept-word WORD."""
+    from .concepts import DEFAULT_WORD
+
+    group = parser.add_argument_group("concept word")
+    group.add_argument("--concept", type=Path, default=None,
+                       help="a textual-inversion file (spdinv's or diffusers' .safetensors/.bin, A1111's .pt) whose "
+                            "embedding the concept word stands for in every prompt")
+    group.add_argument("--concept-word", default=DEFAULT_WORD,
+                       help=f"the placeholder word the prompts use for the concept (default {DEFAULT_WORD}; "
+                            "case-sensitive)")
+
+
+def concept_from_args(args: argparse.Namespace, prompts: dict[str, str]):
+    """The concept --concept names (None without it), read and checked before the model loads:
+    at least one of `prompts` (what -> prompt) must contain the concept word."""
+    from .concepts import check_word, load_concept, mentions
+
+    if args.concept is None:
+        return None
+    word = check_word(args.concept_word)
+    concept = load_concept(args.concept, word)
+    if not any(mentions(prompt, word) for prompt in prompts.values()):
+        raise SpdinvError(f"--concept is given but no {' or '.join(prompts)} contains the concept word {word!r} "
+                          "(case-sensitive, a whole word)")
+    return concept

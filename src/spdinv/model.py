@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .concepts import Concept, ConceptTokenizer, check_width, injected
 from .conditioning import pack, sdxl_text_states, time_ids, unpack
 from .errors import SpdinvError
 from .families import SD, SDXL, ModelFamily
@@ -47,6 +49,7 @@ class DiffusionModel:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = False
+    concept: Concept | None = None  # the placeholder word and its embeddings (concepts.py); set by with_concept
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -85,6 +88,21 @@ class DiffusionModel:
         """SDXL: the size of the pooled text embedding; None for SD."""
         return None if self.text_encoder_2 is None else int(self.text_encoder_2.config.projection_dim)
 
+    def with_concept(self, concept: Concept | None) -> DiffusionModel:
+        """The same frozen networks seen through a tokenizer in which `concept.word` stands for its
+        embeddings (None: no concept); prompts are cached per model, so never across concepts."""
+        base = self.tokenizer.base if isinstance(self.tokenizer, ConceptTokenizer) else self.tokenizer
+        if concept is None:
+            if self.concept is None:
+                return self
+            return dataclasses.replace(self, tokenizer=base, concept=None, _prompt_cache={})
+        if self.text_encoder_2 is not None:
+            raise SpdinvError("concept words are supported for SD 1.x/2.x models; SDXL's two-encoder "
+                              "textual inversion is not")
+        check_width(concept, self.text_encoder.get_input_embeddings().embedding_dim)
+        tokenizer = ConceptTokenizer(base, concept.word, concept.vectors.shape[0])
+        return dataclasses.replace(self, tokenizer=tokenizer, concept=concept, _prompt_cache={})
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str]) -> Tensor:
         """The conditioning of each prompt, (B, L, D) fp32 (SDXL: L token rows + the pooled rows);
@@ -95,7 +113,14 @@ class DiffusionModel:
             self._prompt_cache.update(zip(missing, self._encode(missing)))
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
+    def encode_prompts_differentiable(self, prompts: list[str]) -> Tensor:
+        """Like `encode_prompt`, uncached and differentiable (in the concept's vectors too)."""
+        return self._encode(prompts)
+
     def _encode(self, prompts: list[str]) -> Tensor:
+        if self.concept is not None:
+            with injected(self.text_encoder, self.tokenizer.first_id, self.concept.vectors):
+                return self.text_encoder(self.tokenize(prompts).to(self.device))[0].float()
         if self.text_encoder_2 is None:
             return self.text_encoder(self.tokenize(prompts).to(self.device))[0].float()
         hidden, pooled = sdxl_text_states([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],

@@ -74,6 +74,8 @@ class InversionCache:
                    "schedule": [schedule.timesteps, [float(schedule.abar(k)) for k in range(steps + 1)]],
                    "dtype": str(model.dtype), "prompt": prompt, "method": method, "steps": steps, "seed": seed,
                    "settings": settings}
+        if model.concept is not None:
+            payload["concept"] = model.concept.fingerprint
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
         digest.update(_image_bytes(model, image))
         return f"{method}-{digest.hexdigest()[:32]}"
@@ -151,7 +153,8 @@ class LastInversion:
                seed: int = 0, progress: bool = False, diagnose: bool = False, **options) -> tuple[Inversion, bool]:
         """(inversion, whether it was the last one computed)."""
         diagnose = diagnose or self.diagnose
-        key = (id(model), hashlib.sha256(_image_bytes(model, image)).hexdigest(), prompt, method, steps, seed,
+        key = (id(model), None if model.concept is None else model.concept.fingerprint,
+               hashlib.sha256(_image_bytes(model, image)).hexdigest(), prompt, method, steps, seed,
                json.dumps(options, sort_keys=True, default=str), diagnose)
         if self._last is not None and self._last[0] == key:
             self.hits += 1

@@ -28,7 +28,7 @@ def engine_classes() -> dict[str, type]:
 def add_edit_parser(sub) -> None:
     """Register `spdinv edit` on the CLI's subparsers."""
     from ..arguments import add_model_arguments, add_option_arguments, number
-    from ..commands import add_inversion_arguments
+    from ..commands import add_concept_arguments, add_inversion_arguments
     from ..inversion import METHODS
     from . import ENGINES
 
@@ -40,6 +40,7 @@ def add_edit_parser(sub) -> None:
     edit.add_argument("--engine", default="p2p",
                       help="; ".join(f"{name}: {e.summary}" for name, e in ENGINES.items()) + "; or all (default p2p)")
     add_inversion_arguments(edit)
+    add_concept_arguments(edit)
     sampling = edit.add_argument_group("sampling")
     sampling.add_argument("--target-guidance", type=number, default=7.5, help="the target branch's guidance scale (default 7.5)")
     sampling.add_argument("--source-guidance", type=number, default=None,
@@ -94,7 +95,7 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from ..commands import check_model_settings, load_model_from_args, prompt_warnings
+    from ..commands import check_model_settings, concept_from_args, load_model_from_args, prompt_warnings
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
@@ -113,8 +114,9 @@ def run_edit(args: argparse.Namespace) -> None:
     check_output_dir(args.out)
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     check_model_settings(args)
+    concept = concept_from_args(args, {"source prompt": source, "target prompt": target})
 
-    model = load_model_from_args(args)
+    model = load_model_from_args(args).with_concept(concept)
     loaded = time.perf_counter() - wall
     image, notices = conform_image(raw_image, model.image_size)
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
@@ -209,5 +211,8 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             "source": source, "target": target, "image": str(args.image), "model": model.name,
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": args.seed,
             "steps": args.steps, "sampler": dataclasses.asdict(sampler), "runs": records, "timings": timings,
+            "concept": None if model.concept is None else {"file": str(args.concept), "word": model.concept.word,
+                                                          "vectors": model.concept.vectors.shape[0],
+                                                          "fingerprint": model.concept.fingerprint},
             "command": sys.argv if command is None else command,
         })
