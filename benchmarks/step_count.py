@@ -2,11 +2,13 @@
 counts, as one table of means, paired differences against DDIM per step count, and a plot of each
 metric against the step count per inversion + engine.
 
-    .venv/bin/python benchmarks/step_count.py 10=out-10 20=out-20 50=out-50 [--out docs/results-world/steps]
-        [--metrics psnr,ssim,gt_psnr,edit_accuracy,noise_error,network_calls,seconds]
+    .venv/bin/python benchmarks/step_count.py 10=out-10 10=out-10-gradient@gradient 20=out-20 50=out-50
+        [--out docs/results-world/steps] [--metrics psnr,ssim,gt_psnr,edit_accuracy,noise_error,network_calls,seconds]
 
-Each argument is STEPS=FOLDER (a `spdinv bench` output folder or results.csv). Means follow the
-report's rule (`Results.mean`); paired intervals come from `benchmarks/paired.py`.
+Each argument is STEPS=FOLDER[@LABEL] (a `spdinv bench` output folder or results.csv); several
+folders of one step count are merged, the rows of a labelled one renamed "INVERSION (LABEL)" (e.g.
+a second SPDInv solver). Means follow the report's rule (`Results.mean`); paired intervals come
+from `benchmarks/paired.py`.
 """
 
 from __future__ import annotations
@@ -19,19 +21,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from paired import paired_rows  # noqa: E402
-from spdinv.bench.report import load_results, save_figure  # noqa: E402
+from spdinv.bench.report import Results, load_results, save_figure  # noqa: E402
 
 DEFAULT_METRICS = "psnr,ssim,gt_psnr,edit_accuracy,noise_error,reconstruction_error,network_calls,seconds"
 PAIRED_METRICS = ("psnr", "gt_psnr", "edit_accuracy")
 
 
-def parse_runs(pairs: list[str]) -> dict[int, Path]:
-    runs = {}
+def load_runs(pairs: list[str]) -> dict[int, Results]:
+    """STEPS=FOLDER[@LABEL] arguments -> one Results per step count."""
+    runs: dict[int, Results] = {}
     for pair in pairs:
-        steps, _, folder = pair.partition("=")
+        steps, _, source = pair.partition("=")
+        folder, _, label = source.partition("@")
         if not steps.isdigit() or not folder:
-            raise SystemExit(f"expected STEPS=FOLDER, got {pair!r}")
-        runs[int(steps)] = Path(folder)
+            raise SystemExit(f"expected STEPS=FOLDER[@LABEL], got {pair!r}")
+        results = load_results(folder)
+        if label:
+            for row in results.rows:
+                row["inversion"] = f"{row['inversion']} ({label})"
+        if int(steps) in runs:
+            merged = runs[int(steps)]
+            merged.rows += results.rows
+            merged.metrics += [m for m in results.metrics if m not in merged.metrics]
+        else:
+            runs[int(steps)] = results
     return dict(sorted(runs.items()))
 
 
@@ -43,11 +56,11 @@ def _format(value: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="STEPS=FOLDER")
+    parser.add_argument("runs", nargs="+", help="STEPS=FOLDER[@LABEL]")
     parser.add_argument("--metrics", default=DEFAULT_METRICS)
     parser.add_argument("--out", default=None, help="folder for the plots (step-count-METRIC.png)")
     args = parser.parse_args()
-    runs = {steps: load_results(folder) for steps, folder in parse_runs(args.runs).items()}
+    runs = load_runs(args.runs)
     metrics = [m for m in args.metrics.split(",") if any(m in r.metrics for r in runs.values())]
 
     print("| steps | inversion | engine | images | " + " | ".join(metrics) + " |")
