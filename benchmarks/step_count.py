@@ -25,6 +25,7 @@ from spdinv.bench.report import Results, load_results, save_figure  # noqa: E402
 
 DEFAULT_METRICS = "psnr,ssim,gt_psnr,edit_accuracy,noise_error,reconstruction_error,network_calls,seconds"
 PAIRED_METRICS = ("psnr", "gt_psnr", "edit_accuracy")
+LINE_STYLES = {"p2p": "-", "masactrl": "--", "pnp": ":"}
 
 
 def load_runs(pairs: list[str]) -> dict[int, Results]:
@@ -94,9 +95,11 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         for metric in metrics:
             fig, ax = plt.subplots(figsize=(5, 3.4))
+            inversions = sorted({inversion for inversion, _ in series})
             for (inversion, engine), by_metric in sorted(series.items()):
-                points = by_metric[metric]
-                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"{inversion} + {engine}")
+                points = by_metric[metric]  # colour: the inversion; line style: the engine
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=f"{inversion} + {engine}",
+                        color=f"C{inversions.index(inversion)}", linestyle=LINE_STYLES.get(engine, "-."))
             ax.set_xlabel("DDIM steps")
             ax.set_ylabel(metric)
             ax.set_xticks(list(runs))
