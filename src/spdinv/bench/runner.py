@@ -335,15 +335,10 @@ def _save_side_files(job: Job, scored: ScoredEdit, outcome: EditOutcome, options
 
 def check_names(options: BenchOptions) -> None:
     """Methods, engines, metrics and options, checked before anything runs (every rank alike)."""
-    from ..editing import get_engine, split_options
-    from ..inversion import get_method, make_options
+    from ..editing import check_pairs, split_options
+    from ..inversion import make_options
 
-    if not options.inversions or not options.engines:
-        raise SpdinvError("give at least one --inversion and one --engine")
-    for name in options.inversions:
-        get_method(name)
-    for name in options.engines:
-        get_engine(name)
+    check_pairs(options.inversions, options.engines, "give at least one --inversion and one --engine")
     options.metrics = parse_metrics(options.metrics)
     for key in options.inversion_options:
         if not any(key in method_arguments(m, options.inversion_options) for m in options.inversions):

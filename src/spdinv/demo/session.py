@@ -143,19 +143,14 @@ def _check_pixels(path: Path) -> None:
 
 
 def check_request(request: EditRequest) -> None:
-    from ..editing import get_engine
-    from ..inversion import check_prompt, get_method
+    from ..editing import check_pairs
+    from ..inversion import check_prompt
 
     for text, what in ((request.source, "source prompt"), (request.target, "target prompt")):
         check_prompt(text or "", what)
         if len(text) > MAX_PROMPT_CHARS:
             raise SpdinvError(f"the {what} is {len(text)} characters; at most {MAX_PROMPT_CHARS}")
-    if not request.inversions or not request.engines:
-        raise SpdinvError("choose at least one inversion and one engine")
-    for name in request.inversions:
-        get_method(name)
-    for name in request.engines:
-        get_engine(name)
+    check_pairs(request.inversions, request.engines, "choose at least one inversion and one engine")
     if len(request.inversions) * len(request.engines) > MAX_RUNS:
         raise SpdinvError(f"compare at most {MAX_RUNS} inversion x engine pairs at once")
     if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:

@@ -51,6 +51,17 @@ def get_engine(name: str) -> Engine:
     return ENGINES[name]
 
 
+def check_pairs(inversions: list[str], engines: list[str], empty: str) -> None:
+    """At least one inversion method and one engine, every name known; `empty` is the one-line
+    error when either list is empty (worded for the caller's interface)."""
+    if not inversions or not engines:
+        raise SpdinvError(empty)
+    for name in inversions:
+        get_method(name)
+    for name in engines:
+        get_engine(name)
+
+
 def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -220,6 +231,6 @@ def edit(
     return next(results)
 
 
-__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "split_options", "run_editor", "Editor",
+__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "split_options", "run_editor", "Editor",
            "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "NoOptions", "SamplerOptions",
            "InversionCache", "check_inversion"]
