@@ -174,3 +174,15 @@ def test_sdxl_single_file_checkpoint(tmp_path):
         load_model(tmp_path / "xl.safetensors")
     with pytest.raises(SpdinvError, match="is a Stable Diffusion 1.x/2.x folder"):
         load_model(tmp_path / "xl.safetensors", config=tmp_path / "sd")
+
+
+def test_the_inversion_cache_keeps_sdxl_entries(xl, image, tmp_path):
+    """SDXL's prompt embedding packs both encoders' states (and the pooled rows), so its width is
+    the UNet's cross-attention width, not the first text encoder's: a stored entry must be a hit."""
+    from spdinv.editing.cache import InversionCache
+
+    cache = InversionCache(tmp_path)
+    first, hit = cache.invert(xl, image, "a red circle", "ddim", 3)
+    again, hit_again = cache.invert(xl, image, "a red circle", "ddim", 3)
+    assert (hit, hit_again, cache.dropped) == (False, True, 0)
+    assert torch.equal(again.trajectory, first.trajectory.cpu())

@@ -180,7 +180,7 @@ def check_entry(inversion: Inversion, model: DiffusionModel, steps: int) -> None
     latent = (steps + 1, config.in_channels, config.sample_size, config.sample_size)
     if tuple(inversion.trajectory.shape) != latent:
         raise ValueError(f"trajectory {tuple(inversion.trajectory.shape)}, expected {latent}")
-    if inversion.prompt_embedding.shape[-1] != model.text_encoder.config.hidden_size:
+    if inversion.prompt_embedding.shape[-1] != config.cross_attention_dim:  # SDXL: both encoders' width
         raise ValueError("prompt embedding of another width")
     if not all(bool(t.isfinite().all()) for t in _tensors(inversion)):
         raise ValueError("non-finite values")
