@@ -222,7 +222,6 @@ def edit(
         get_method(inversion)
         if image is None:
             raise SpdinvError("an image is needed unless an inversion is given")
-    get_engine(engine)
     engine_options, sampler_options, method_options = split_options(engine, None if given else inversion, options)
     results = edits(model, image, source_prompt, target_prompt, [inversion], [engine], num_steps=num_steps,
                     seed=seed, progress=progress, cache=cache, diagnose=diagnose,
