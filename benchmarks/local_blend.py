@@ -2,13 +2,15 @@
 
     spdinv world export world40 --n 40 --seed 0
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/local_blend.py world40 [--limit 24] [--steps 50]
-        [--configs 0.5:max,0.5:range,auto:range,auto:max] [--json out.json]
+        [--configs 0.5:max,0.5:range,auto:range,auto:max,auto:range:noise] [--json out.json]
 
 Each pair with blend words is inverted once with DDIM and edited with P2P (the bench's settings:
 PIE-Bench's blend words) once per LocalBlend configuration SCALE:NORM: the map resolution
 (`blend_scale`, relative to the latent; `auto` = the default, the maps with 16 tokens a side)
 and `blend_norm` (max: P2P's; range: minus the map's min first). `0.5:max` is what the embedded
-model got before the default changed. Per configuration, means over pairs:
+model got before the default changed; a third part `:noise` reads the mask from the difference of
+the two branches' noise predictions instead (`blend_map`), a fourth sets `blend_threshold`
+(default 0.3), e.g. `auto:range:noise:0.5`. Per configuration, means over pairs:
 mask coverage (fraction of the frame LocalBlend lets the target change), IoU of that mask with
 the pair's ground-truth edit region (both at image size, without PIE-Bench's border), background
 PSNR (PIE-Bench's: outside the edit region, with the border) and the attribute classifier's edit
@@ -48,8 +50,10 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def blend_options(config: str) -> dict:
-    scale, norm = config.split(":")
-    return {"blend_scale": None if scale == "auto" else float(scale), "blend_norm": norm}
+    scale, norm, *rest = config.split(":")
+    options = {"blend_scale": None if scale == "auto" else float(scale), "blend_norm": norm,
+               "blend_map": rest[0] if rest else "attention"}
+    return options | ({"blend_threshold": float(rest[1])} if len(rest) > 1 else {})
 
 
 def held_out(model, steps: int, configs: list[str]) -> dict:

@@ -4,11 +4,13 @@ metric against the step count per inversion + engine.
 
     .venv/bin/python benchmarks/step_count.py 10=out-10 10=out-10-gradient@gradient 20=out-20 50=out-50
         [--out docs/results-world/steps] [--metrics psnr,ssim,gt_psnr,edit_accuracy,noise_error,network_calls,seconds]
+        [--by-category gt_psnr,edit_accuracy]
 
 Each argument is STEPS=FOLDER[@LABEL] (a `spdinv bench` output folder or results.csv); several
 folders of one step count are merged, the rows of a labelled one renamed "INVERSION (LABEL)" (e.g.
 a second SPDInv solver). Means follow the report's rule (`Results.mean`); paired intervals come
-from `benchmarks/paired.py`.
+from `benchmarks/paired.py`. `--by-category` adds, per step count and metric, the report's table of
+means per PIE-Bench category.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from paired import paired_rows  # noqa: E402
-from spdinv.bench.report import Results, load_results, save_figure  # noqa: E402
+from spdinv.bench.report import Results, category_table, load_results, save_figure  # noqa: E402
 
 DEFAULT_METRICS = "psnr,ssim,gt_psnr,edit_accuracy,noise_error,reconstruction_error,network_calls,seconds"
 PAIRED_METRICS = ("psnr", "gt_psnr", "edit_accuracy")
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="STEPS=FOLDER[@LABEL]")
     parser.add_argument("--metrics", default=DEFAULT_METRICS)
     parser.add_argument("--out", default=None, help="folder for the plots (step-count-METRIC.png)")
+    parser.add_argument("--by-category", default="", help="metrics to tabulate per category, comma-separated")
     args = parser.parse_args()
     runs = load_runs(args.runs)
     metrics = [m for m in args.metrics.split(",") if any(m in r.metrics for r in runs.values())]
@@ -84,6 +87,12 @@ def main() -> None:
                 continue
             for inversion, engine, n, diff, low, high in paired_rows(results, metric, "ddim"):
                 print(f"| {steps} | {metric} | {inversion} | {engine} | {n} | {diff:+.3f} | [{low:+.3f}, {high:+.3f}] |")
+
+    for metric in filter(None, args.by_category.split(",")):
+        for steps, results in runs.items():
+            if metric in results.metrics:
+                print(f"\n**{metric}, {steps} steps, per category**\n")
+                print("\n".join(category_table(results, metric)))
 
     if args.out:
         import matplotlib

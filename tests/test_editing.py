@@ -259,6 +259,34 @@ def test_local_blend_range_norm_removes_the_maps_floor(tiny, inversions):
     assert masks["max"].sum() == 64 and masks["range"].sum() == 9 and masks["range"][2:5, 2:5].all()
 
 
+def test_local_blend_noise_map_follows_where_the_noise_predictions_differ(tiny, inversions):
+    """blend_map 'noise': the mask is cut from |eps_target - eps_source| summed over the steps, with no
+    blend words and no cross-attention layers read; a difference at one latent cell keeps that
+    cell and its 3x3 neighbourhood."""
+    editor = P2PEditor(tiny, SOURCE, TARGET, P2POptions(blend_map="noise"))
+    editor.prepare(tiny, inversions["spdinv"])
+    assert editor.blend_layers == [] and editor.blends
+    eps = torch.zeros(2, 4, 8, 8)
+    eps[1, :, 3, 3] = 0.5
+    for i in range(2):
+        editor.guide(i, 0, None, eps, torch.ones(2, 1, 1, 1))
+    assert torch.allclose(editor.noise_difference[0, 0, 3, 3], torch.tensor(1.0))
+    z = torch.stack([torch.zeros(4, 8, 8), torch.ones(4, 8, 8)])
+    blended = editor.local_blend(z)
+    mask = editor.mask[0, 0]
+    assert mask.sum() == 9 and mask[2:5, 2:5].all()
+    assert torch.equal(blended[1, :, mask.bool()], z[1, :, mask.bool()])
+    assert torch.equal(blended[1, :, ~mask.bool()], z[0, :, ~mask.bool()])
+
+
+def test_local_blend_noise_map_in_a_whole_edit(tiny, inversions):
+    """Without blend words, blend_map 'noise' still blends: the edit reports a mask that covers part
+    of the frame (range-normalised, so its weakest cell is always out and its strongest in)."""
+    result = edit(tiny, None, SOURCE, TARGET, inversions["ddim"], "p2p", blend_map="noise", blend_threshold=0.5)
+    mask = result.mask[0, 0].bool()
+    assert 0 < mask.sum() < mask.numel() and torch.isfinite(result.edited).all()
+
+
 def test_engines_pick_the_official_layers_on_an_sd_shaped_unet(tiny, inversions):
     """SD 1.x topology (narrow channels): 16 transformer blocks, latent 64, cross-attention at 64/32/16."""
     from types import SimpleNamespace
@@ -313,6 +341,7 @@ def test_word_positions_handle_multi_token_words_and_phrases(tiny):
     (dict(cross_replace=1.5), r"cross_replace must be in \[0, 1\], got 1.5"),
     (dict(blend_threshold=0.0), r"blend_threshold must be in \(0, 1\)"),
     (dict(blend_norm="mean"), "unknown p2p blend_norm .mean.; valid: max, range"),
+    (dict(blend_map="words"), "unknown p2p blend_map .words.; valid: attention, noise"),
     (dict(engine="masactrl", start_layer=-0.1), "start_layer must be in"),
     (dict(engine="pnp", feature_injection=2.0), "feature_injection must be in"),
     (dict(engine="nope"), "unknown engine 'nope'; valid: p2p, masactrl, pnp, none"),

@@ -31,6 +31,7 @@ from .tokens import prompt_tokens, refinement_mapper, replacement_mapper, word_p
 MODES = ("replace", "refine")
 SOURCES, TARGETS = slice(SOURCE, SOURCE + 1), slice(TARGET, TARGET + 1)  # a branch's latents / eps, keeping the batch dim
 BLEND_NORMS = ("max", "range")
+BLEND_MAPS = ("attention", "noise")
 Words = tuple[str, ...]
 BLEND_SIDE = 16  # tokens a side of the cross-attention maps LocalBlend reads by default
 
@@ -77,6 +78,9 @@ class P2POptions:
     it reads, relative to the latent; default: BLEND_SIDE tokens a side, `blend_map_scale`),
     blend_norm (how the map is scaled to [0, 1] before the threshold: 'max' divides by its max, as
     P2P; 'range' first subtracts its min, for maps whose attention off the object is not near 0);
+    blend_map: what the mask is read from: 'attention' (the blend words' cross-attention, P2P's) or
+    'noise' (where the target's and the source's conditional noise predictions differ, summed over
+    the steps: DiffEdit's idea (Couairon et al. 2023) at no extra network call; it needs no blend words);
     prox: ProxEdit proximal guidance (quantile of the
     guidance-difference threshold; pull back to the inverted trajectory below prox_timestep)."""
 
@@ -96,6 +100,9 @@ class P2POptions:
         None, "resolution of the maps LocalBlend reads, relative to the latent (default: the maps 16 tokens a side)")
     blend_norm: str = option("range", "LocalBlend map scaling before the threshold: range (minus its min) or max "
                              "(P2P's)", choices=BLEND_NORMS)
+    blend_map: str = option("attention", "what LocalBlend's mask is read from: attention (the blend words' "
+                            "cross-attention, P2P's) or noise (where the target's and the source's noise predictions "
+                            "differ; no blend words needed)", choices=BLEND_MAPS)
     prox: bool = option(False, "ProxEdit proximal guidance (off by default)")
     prox_quantile: float = option(0.7, "ProxEdit threshold quantile")
     prox_timestep: int = option(400, "ProxEdit pulls back below this timestep")
@@ -105,6 +112,8 @@ class P2POptions:
             raise SpdinvError(f"unknown p2p mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.blend_norm not in BLEND_NORMS:
             raise SpdinvError(f"unknown p2p blend_norm {self.blend_norm!r}; valid: {', '.join(BLEND_NORMS)}")
+        if self.blend_map not in BLEND_MAPS:
+            raise SpdinvError(f"unknown p2p blend_map {self.blend_map!r}; valid: {', '.join(BLEND_MAPS)}")
         for name in ("cross_replace", "self_replace", "blend_start"):
             check_fraction("p2p", name, getattr(self, name))
         check_fraction("p2p", "self_replace_scale", self.self_replace_scale, open_low=True)
@@ -213,6 +222,7 @@ class P2PEditor(Editor):
             options.blend[1] if options.blend else ())
         self.equalizer = equalizer(tokenizer, target_prompt, reweighted, options.reweight)
         self.maps: dict[str, Tensor] = {}
+        self.noise_difference: Tensor | None = None  # (1, 1, h, w), summed over steps (blend_map 'noise')
         self._mask: Tensor | None = None
         self.prox: ProximalGuidance | None = None
         self.every_uncond = options.prox  # ProxEdit thresholds the guidance difference of both branches
@@ -226,15 +236,16 @@ class P2PEditor(Editor):
         cross = [layer for layer in self.layers if layer.cross]
         self.cross_layers = cross
         self.self_layers = [layer for layer in self.layers if not layer.cross and layer.scale <= o.self_replace_scale + 1e-9]
+        by_attention = bool(o.blend) and o.blend_map == "attention"
         self.blend_layers = nearest_scale([l for l in cross if l.place != "mid"],
-                                          blend_map_scale(self.latent_hw, o.blend_scale)) if o.blend else []
-        if o.blend and not self.blend_layers:
+                                          blend_map_scale(self.latent_hw, o.blend_scale)) if by_attention else []
+        if by_attention and not self.blend_layers:
             raise SpdinvError("LocalBlend needs cross-attention layers in the UNet's down or up blocks")
         self.blend_names = {layer.name for layer in self.blend_layers}
         device = model.device
         self.mapper, self.alphas = self.mapper.to(device), self.alphas.to(device)
         self.equalizer, self.blend_alpha = self.equalizer.to(device), self.blend_alpha.to(device)
-        self.maps, self._mask = {}, None
+        self.maps, self.noise_difference, self._mask = {}, None, None
         if o.prox:
             self.prox = ProximalGuidance(o.prox_quantile, o.prox_timestep, self.trajectory, n)
 
@@ -265,28 +276,41 @@ class P2PEditor(Editor):
             return True
         return False
 
+    @property
+    def blends(self) -> bool:
+        return bool(self.blend_layers) or self.options.blend_map == "noise"
+
     def guide(self, i: int, t: int, eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor | None:
+        if self.options.blend_map == "noise":
+            difference = (eps_cond[TARGETS] - eps_cond[SOURCES]).float().abs().mean(1, keepdim=True)
+            self.noise_difference = difference if self.noise_difference is None else self.noise_difference + difference
         return self.prox.guide(t, eps_uncond, eps_cond, scales) if self.prox else None
 
     def end_step(self, i: int, t: int, z: Tensor) -> Tensor:
         if self.prox:
             z = self.prox.pull(i, z)
-        if self.blend_layers and i + 1 > self.blend_start_step:
+        if self.blends and i + 1 > self.blend_start_step:
             z = self.local_blend(z)
         return z
 
-    def local_blend(self, z: Tensor) -> Tensor:
-        """LocalBlend: the blend words' summed cross-attention, averaged over heads and layers,
-        3x3 max-pooled, resized to the latent, scaled to [0, 1] (blend_norm) and thresholded; the union
-        of the source's and the target's masks; x_t = x_src + mask * (x_t - x_src)."""
+    def blend_maps(self) -> Tensor:
+        """(2, 1, h, w): the source's and the target's map the mask is cut from."""
+        if self.options.blend_map == "noise":
+            return self.noise_difference.expand(2, -1, -1, -1)
         maps = []
         for layer in self.blend_layers:
             summed = self.maps[layer.name]
             h, w = layer.size(self.latent_hw)
             maps.append(summed.reshape(2, summed.shape[1], h, w, summed.shape[-1]))
         maps = torch.cat(maps, dim=1)
-        words = (maps * self.blend_alpha[:, None, None, None, :]).sum(-1).mean(1, keepdim=True)
-        words = F.max_pool2d(words, 3, 1, padding=1)
+        return (maps * self.blend_alpha[:, None, None, None, :]).sum(-1).mean(1, keepdim=True)
+
+    def local_blend(self, z: Tensor) -> Tensor:
+        """LocalBlend: the blend words' summed cross-attention, averaged over heads and layers (or
+        the summed noise-prediction difference), 3x3 max-pooled, resized to the latent, scaled to
+        [0, 1] (blend_norm) and thresholded; the union of the source's and the target's masks;
+        x_t = x_src + mask * (x_t - x_src)."""
+        words = F.max_pool2d(self.blend_maps(), 3, 1, padding=1)
         mask = F.interpolate(words, size=tuple(z.shape[-2:]))
         if self.options.blend_norm == "range":
             mask = mask - mask.amin(dim=(2, 3), keepdim=True)
