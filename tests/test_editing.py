@@ -263,6 +263,7 @@ def test_local_blend_noise_map_follows_where_the_noise_predictions_differ(tiny, 
     """blend_map 'noise': the mask is cut from |eps_target - eps_source| summed over the steps, with no
     blend words and no cross-attention layers read; a difference at one latent cell keeps that
     cell and its 3x3 neighbourhood."""
+    assert (P2POptions().blend_threshold, P2POptions(blend_map="noise").blend_threshold) == (0.3, 0.5)
     editor = P2PEditor(tiny, SOURCE, TARGET, P2POptions(blend_map="noise"))
     editor.prepare(tiny, inversions["spdinv"])
     assert editor.blend_layers == [] and editor.blends
@@ -282,7 +283,7 @@ def test_local_blend_noise_map_follows_where_the_noise_predictions_differ(tiny, 
 def test_local_blend_noise_map_in_a_whole_edit(tiny, inversions):
     """Without blend words, blend_map 'noise' still blends: the edit reports a mask that covers part
     of the frame (range-normalised, so its weakest cell is always out and its strongest in)."""
-    result = edit(tiny, None, SOURCE, TARGET, inversions["ddim"], "p2p", blend_map="noise", blend_threshold=0.5)
+    result = edit(tiny, None, SOURCE, TARGET, inversions["ddim"], "p2p", blend_map="noise")
     mask = result.mask[0, 0].bool()
     assert 0 < mask.sum() < mask.numel() and torch.isfinite(result.edited).all()
 

@@ -32,6 +32,7 @@ MODES = ("replace", "refine")
 SOURCES, TARGETS = slice(SOURCE, SOURCE + 1), slice(TARGET, TARGET + 1)  # a branch's latents / eps, keeping the batch dim
 BLEND_NORMS = ("max", "range")
 BLEND_MAPS = ("attention", "noise")
+BLEND_THRESHOLDS = {"attention": 0.3, "noise": 0.5}  # defaults; 0.5 measured best for noise (docs/results.md)
 Words = tuple[str, ...]
 BLEND_SIDE = 16  # tokens a side of the cross-attention maps LocalBlend reads by default
 
@@ -94,7 +95,8 @@ class P2POptions:
         None, "target words to reweight (default: the target blend word)", parse=words)
     blend: tuple[Words, Words] | None = option(
         None, "LocalBlend words: 'SOURCE_WORD TARGET_WORD', or one word for both", parse=str)
-    blend_threshold: float = option(0.3, "LocalBlend mask threshold")
+    blend_threshold: float | None = option(None, "LocalBlend mask threshold (default 0.3 for attention maps, 0.5 "
+                                           "for noise)")
     blend_start: float = option(0.2, "fraction of steps before LocalBlend starts")
     blend_scale: float | None = option(
         None, "resolution of the maps LocalBlend reads, relative to the latent (default: the maps 16 tokens a side)")
@@ -119,6 +121,8 @@ class P2POptions:
         check_fraction("p2p", "self_replace_scale", self.self_replace_scale, open_low=True)
         if self.blend_scale is not None:
             check_fraction("p2p", "blend_scale", self.blend_scale, open_low=True)
+        if self.blend_threshold is None:
+            object.__setattr__(self, "blend_threshold", BLEND_THRESHOLDS[self.blend_map])
         for name in ("blend_threshold", "prox_quantile"):
             check_fraction("p2p", name, getattr(self, name), open_low=True, open_high=True)
         if not isinstance(self.reweight, (int, float)) or not math.isfinite(self.reweight) or self.reweight < 0:
