@@ -62,6 +62,7 @@ class ConceptEncoderTrainer:
     def __init__(self, work: Path, config: ConceptEncoderConfig, model: DiffusionModel | None = None,
                  encoder_config: EncoderConfig = EncoderConfig()):
         self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
         self.config = config
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -141,15 +142,17 @@ class ConceptEncoderTrainer:
         return diffusion + self.config.word_l1 * words.abs().mean(), float(diffusion.detach())
 
     # ---------------------------------------------------------------- the run
-    def train(self, progress: bool = True, log_every: int = 25) -> None:
+    def train(self, progress: bool = True, log_every: int = 25, until: int | None = None) -> None:
+        """Train to `config.steps` (or stop early at step `until`, as an interrupted run would)."""
         cfg = self.config
+        end = cfg.steps if until is None else min(until, cfg.steps)
         schedule = resumed_schedule(
             self.optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup)
             * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))), self.step)
         self.encoder.train()
         started, since = time.time(), self.step
         bar = tqdm(total=cfg.steps, initial=self.step, desc="concept encoder", disable=not progress)
-        while self.step < cfg.steps:
+        while self.step < end:
             loss, diffusion = self.loss(self.step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,7 +168,7 @@ class ConceptEncoderTrainer:
                 log.info("step %d diffusion loss %.5f (mean of %d) lr %.2e, %.2f s/step", self.step,
                          sum(recent) / len(recent), len(recent), schedule.get_last_lr()[0],
                          (time.time() - started) / (self.step - since))
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
                 self.save_checkpoint()
         bar.close()
         self.encoder.eval()
