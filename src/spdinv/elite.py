@@ -119,18 +119,25 @@ def load_global_mapper(path: str | Path, unet: nn.Module, input_dim: int = 1024,
     if hidden is None:
         first = state.get("mapping_0.0.weight")
         hidden = int(first.shape[0]) if first is not None and first.dim() == 2 else 1024
-    mapper = GlobalMapper.for_unet(unet, input_dim, hidden)
-    expected = mapper.state_dict()
+    return load_strictly(GlobalMapper.for_unet(unet, input_dim, hidden), state, path,
+                         "an ELITE global mapper for this model", "this model")
+
+
+def load_strictly(module: nn.Module, state: dict[str, Tensor], path: Path, what: str, needs: str) -> nn.Module:
+    """`state` into `module` with every key and shape checked first: a one-line error naming the
+    first missing, unexpected or misshapen key instead of torch's multi-line report. Returns the
+    module in eval mode without gradients."""
+    expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise SpdinvError(f"{path} is not an ELITE global mapper for this model: {len(missing)} keys missing "
+        raise SpdinvError(f"{path} is not {what}: {len(missing)} keys missing "
                           f"(first: {missing[:1]}), {len(unexpected)} unexpected (first: {unexpected[:1]})")
     wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
     if wrong:
-        raise SpdinvError(f"{path}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, this model needs "
+        raise SpdinvError(f"{path}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, {needs} needs "
                           f"{tuple(expected[wrong[0]].shape)}")
-    mapper.load_state_dict(state, strict=True)
-    return mapper.eval().requires_grad_(False)
+    module.load_state_dict(state, strict=True)
+    return module.eval().requires_grad_(False)
 
 
 @torch.no_grad()

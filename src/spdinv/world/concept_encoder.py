@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..concepts import Concept, check_word
-from ..elite import GlobalMapper, vision_features
+from ..elite import GlobalMapper, load_strictly, vision_features
 from ..errors import SpdinvError
 from .render import render
 from .scene import COLOURS, MATERIALS, SHAPES, Scene, WorldObject
@@ -143,15 +143,4 @@ def load_concept_encoder(path: str | Path | None = None) -> ConceptEncoder:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise SpdinvError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0]})") from None
-    encoder = ConceptEncoder(config)
-    expected = encoder.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise SpdinvError(f"{path} is not a concept encoder of this shape: {len(missing)} keys missing "
-                          f"(first: {missing[:1]}), {len(unexpected)} unexpected (first: {unexpected[:1]})")
-    wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
-    if wrong:
-        raise SpdinvError(f"{path}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, the config needs "
-                          f"{tuple(expected[wrong[0]].shape)}")
-    encoder.load_state_dict(state, strict=True)
-    return encoder.eval().requires_grad_(False)
+    return load_strictly(ConceptEncoder(config), state, path, "a concept encoder of this shape", "the config")
