@@ -95,14 +95,15 @@ def projections_installed(unet: nn.Module, mapper: GlobalMapper) -> Iterator[Non
             module.to_k, module.to_v = to_k, to_v
 
 
-def vision_features(image_encoder: nn.Module, pixels: Tensor) -> list[Tensor]:
-    """ELITE's five feature levels from a CLIPVisionModel: the last hidden state, then the hidden
-    states after layers 4, 8, 12 and 16. `pixels` are CLIP-normalised (B, 3, 224, 224)."""
+def vision_features(image_encoder: nn.Module, pixels: Tensor, layers: tuple[int, ...] = FEATURE_LAYERS) -> list[Tensor]:
+    """ELITE's feature levels from a CLIPVisionModel: the last hidden state, then the hidden states
+    after each of `layers` (ELITE's: 4, 8, 12 and 16). `pixels` are what the encoder was trained on
+    (ELITE: CLIP-normalised (B, 3, 224, 224))."""
     output = image_encoder(pixels, output_hidden_states=True)
-    if len(output.hidden_states) <= max(FEATURE_LAYERS):
+    if len(output.hidden_states) <= max(layers):
         raise SpdinvError(f"the image encoder has {len(output.hidden_states) - 1} layers; ELITE reads layer "
-                          f"{max(FEATURE_LAYERS)}")
-    return [output.last_hidden_state, *(output.hidden_states[i] for i in FEATURE_LAYERS)]
+                          f"{max(layers)}")
+    return [output.last_hidden_state, *(output.hidden_states[i] for i in layers)]
 
 
 def load_global_mapper(path: str | Path, unet: nn.Module, input_dim: int = 1024, hidden: int = 1024) -> GlobalMapper:

@@ -60,13 +60,24 @@ def describe_object(obj: WorldObject, phrasing: Phrasing = Phrasing()) -> str:
     return " ".join([article] + [w for w in words if w])
 
 
+def describe_placeholder(obj: WorldObject, word: str, phrasing: Phrasing = Phrasing()) -> str:
+    """An object whose identity (colour, material, style, shape) a concept word stands for; size
+    and position stay words: 'a large S on the left'."""
+    size = SIZE_WORDS[obj.size][phrasing.size_variant]
+    return f"a {size} {word} {POSITION_PHRASES[obj.position][phrasing.position_variant]}"
+
+
 def background_phrase(scene: Scene) -> str:
     return scene.background if scene.background_kind == "plain" else f"{scene.background} grid"
 
 
-def caption(scene: Scene, phrasing: Phrasing = Phrasing()) -> str:
-    """The caption of a scene under one phrasing, e.g. 'a large red star on the left on a blue background'."""
-    objects = " and ".join(describe_object(o, phrasing) for o in scene.objects)
+def caption(scene: Scene, phrasing: Phrasing = Phrasing(), placeholders: dict[int, str] | None = None) -> str:
+    """The caption of a scene under one phrasing, e.g. 'a large red star on the left on a blue background';
+    `placeholders` (object index -> concept word) describe those objects by the word instead
+    (`describe_placeholder`)."""
+    placeholders = placeholders or {}
+    objects = " and ".join(describe_placeholder(o, placeholders[i], phrasing) if i in placeholders
+                           else describe_object(o, phrasing) for i, o in enumerate(scene.objects))
     return TEMPLATES[phrasing.template].format(objects=objects, background=background_phrase(scene))
 
 

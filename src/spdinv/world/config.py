@@ -24,3 +24,18 @@ class TrainConfig:
     checkpoint_every: int = 200
     threads: int = 1
     device: str = "cpu"  # e.g. cuda: the same seeded run (random draws stay on the CPU generator)
+
+
+@dataclass
+class ConceptEncoderConfig:
+    """Training settings of the concept encoder (`spdinv world train-concept-encoder`)."""
+
+    seed: int = 0
+    steps: int = 2000
+    batch: int = 16
+    learning_rate: float = 3e-4
+    warmup: int = 100
+    word_l1: float = 0.01  # ELITE's regulariser: word_l1 * mean |w| over every word
+    w0_only: float = 0.5  # fraction of samples whose placeholder is w0 alone (else all words, ELITE's training)
+    checkpoint_every: int = 100
+    threads: int = 1
