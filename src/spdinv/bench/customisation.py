@@ -33,7 +33,7 @@ from ..inversion import Inversion
 from ..model import DiffusionModel
 from ..outputs import write_json
 from ..textual_inversion import LearnOptions, learn_concept
-from ..world.concept_edits import IDENTITY, ConceptPair, HeldOut, concept_pairs, held_out_rule
+from ..world.concept_edits import IDENTITY, ConceptPair, concept_pairs, held_out_rule
 from .metrics import EvaluationModels, Evaluator, Sample, parse_metrics
 from .results import ERROR_COLUMN, PartWriter, RESULTS_FILE, columns, format_value, read_rows, row_key
 
@@ -85,11 +85,12 @@ class CustomisationOptions:
     seed: int = 0  # the pairs', the inversions' and the random latents'
     steps: int = 50
     guidance_scale: float = 7.5
-    held_out: str = ""  # held_out_rule spec; "" with an encoder: the encoder's own held-out set
+    held_out: str = "encoder"  # a held_out_rule spec; "encoder": the concept encoder's held-out set
     learn: LearnOptions = field(default_factory=LearnOptions)
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     evaluation: EvaluationModels = field(default_factory=EvaluationModels)
     progress: bool = True
+    save_images: bool = False  # every edit as out/images/METHOD/ID.png
 
 
 def check_methods(names: list[str]) -> list[str]:
@@ -156,6 +157,8 @@ class ConceptStore:
         self.encoder_factory, self._encoder = encoder_factory, None
 
     def get(self, pair: ConceptPair, kind: str, image: Image.Image) -> tuple[Concept, float]:
+        """Textual inversion learns from `image` (the source) under the source prompt; the encoder
+        reads the concept image of the pair's object (its convention: alone, large, centred, on gray)."""
         path = self.folder / f"{pair.id}-{kind}.safetensors"
         seconds_path = path.with_suffix(".json")
         if path.is_file() and seconds_path.is_file():
@@ -169,7 +172,9 @@ class ConceptStore:
                 if self.encoder_factory is None:
                     raise SpdinvError("the encoder methods need a concept encoder")
                 self._encoder = self.encoder_factory()
-            concept = self._encoder.encode(image, word=self.word)
+            from ..world.concept_encoder import concept_image
+
+            concept = self._encoder.encode(concept_image(pair.concept), word=self.word)
         seconds = time.perf_counter() - started
         self.folder.mkdir(parents=True, exist_ok=True)
         save_concept(concept, path)
@@ -181,15 +186,6 @@ def default_encoder_factory() -> ConceptEncoder:
     from ..world.concept_encoder import load_concept_encoder  # the trained ELITE-style encoder
 
     return load_concept_encoder()
-
-
-def default_held_out() -> HeldOut | None:
-    """The encoder's held-out attribute combinations, when the encoder module defines them."""
-    try:
-        from ..world import concept_encoder
-    except ImportError:
-        return None
-    return getattr(concept_encoder, "is_held_out", None)
 
 
 def run_settings(options: CustomisationOptions) -> dict:
@@ -218,9 +214,7 @@ def run_customisation(options: CustomisationOptions, model: DiffusionModel | Non
     """Run (or resume) the benchmark; the path of results.csv."""
     check_methods(options.methods)
     options.metrics = parse_metrics(list(options.metrics))
-    is_held_out = held_out_rule(options.held_out) if options.held_out else default_held_out()
-    pairs = concept_pairs(options.pairs, options.seed, is_held_out) if is_held_out else concept_pairs(
-        options.pairs, options.seed)
+    pairs = concept_pairs(options.pairs, options.seed, held_out_rule(options.held_out))
     check_settings(options)
     header = columns([*options.metrics, *EXTRA_COLUMNS])
     results = options.out / RESULTS_FILE
@@ -273,6 +267,10 @@ def run_row(model: DiffusionModel, pair: ConceptPair, name: str, store: ConceptS
     sample = Sample(source=source_image, edited=edited, mask=pair.mask(), target_prompt=pair.target_prompt,
                     target=target_image, target_scene=scene_dict(pair.target),
                     inversion=None if method.inversion is None else result.inversion, edit_seconds=seconds)
+    if options.save_images:
+        path = options.out / "images" / name / f"{pair.id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        edited.save(path)
     scores = evaluator.evaluate(sample)
     scores.update(concept_fidelity(classifier, edited, pair))
     scores["concept_seconds"] = concept_seconds

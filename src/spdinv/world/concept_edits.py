@@ -6,7 +6,8 @@ blue background"; the word's embedding comes from the concept image (an encoder,
 inversion on the source image).
 
 Every pair is tagged seen / held-out: whether the concept's attribute combination is one a concept
-encoder was trained on (`held_out` decides; the encoder defines its own held-out set).
+encoder was trained on (`is_held_out` decides: by default the concept encoder's own held-out
+shape x colour pairs, `spdinv.world.concept_encoder.is_held_out`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .captions import TEMPLATES, POSITION_PHRASES, SIZE_WORDS, Phrasing, background_phrase, describe_object
+from .captions import Phrasing, caption
 from .render import render, render_array
 from .scene import BACKGROUNDS, POSITIONS, SIDE_POSITIONS, SIZES, Scene, WorldObject, random_object
 
@@ -31,6 +32,13 @@ HeldOut = Callable[[WorldObject], bool]
 
 def no_held_out(obj: WorldObject) -> bool:
     return False
+
+
+def encoder_held_out(obj: WorldObject) -> bool:
+    """The concept encoder's held-out attribute combinations."""
+    from .concept_encoder import is_held_out
+
+    return is_held_out(obj)
 
 
 @dataclass(frozen=True)
@@ -63,11 +71,9 @@ class ConceptPair:
         return concept_caption(self.target, self.phrasing, self.word)
 
     @property
-    def plain_source_prompt(self) -> str:
-        """The source caption with the concept's own words (no placeholder)."""
-        from .captions import caption
-
-        return caption(self.source, self.phrasing)
+    def plain_target_prompt(self) -> str:
+        """The target caption with the concept's own words (no placeholder)."""
+        return caption(self.target, self.phrasing)
 
     @property
     def blend_words(self) -> str:
@@ -90,17 +96,10 @@ class ConceptPair:
         return (np.asarray(grown) > 0).astype(np.uint8)
 
 
-def concept_phrase(obj: WorldObject, phrasing: Phrasing, word: str) -> str:
-    """"a large S on the left": size and position stay words, the identity is the placeholder."""
-    size = SIZE_WORDS[obj.size][phrasing.size_variant]
-    return f"a {size} {word} {POSITION_PHRASES[obj.position][phrasing.position_variant]}"
-
-
 def concept_caption(scene: Scene, phrasing: Phrasing, word: str = "S") -> str:
-    """The world caption of a scene whose first object is the concept, named by `word`."""
-    phrases = [concept_phrase(scene.objects[0], phrasing, word)]
-    phrases += [describe_object(o, phrasing) for o in scene.objects[1:]]
-    return TEMPLATES[phrasing.template].format(objects=" and ".join(phrases), background=background_phrase(scene))
+    """The world caption of a scene whose first object is the concept, named by `word`:
+    "a large S in the centre on a blue background"."""
+    return caption(scene, phrasing, {0: word})
 
 
 def _other(rng: random.Random, options, current):
@@ -155,7 +154,7 @@ def make_concept_pair(rng: random.Random, edit: str, held_out: bool, is_held_out
     raise ValueError(f"no {edit!r} pair found for the {'held-out' if held_out else 'seen'} split")
 
 
-def concept_pairs(n: int, seed: int = 0, is_held_out: HeldOut = no_held_out, word: str = "S") -> list[ConceptPair]:
+def concept_pairs(n: int, seed: int = 0, is_held_out: HeldOut = encoder_held_out, word: str = "S") -> list[ConceptPair]:
     """n pairs, deterministic from `seed`: edits cycle through CONCEPT_EDITS, and whole cycles
     alternate between seen and held-out concepts (all seen when `is_held_out` accepts nothing), so
     both splits hold every edit about equally often."""
@@ -173,10 +172,12 @@ def concept_pairs(n: int, seed: int = 0, is_held_out: HeldOut = no_held_out, wor
 def held_out_rule(spec: str) -> HeldOut:
     """A held-out set from text: alternatives separated by ',', each a conjunction of
     ATTRIBUTE=VALUE joined by '+', e.g. "shape=star+colour=purple,material=dotted+shape=heart".
-    An empty spec holds nothing out."""
+    An empty spec holds nothing out; "encoder" is the concept encoder's set."""
     from .scene import COLOURS, MATERIALS, SHAPES, STYLES
 
     allowed = {"shape": SHAPES, "colour": tuple(COLOURS), "material": MATERIALS, "style": STYLES}
+    if spec.strip() == "encoder":
+        return encoder_held_out
     alternatives = []
     for alternative in filter(None, (a.strip() for a in spec.split(","))):
         conditions = []
