@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sampling", ("sampling",)),
     ("inversion", ("inversion", "plots", "export")),
     ("editing", ("editing",)),
-    ("world", ("world", "testing")),
+    ("world", ("world", "world.concept_encoder", "world.concept_training", "testing")),
     ("bench", ("bench",)),
     ("commands", ("commands", "concept_command", "editing.command", "bench.command", "world.command", "demo")),
     ("cli", ("cli", "__main__")),

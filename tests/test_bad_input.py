@@ -272,3 +272,96 @@ def test_world_export_over_an_old_export_leaves_no_stale_images(tmp_path, capsys
     assert len(list(out.rglob("*.png"))) == 4 and len(json.loads((out / "mapping_file.json").read_text())) == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------- concept encoders (spdinv concept encode, edit)
+
+
+def encode_args(image, out, *extra):
+    return ["concept", "encode", image, "--out", out, "--quiet", *extra]
+
+
+def edit_with_encoder_args(image, out, model, *extra):
+    return ["edit", image, "--source", "a large S in the centre on a white background",
+            "--target", "a large S in the centre on a black background", "--model", model, "--out", out,
+            "--steps", "2", "--inversion", "ddim", "--no-cache", "--quiet", *extra]
+
+
+def elite_checkpoint(tmp_path: Path, unet, change=None) -> Path:
+    from spdinv.elite import GlobalMapper
+
+    state = GlobalMapper.for_unet(unet, input_dim=8, hidden=12).state_dict()
+    if change:
+        change(state)
+    torch.save(state, tmp_path / "global_mapper.pt")
+    return tmp_path / "global_mapper.pt"
+
+
+def clip_folder(tmp_path: Path) -> Path:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=17, num_attention_heads=2,
+                                     image_size=32, patch_size=16)).save_pretrained(tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_an_elite_checkpoint_with_wrong_keys_is_one_line(tmp_path, tiny_dir, red_circle, capsys):
+    from spdinv.testing import tiny_pipeline
+
+    mapper = elite_checkpoint(tmp_path, tiny_pipeline().unet, lambda s: s.pop("mapping_2.3.weight"))
+    clip = clip_folder(tmp_path)
+    capsys.readouterr()  # saving the folder's progress bar
+    code, _, err = run(edit_with_encoder_args(red_circle, tmp_path / "out", tiny_dir, "--concept-encoder", mapper,
+                                              "--image-encoder", clip), capsys)
+    assert one_line_error(code, err, "is not an ELITE global mapper for this model: 1 keys missing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_spdinv_encoder_with_wrong_keys_is_one_line(tmp_path, red_circle, no_model_load, capsys):
+    from spdinv.world.concept_encoder import ENCODER_PATH
+
+    state = load_file(ENCODER_PATH)
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "enc.safetensors")
+    (tmp_path / "enc.json").write_text(ENCODER_PATH.with_suffix(".json").read_text())
+    code, _, err = run(encode_args(red_circle, tmp_path / "S.safetensors", "--concept-encoder",
+                                   tmp_path / "enc.safetensors"), capsys)
+    assert one_line_error(code, err, "is not a concept encoder of this shape: 0 keys missing")
+
+
+def test_a_corrupt_encoder_safetensors_is_one_line(tmp_path, red_circle, no_model_load, capsys):
+    from spdinv.world.concept_encoder import ENCODER_PATH
+
+    (tmp_path / "enc.safetensors").write_bytes(ENCODER_PATH.read_bytes()[:5000])  # truncated
+    (tmp_path / "enc.json").write_text(ENCODER_PATH.with_suffix(".json").read_text())
+    code, _, err = run(encode_args(red_circle, tmp_path / "S.safetensors", "--concept-encoder",
+                                   tmp_path / "enc.safetensors"), capsys)
+    assert one_line_error(code, err, "is not a readable safetensors file")
+    assert not (tmp_path / "S.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["encode", "edit"])
+def test_a_concept_image_that_cannot_be_read_is_one_line(tmp_path, tiny_dir, red_circle, no_model_load, capsys,
+                                                         command):
+    from spdinv.world.concept_encoder import ENCODER_PATH
+
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    if command == "encode":
+        args = encode_args(tmp_path / "junk.png", tmp_path / "S.safetensors")
+    else:
+        args = edit_with_encoder_args(red_circle, tmp_path / "out", tiny_dir, "--concept-encoder", ENCODER_PATH,
+                                      "--concept-image", tmp_path / "junk.png")
+    code, _, err = run(args, capsys)
+    assert one_line_error(code, err, "not a readable image")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--concept", "S.safetensors"], "--concept and --concept-encoder are alternatives"),
+    ([], "--image-encoder (the CLIP vision model folder) is needed"),
+])
+def test_encoder_flag_combinations_are_one_line(tmp_path, tiny_dir, red_circle, no_model_load, capsys, extra,
+                                                message):
+    (tmp_path / "global_mapper.pt").write_bytes(b"not read before the flags are checked")
+    code, _, err = run(edit_with_encoder_args(red_circle, tmp_path / "out", tiny_dir, "--concept-encoder",
+                                              tmp_path / "global_mapper.pt", *extra), capsys)
+    assert one_line_error(code, err, message)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .arguments import add_option_arguments, add_steps_argument, flag_name, given_options
@@ -120,13 +121,103 @@ def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
 def concept_from_args(args: argparse.Namespace, prompts: dict[str, str]):
     """The concept --concept names (None without it), read and checked before the model loads:
     at least one of `prompts` (what -> prompt) must contain the concept word."""
-    from .concepts import check_word, load_concept, mentions
+    from .concepts import check_word, load_concept
 
     if args.concept is None:
         return None
     word = check_word(args.concept_word)
     concept = load_concept(args.concept, word)
-    if not any(mentions(prompt, word) for prompt in prompts.values()):
-        raise SpdinvError(f"--concept is given but no {' or '.join(prompts)} contains the concept word {word!r} "
-                          "(case-sensitive, a whole word)")
+    check_concept_word(word, prompts, "--concept")
     return concept
+
+
+def check_concept_word(word: str, prompts: dict[str, str], flag: str) -> None:
+    """At least one of `prompts` (what -> prompt) contains the concept word."""
+    from .concepts import check_word, mentions
+
+    check_word(word)
+    if not any(mentions(prompt, word) for prompt in prompts.values()):
+        raise SpdinvError(f"{flag} is given but no {' or '.join(prompts)} contains the concept word {word!r} "
+                          "(case-sensitive, a whole word)")
+
+
+def add_concept_encoder_arguments(parser: argparse.ArgumentParser, *, for_edit: bool) -> None:
+    """--concept-encoder and --image-encoder; for `spdinv edit` also --concept-image and --elite-projections."""
+    group = parser.add_argument_group("concept encoder")
+    group.add_argument("--concept-encoder", type=Path, default=None,
+                       help="encode the concept from an image: a spdinv concept encoder (.safetensors, e.g. the "
+                            "shipped one for the embedded model) or ELITE's global_mapper.pt (SD 1.x; needs "
+                            "--image-encoder)" + ("" if for_edit else "; default: the shipped encoder"))
+    group.add_argument("--image-encoder", type=Path, default=None,
+                       help="with an ELITE global_mapper.pt: the local CLIP ViT-L/14 folder it was trained with")
+    if for_edit:
+        group.add_argument("--concept-image", type=Path, default=None,
+                           help="the image the concept is encoded from (default: the edited image)")
+        group.add_argument("--elite-projections", action="store_true",
+                           help="with an ELITE global_mapper.pt: use its trained cross-attention key/value "
+                                "projections during inversion and editing")
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """Which concept encoder the flags name: `kind` "world" (spdinv's .safetensors) or "elite"."""
+
+    kind: str
+    path: Path | None  # None: the shipped world encoder
+    image_encoder: Path | None = None
+
+
+def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = False) -> EncoderChoice | None:
+    """The concept encoder the flags name (None: none), checked before any model loads."""
+    from .concepts import PICKLE_SUFFIXES
+
+    path, image_encoder = args.concept_encoder, args.image_encoder
+    projections = getattr(args, "elite_projections", False)
+    if path is not None and getattr(args, "concept", None) is not None:
+        raise SpdinvError("--concept and --concept-encoder are alternatives: give a concept file or an encoder")
+    if path is None:
+        if image_encoder is not None or projections:
+            raise SpdinvError(f"{'--image-encoder' if image_encoder is not None else '--elite-projections'} "
+                              "needs --concept-encoder (an ELITE global_mapper.pt)")
+        if getattr(args, "concept_image", None) is not None:
+            raise SpdinvError("--concept-image needs --concept-encoder")
+        return EncoderChoice("world", None) if default_shipped else None
+    if not path.is_file():
+        raise SpdinvError(f"concept encoder not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        if image_encoder is not None or projections:
+            raise SpdinvError(f"{path} is a spdinv concept encoder (it holds its own image encoder); "
+                              "--image-encoder and --elite-projections are for ELITE's global_mapper.pt")
+        return EncoderChoice("world", path)
+    if suffix not in PICKLE_SUFFIXES:
+        raise SpdinvError(f"unknown concept encoder format {suffix or '(no suffix)'!r}: {path}; expected a spdinv "
+                          f".safetensors or ELITE's global_mapper.pt")
+    if image_encoder is None:
+        raise SpdinvError(f"{path} is an ELITE global mapper: --image-encoder (the CLIP vision model folder) is needed")
+    if not (image_encoder / "config.json").is_file():
+        raise SpdinvError(f"--image-encoder must be a local CLIP model folder with a config.json: {image_encoder}")
+    return EncoderChoice("elite", path, image_encoder)
+
+
+def encode_with(choice: EncoderChoice, model, image, word: str):
+    """(the concept `image` encodes to, ELITE's mapper or None). `model` (may be None for the world
+    encoder) is the model the concept is for."""
+    from .concepts import check_width
+
+    if choice.kind == "world":
+        from .world.concept_encoder import load_concept_encoder
+
+        concept = load_concept_encoder(choice.path).encode(image, word)
+        if model is not None:
+            check_width(concept, model.text_encoder.get_input_embeddings().embedding_dim,
+                        f"the concept encoder {choice.path or '(shipped, for the embedded model)'}")
+        return concept, None
+    from .elite import clip_pixels, encode_concept, load_global_mapper, load_image_encoder
+
+    if model.text_encoder_2 is not None:
+        raise SpdinvError("ELITE's global mapper is for SD 1.x models; this is an SDXL model")
+    image_encoder = load_image_encoder(choice.image_encoder).to(model.device)
+    mapper = load_global_mapper(choice.path, model.unet, input_dim=int(image_encoder.config.hidden_size))
+    pixels = clip_pixels(image, int(image_encoder.config.image_size)).to(model.device, image_encoder.dtype)
+    return encode_concept(mapper.to(model.device), image_encoder, pixels, word), mapper

@@ -97,7 +97,8 @@ class ConceptTokenizer:
 @contextmanager
 def injected(text_encoder: torch.nn.Module, first_id: int, vectors: Tensor) -> Iterator[None]:
     """While inside, token ids >= `first_id` embed as `vectors[id - first_id]` (differentiable in
-    `vectors`); the encoder's weights are never written."""
+    `vectors`); the encoder's weights are never written. `vectors` (k, width) serve every prompt;
+    (B, k, width) give prompt b its own `vectors[b]` (a batch of concepts, as in encoder training)."""
     embedding = text_encoder.get_input_embeddings()
     seen: dict[str, Tensor] = {}
 
@@ -112,7 +113,12 @@ def injected(text_encoder: torch.nn.Module, first_id: int, vectors: Tensor) -> I
         if not chosen.any():
             return output
         output = output.clone()
-        output[chosen] = vectors.to(output.device, output.dtype)[ids[chosen] - first_id]
+        values = vectors.to(output.device, output.dtype)
+        if values.dim() == 3:
+            rows = torch.arange(len(ids), device=ids.device).unsqueeze(1).expand_as(ids)[chosen]
+            output[chosen] = values[rows, ids[chosen] - first_id]
+        else:
+            output[chosen] = values[ids[chosen] - first_id]
         return output
 
     handles = [embedding.register_forward_pre_hook(before), embedding.register_forward_hook(after)]

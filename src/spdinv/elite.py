@@ -106,15 +106,19 @@ def vision_features(image_encoder: nn.Module, pixels: Tensor, layers: tuple[int,
     return [output.last_hidden_state, *(output.hidden_states[i] for i in layers)]
 
 
-def load_global_mapper(path: str | Path, unet: nn.Module, input_dim: int = 1024, hidden: int = 1024) -> GlobalMapper:
-    """`global_mapper.pt` (a plain state dict) for `unet`, loaded strictly; wrong keys or shapes
-    are a one-line error."""
+def load_global_mapper(path: str | Path, unet: nn.Module, input_dim: int = 1024, hidden: int | None = None) -> GlobalMapper:
+    """`global_mapper.pt` (a plain state dict) for `unet` and an image encoder `input_dim` wide,
+    loaded strictly; `hidden` (the MLPs' width, ELITE's 1024) is read from the file when None.
+    Wrong keys or shapes are a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise SpdinvError(f"concept encoder checkpoint not found: {path}")
     state = read_pickle(path, "checkpoint")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise SpdinvError(f"{path} is not a state dict of tensors")
+    if hidden is None:
+        first = state.get("mapping_0.0.weight")
+        hidden = int(first.shape[0]) if first is not None and first.dim() == 2 else 1024
     mapper = GlobalMapper.for_unet(unet, input_dim, hidden)
     expected = mapper.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -134,3 +138,39 @@ def encode_concept(mapper: GlobalMapper, image_encoder: nn.Module, pixels: Tenso
     """One image (1, 3, 224, 224, CLIP-normalised) -> the concept w0 stands for."""
     words = mapper(vision_features(image_encoder, pixels))
     return Concept(word, words[0, :1].float().cpu())
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(image, size: int = 224) -> Tensor:
+    """CLIP's preprocessing of a PIL image: the shorter side resized to `size` (bicubic), a centre
+    crop to size x size, RGB in [0, 1] normalised by CLIP's mean and std -> (1, 3, size, size)."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = size / min(image.size)
+    resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                           Image.BICUBIC)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    array = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    pixels = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def load_image_encoder(path: str | Path) -> nn.Module:
+    """A CLIPVisionModel from a local folder (a CLIP vision or full CLIP model, e.g.
+    openai/clip-vit-large-patch14 as saved by transformers); nothing is downloaded."""
+    from transformers import CLIPVisionModel
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SpdinvError(f"--image-encoder must be a local CLIP model folder with a config.json: {path}")
+    try:
+        encoder = CLIPVisionModel.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpdinvError(f"{path} is not a loadable CLIP vision model ({message[:200]})") from None
+    return encoder.eval().requires_grad_(False)

@@ -28,7 +28,7 @@ def engine_classes() -> dict[str, type]:
 def add_edit_parser(sub) -> None:
     """Register `spdinv edit` on the CLI's subparsers."""
     from ..arguments import add_model_arguments, add_option_arguments, number
-    from ..commands import add_concept_arguments, add_inversion_arguments
+    from ..commands import add_concept_arguments, add_concept_encoder_arguments, add_inversion_arguments
     from ..inversion import METHODS
     from . import ENGINES
 
@@ -41,6 +41,7 @@ def add_edit_parser(sub) -> None:
                       help="; ".join(f"{name}: {e.summary}" for name, e in ENGINES.items()) + "; or all (default p2p)")
     add_inversion_arguments(edit)
     add_concept_arguments(edit)
+    add_concept_encoder_arguments(edit, for_edit=True)
     sampling = edit.add_argument_group("sampling")
     sampling.add_argument("--target-guidance", type=number, default=7.5, help="the target branch's guidance scale (default 7.5)")
     sampling.add_argument("--source-guidance", type=number, default=None,
@@ -95,7 +96,8 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from ..commands import check_model_settings, concept_from_args, load_model_from_args, prompt_warnings
+    from ..commands import (check_concept_word, check_model_settings, concept_from_args, encode_with,
+                            encoder_choice_from_args, load_model_from_args, prompt_warnings)
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
@@ -114,9 +116,26 @@ def run_edit(args: argparse.Namespace) -> None:
     check_output_dir(args.out)
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     check_model_settings(args)
-    concept = concept_from_args(args, {"source prompt": source, "target prompt": target})
+    prompts = {"source prompt": source, "target prompt": target}
+    encoder = encoder_choice_from_args(args)
+    concept = concept_from_args(args, prompts)
+    concept_image = raw_image
+    if encoder is not None:
+        check_concept_word(args.concept_word, prompts, "--concept-encoder")
+        if args.concept_image is not None:
+            concept_image, more = open_image(args.concept_image)
+            opened = opened + [f"concept image: {notice}" for notice in more]
 
-    model = load_model_from_args(args).with_concept(concept)
+    model = load_model_from_args(args)
+    mapper = None
+    if encoder is not None:
+        concept, mapper = encode_with(encoder, model, concept_image, args.concept_word)
+        require_finite(concept.vectors, "the encoded concept")
+    model = model.with_concept(concept)
+    if args.elite_projections and not args.no_cache:
+        print("note: --elite-projections: inversions are not cached (the cache does not key on the projections)",
+              file=sys.stderr)
+        args.no_cache = True
     loaded = time.perf_counter() - wall
     image, notices = conform_image(raw_image, model.image_size)
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
@@ -125,7 +144,8 @@ def run_edit(args: argparse.Namespace) -> None:
         print(f"note: {notice}", file=sys.stderr)
     for warning in prompt_warnings(model, source, "source prompt") + prompt_warnings(model, target, "target prompt"):
         print(f"warning: {warning}", file=sys.stderr)
-    runs = edit_all(model, image, source, target, methods, engines, per_method, per_engine, sampler, args)
+    with elite_projections(model, mapper if args.elite_projections else None):
+        runs = edit_all(model, image, source, target, methods, engines, per_method, per_engine, sampler, args)
     source_tensor = to_tensor(image)
     for run in runs:
         run.psnr = psnr(run.reconstruction, source_tensor)
@@ -136,6 +156,15 @@ def run_edit(args: argparse.Namespace) -> None:
         print(f"{run.method} + {run.engine}: reconstruction PSNR {run.psnr:.2f} dB, invert {run.timings['invert']:.1f} s "
               f"({run.cache}), edit {run.timings['edit']:.1f} s")
     print(f"wrote {args.out} in {time.perf_counter() - wall:.1f} s")
+
+
+def elite_projections(model, mapper):
+    """ELITE's trained key/value projections installed in the UNet while inside (`mapper` None: nothing)."""
+    import contextlib
+
+    from ..elite import projections_installed
+
+    return contextlib.nullcontext() if mapper is None else projections_installed(model.unet, mapper)
 
 
 def edit_all(model, image, source: str, target: str, methods: list[str], engines: list[str], per_method: dict,
@@ -211,8 +240,16 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             "source": source, "target": target, "image": str(args.image), "model": model.name,
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": args.seed,
             "steps": args.steps, "sampler": dataclasses.asdict(sampler), "runs": records, "timings": timings,
-            "concept": None if model.concept is None else {"file": str(args.concept), "word": model.concept.word,
-                                                          "vectors": model.concept.vectors.shape[0],
-                                                          "fingerprint": model.concept.fingerprint},
+            "concept": None if model.concept is None else concept_record(args, model.concept),
             "command": sys.argv if command is None else command,
         })
+
+
+def concept_record(args, concept) -> dict:
+    """What config.json says about the concept: its file, or the encoder and image it came from."""
+    record = {"word": concept.word, "vectors": concept.vectors.shape[0], "fingerprint": concept.fingerprint}
+    encoder = getattr(args, "concept_encoder", None)
+    if encoder is None:
+        return {"file": str(args.concept), **record}
+    return {"encoder": str(encoder), "image_encoder": None if args.image_encoder is None else str(args.image_encoder),
+            "image": str(args.concept_image or args.image), "elite_projections": bool(args.elite_projections), **record}

@@ -1,4 +1,4 @@
-"""`spdinv world export|train`."""
+"""`spdinv world export|train|train-concept-encoder`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,18 @@ def add_world_parser(sub) -> None:
     for name, value in asdict(TrainConfig()).items():
         train.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     train.set_defaults(run=run_train)
+
+    from .config import ConceptEncoderConfig
+
+    encoder = actions.add_parser("train-concept-encoder",
+                                 help="train the ELITE-style concept encoder on the embedded model (resumable)")
+    encoder.add_argument("--out", type=Path, required=True,
+                         help="folder for the checkpoint and the result (concept-encoder.safetensors + .json); "
+                              "a rerun continues from its checkpoint")
+    encoder.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, value in asdict(ConceptEncoderConfig()).items():
+        encoder.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    encoder.set_defaults(run=run_train_concept_encoder)
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -87,3 +99,46 @@ def run_train(args: argparse.Namespace) -> None:
         trainer.export_checkpoint(args.out)
     else:
         trainer.run(args.out)
+
+
+def check_concept_encoder_config(config) -> None:
+    from ..arguments import MAX_SEED
+    from ..errors import SpdinvError
+
+    for name in ("steps", "batch", "warmup", "checkpoint_every", "threads", "learning_rate"):
+        if not getattr(config, name) > 0:
+            raise SpdinvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
+    if not config.word_l1 >= 0:
+        raise SpdinvError(f"--word-l1 must be >= 0, got {config.word_l1}")
+    if not 0 <= config.w0_only <= 1:
+        raise SpdinvError(f"--w0-only must be in [0, 1], got {config.w0_only}")
+    if not 0 <= config.seed <= MAX_SEED // 2_000_000:  # per-step seeds are seed * 1_000_003 + step
+        raise SpdinvError(f"--seed must be in [0, {MAX_SEED // 2_000_000}], got {config.seed}")
+
+
+def run_train_concept_encoder(args: argparse.Namespace) -> None:
+    import logging
+    import time
+
+    from ..errors import SpdinvError
+    from .config import ConceptEncoderConfig
+
+    config = ConceptEncoderConfig(**{k: getattr(args, k) for k in asdict(ConceptEncoderConfig())})
+    check_concept_encoder_config(config)
+    if args.out.exists() and not args.out.is_dir():
+        raise SpdinvError(f"--out must be a folder, not the file {args.out}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SpdinvError(f"cannot create {args.out} ({error.strerror or error})") from None
+
+    from .concept_training import ConceptEncoderTrainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    wall = time.perf_counter()
+    trainer = ConceptEncoderTrainer(args.out, config)
+    trainer.resume()
+    trainer.train(progress=not args.quiet)
+    path = trainer.save_result(args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) after {trainer.step} steps; "
+          f"{time.perf_counter() - wall:.0f} s")

@@ -118,6 +118,7 @@ def save_concept_encoder(encoder: ConceptEncoder, path: str | Path, extra: dict 
     from ..outputs import to_json, write_atomically
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}
     write_atomically(config_path(path), to_json({"encoder": asdict(encoder.config), **(extra or {})}))
     return write_atomically(path, save(state))

@@ -1,0 +1,183 @@
+"""Training the concept encoder (concept_encoder.py) with the diffusion loss on the frozen model.
+
+A sample is one object identity (not a held-out shape x colour pair): the encoder sees its concept
+image (alone, large, centre, on gray) and maps it to words; the target is a scene holding the same
+object in another context (random background and kind, position and size, 0-2 other objects), and
+its caption names the object by the placeholder ("a small S on the left and a red circle on the
+right on a blue background"). Loss: the frozen UNet's noise-prediction MSE on the target's latent
+under that caption, plus ELITE's `word_l1` * mean |w| over the words. As in ELITE's training, the
+placeholder becomes all the levels' words in a row; in a `w0_only` fraction of the samples it is w0
+alone, which is how the concept is used at generation (a deviation from ELITE, which only ever
+trains all words and generates with w0).
+
+Seeded and resumable: every step draws from generators seeded by (seed, step), and a checkpoint
+(encoder, optimizer, losses) is written every `checkpoint_every` steps; a rerun continues from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..concepts import ConceptTokenizer, injected
+from ..errors import SpdinvError
+from ..images import to_tensor
+from ..model import DiffusionModel, load_model
+from ..outputs import atomic_file
+from .captions import Phrasing, caption
+from .concept_encoder import (HELD_OUT_PAIRS, ConceptEncoder, EncoderConfig, concept_image, identities, is_held_out,
+                              save_concept_encoder)
+from .config import ConceptEncoderConfig
+from .render import render
+from .scene import BACKGROUND_KINDS, BACKGROUNDS, POSITIONS, SIDE_POSITIONS, SIZES, Scene, WorldObject, random_object
+from .train import resumed_schedule
+
+log = logging.getLogger("spdinv.world.concept_training")
+WORD = "S"
+RESULT_NAME = "concept-encoder.safetensors"
+
+
+def target_scene(rng: random.Random, obj: WorldObject) -> tuple[Scene, int]:
+    """A scene holding `obj` (at a random position and size) among 0-2 random objects, and its index."""
+    background = rng.choice([b for b in BACKGROUNDS if b != obj.colour])
+    kind = "grid" if rng.random() < 0.25 else BACKGROUND_KINDS[0]
+    count = rng.choices((1, 2, 3), weights=(0.4, 0.35, 0.25))[0]
+    positions = [rng.choice(list(POSITIONS))] if count == 1 else rng.sample(SIDE_POSITIONS, count)
+    placed = replace(obj, position=positions[0], size=rng.choice(SIZES))
+    objects = [random_object(rng, p, background) for p in positions[1:]]
+    index = rng.randrange(count)
+    objects.insert(index, placed)
+    return Scene(tuple(objects), background, kind), index
+
+
+class ConceptEncoderTrainer:
+    def __init__(self, work: Path, config: ConceptEncoderConfig, model: DiffusionModel | None = None,
+                 encoder_config: EncoderConfig = EncoderConfig()):
+        self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model = load_model() if model is None else model
+        self.encoder = ConceptEncoder(encoder_config)
+        width = self.model.text_encoder.get_input_embeddings().embedding_dim
+        if encoder_config.word_width != width:
+            raise SpdinvError(f"the encoder makes {encoder_config.word_width}-wide words; the model's text encoder "
+                              f"takes {width}")
+        self.tokenizer = ConceptTokenizer(self.model.tokenizer, WORD, encoder_config.levels)
+        self.objects = [o for o in identities() if not is_held_out(o)]
+        self.concept_pixels = torch.cat([to_tensor(concept_image(o)) for o in self.objects])
+        self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=config.learning_rate, weight_decay=0.01)
+        self.step = 0
+        self.losses: list[float] = []
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        payload = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
+                   "encoder_config": asdict(self.encoder.config), "encoder": self.encoder.state_dict(),
+                   "optimizer": self.optimizer.state_dict()}
+        with atomic_file(self.checkpoint_path, "wb") as handle:
+            torch.save(payload, handle)
+
+    def resume(self) -> bool:
+        """Continue from the work folder's checkpoint, if any (made with the same settings but --steps)."""
+        if not self.checkpoint_path.is_file():
+            return False
+        payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        ours = {**asdict(self.config), "steps": None, "checkpoint_every": None, "threads": None}
+        theirs = {**payload["config"], "steps": None, "checkpoint_every": None, "threads": None}
+        if ours != theirs or payload["encoder_config"] != asdict(self.encoder.config):
+            changed = sorted(k for k in ours if ours[k] != theirs.get(k)) or ["the encoder's shape"]
+            raise SpdinvError(f"{self.checkpoint_path} was made with other settings ({', '.join(changed)}); "
+                              "use another --out or the same settings")
+        self.encoder.load_state_dict(payload["encoder"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step, self.losses = payload["step"], payload["losses"]
+        log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        return True
+
+    # ---------------------------------------------------------------- one step
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Generator]:
+        """(concept pixels, target latents, captions, the step's generator)."""
+        cfg = self.config
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        chosen = [rng.randrange(len(self.objects)) for _ in range(cfg.batch)]
+        scenes, prompts = [], []
+        for index in chosen:
+            scene, position = target_scene(rng, self.objects[index])
+            prompt = caption(scene, Phrasing.random(rng), {position: WORD})
+            if rng.random() < cfg.w0_only:  # w0 alone: its token spelled out (the tokenizer expands only the word)
+                prompt = prompt.replace(f" {WORD} ", f" {self.tokenizer.tokens[0]} ")
+            scenes.append(scene)
+            prompts.append(prompt)
+        targets = torch.cat([to_tensor(render(s)) for s in scenes])
+        return self.concept_pixels[chosen], self.model.encode_image(targets), prompts, generator
+
+    def loss(self, step: int) -> tuple[torch.Tensor, float]:
+        """(the step's loss, its diffusion part)."""
+        pixels, latents, prompts, generator = self.batch(step)
+        words = self.encoder(pixels.to(self.model.device))
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.model.device)
+        with injected(self.model.text_encoder, self.tokenizer.first_id, words):
+            embedding = self.model.text_encoder(ids)[0].float()
+        timesteps = torch.randint(0, len(self.model.alphas_cumprod), (len(prompts),), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        abar = self.model.alphas_cumprod[timesteps].float().view(-1, 1, 1, 1).to(latents)
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        diffusion = F.mse_loss(self.model.eps(noisy, timesteps.tolist(), embedding), noise)
+        return diffusion + self.config.word_l1 * words.abs().mean(), float(diffusion.detach())
+
+    # ---------------------------------------------------------------- the run
+    def train(self, progress: bool = True, log_every: int = 25, until: int | None = None) -> None:
+        """Train to `config.steps` (or stop early at step `until`, as an interrupted run would)."""
+        cfg = self.config
+        end = cfg.steps if until is None else min(until, cfg.steps)
+        schedule = resumed_schedule(
+            self.optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))), self.step)
+        self.encoder.train()
+        started, since = time.time(), self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="concept encoder", disable=not progress)
+        while self.step < end:
+            loss, diffusion = self.loss(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), 1.0)
+            self.optimizer.step()
+            schedule.step()
+            self.step += 1
+            self.losses.append(diffusion)
+            bar.update(1)
+            bar.set_postfix(loss=f"{diffusion:.4f}")
+            if self.step % log_every == 0:
+                recent = self.losses[-log_every:]
+                log.info("step %d diffusion loss %.5f (mean of %d) lr %.2e, %.2f s/step", self.step,
+                         sum(recent) / len(recent), len(recent), schedule.get_last_lr()[0],
+                         (time.time() - started) / (self.step - since))
+            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                self.save_checkpoint()
+        bar.close()
+        self.encoder.eval()
+
+    def save_result(self, out: Path) -> Path:
+        window = min(100, len(self.losses))
+        first, last = self.losses[:window], self.losses[-window:]
+        extra = {"training": asdict(self.config), "steps_done": self.step, "held_out_pairs": HELD_OUT_PAIRS,
+                 "concept_image": "the object alone, large, centre, on plain gray (concept_encoder.concept_image)",
+                 "diffusion_loss_first_100": sum(first) / max(1, len(first)),
+                 "diffusion_loss_last_100": sum(last) / max(1, len(last))}
+        return save_concept_encoder(self.encoder, Path(out) / RESULT_NAME, extra)

@@ -1,0 +1,192 @@
+"""The shapes-world concept encoder (ELITE-style): shapes, the shipped asset, training (seeded,
+resumable), `spdinv concept encode`, and ELITE's global mapper on `spdinv edit` (tiny instances)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+import spdinv.commands
+import spdinv.editing.command
+from spdinv.cli import main
+from spdinv.concepts import load_concept
+from spdinv.elite import GlobalMapper, projections_installed
+from spdinv.world.concept_encoder import (CONCEPT_BACKGROUND, ENCODER_PATH, ConceptEncoder, EncoderConfig,
+                                          concept_image, identities, is_held_out, load_concept_encoder)
+from spdinv.world.concept_training import ConceptEncoderTrainer, target_scene
+from spdinv.world.config import ConceptEncoderConfig
+from spdinv.world.scene import BACKGROUNDS, COLOURS
+
+SMALL = EncoderConfig(patch_size=16, width=16, layers=2, heads=2, mlp_width=32, feature_layers=(1,), mapper_hidden=16,
+                      word_width=32)  # 32: the tiny model's text width
+SOURCE = "a large S in the centre on a white background"
+TARGET = "a large S in the centre on a black background"
+
+
+def test_encoder_shapes_and_the_shipped_encoder_gives_a_width_128_concept():
+    words = ConceptEncoder(SMALL)(torch.zeros(3, 3, 64, 64))
+    assert words.shape == (3, SMALL.levels, 32)
+    encoder = load_concept_encoder()
+    assert encoder.config.levels >= 2 and ENCODER_PATH.stat().st_size <= 10_000_000
+    image = concept_image(identities()[0])
+    concept = encoder.encode(image, "<me>")
+    assert concept.word == "<me>" and concept.vectors.shape == (1, 128) and torch.isfinite(concept.vectors).all()
+    with torch.no_grad():  # w0 is the deepest level's word
+        assert torch.allclose(encoder(torch.from_numpy(np.asarray(image) / 127.5 - 1).permute(2, 0, 1)[None].float())[0, :1],
+                              concept.vectors, atol=1e-5)
+
+
+def test_identities_held_out_pairs_and_the_concept_image_convention():
+    everything = identities()
+    held = [o for o in everything if is_held_out(o)]
+    assert len(everything) == 192 and len(held) == 32
+    assert {o.colour for o in held} == set(COLOURS)  # one pair per colour
+    image = np.asarray(concept_image(held[0]))
+    assert image.shape == (64, 64, 3) and tuple(image[0, 0]) == BACKGROUNDS[CONCEPT_BACKGROUND]
+
+
+def test_target_scenes_keep_the_identity_and_never_hide_it():
+    import random
+
+    rng = random.Random(0)
+    for obj in identities()[::17]:
+        scene, index = target_scene(rng, obj)
+        placed = scene.objects[index]
+        assert (placed.shape, placed.colour, placed.material, placed.style) == (obj.shape, obj.colour, obj.material,
+                                                                                obj.style)
+        assert scene.background != obj.colour
+
+
+def trainer(tiny, work, steps=4):
+    config = ConceptEncoderConfig(steps=steps, batch=2, warmup=2, checkpoint_every=2, learning_rate=1e-3)
+    return ConceptEncoderTrainer(work, config, model=tiny, encoder_config=SMALL)
+
+
+def test_training_is_seeded_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny, tmp_path):
+    straight = trainer(tiny, tmp_path / "a")
+    straight.train(progress=False)
+    interrupted = trainer(tiny, tmp_path / "b")
+    interrupted.train(progress=False, until=2)
+    resumed = trainer(tiny, tmp_path / "b")
+    assert resumed.resume() and resumed.step == 2
+    resumed.train(progress=False)
+    assert resumed.losses == straight.losses and len(straight.losses) == 4
+    for key, value in straight.encoder.state_dict().items():
+        assert torch.equal(value, resumed.encoder.state_dict()[key]), key
+    fresh = trainer(tiny, tmp_path / "c").encoder.state_dict()  # the seed fixes the initial weights; training moved them
+    again = trainer(tiny, tmp_path / "d").encoder.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in fresh.items())
+    assert any(not torch.equal(v, fresh[k]) for k, v in straight.encoder.state_dict().items())
+    path = straight.save_result(tmp_path / "out")
+    loaded = load_concept_encoder(path)
+    assert json.loads(path.with_suffix(".json").read_text())["steps_done"] == 4
+    assert torch.equal(loaded.mapper.mapping_0[0].weight, straight.encoder.mapper.mapping_0[0].weight)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tiny, tmp_path):
+    first = trainer(tiny, tmp_path)
+    first.train(progress=False, until=2)
+    other = ConceptEncoderTrainer(tmp_path, ConceptEncoderConfig(steps=4, batch=3, warmup=2, checkpoint_every=2),
+                                  model=tiny, encoder_config=SMALL)
+    with pytest.raises(Exception, match="other settings"):
+        other.resume()
+
+
+def test_cli_encode_writes_a_loadable_concept(tmp_path, capsys):
+    image = tmp_path / "star.png"
+    concept_image(identities()[40]).save(image)
+    out = tmp_path / "S.safetensors"
+    assert main(["concept", "encode", str(image), "--out", str(out), "--concept-word", "<star>"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = load_concept(out, "<star>")
+    assert torch.equal(loaded.vectors, load_concept_encoder().encode(concept_image(identities()[40])).vectors)
+
+
+# ---------------------------------------------------------------- ELITE's global mapper on spdinv edit
+
+@pytest.fixture(scope="module")
+def elite_files(tmp_path_factory):
+    """A tiny CLIP vision folder (17 layers: ELITE reads layer 16) and a global_mapper.pt for the tiny UNet."""
+    from spdinv.testing import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("elite")
+    torch.manual_seed(1)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=17, num_attention_heads=2,
+                                     image_size=32, patch_size=16)).save_pretrained(folder / "clip")
+    mapper = GlobalMapper.for_unet(tiny_pipeline().unet, input_dim=8, hidden=12)
+    with torch.no_grad():
+        for name, module in mapper.named_modules():
+            if name.endswith(("_to_k", "_to_v")):
+                module.weight.mul_(3)  # projections unlike the UNet's own
+    torch.save(mapper.state_dict(), folder / "global_mapper.pt")
+    return folder / "global_mapper.pt", folder / "clip"
+
+
+def edit_args(image, out, model, mapper, clip, *extra):
+    return ["edit", str(image), "--source", SOURCE, "--target", TARGET, "--model", str(model), "--steps", "3",
+            "--inversion", "ddim", "--out", str(out), "--no-cache", "--quiet", "--concept-encoder", str(mapper),
+            "--image-encoder", str(clip), *extra]
+
+
+def test_elite_on_edit_projections_only_inside_and_they_change_the_result(tmp_path, tiny_dir, red_circle, elite_files,
+                                                                          monkeypatch, capsys):
+    from PIL import Image
+
+    mapper, clip = elite_files
+    seen = {}
+    load = spdinv.commands.load_model_from_args
+    edit_all = spdinv.editing.command.edit_all
+
+    def loading(args):
+        model = load(args)
+        seen["unet"] = model.unet
+        seen["originals"] = {n: (m.to_k, m.to_v) for n, m in model.unet.named_modules()
+                             if getattr(m, "is_cross_attention", False)}
+        return model
+
+    def editing(model, *args, **kwargs):
+        seen["inside"] = {n: (m.to_k, m.to_v) for n, m in model.unet.named_modules()
+                          if getattr(m, "is_cross_attention", False)}
+        return edit_all(model, *args, **kwargs)
+
+    monkeypatch.setattr(spdinv.commands, "load_model_from_args", loading)
+    monkeypatch.setattr(spdinv.editing.command, "edit_all", editing)
+    plain, swapped = tmp_path / "plain", tmp_path / "swapped"
+    assert main(edit_args(red_circle, plain, tiny_dir, mapper, clip)) == 0
+    assert seen["inside"] == seen["originals"]  # without the switch the UNet's own projections
+    assert main(edit_args(red_circle, swapped, tiny_dir, mapper, clip, "--elite-projections")) == 0
+    inside, originals = seen["inside"], seen["originals"]
+    assert all(inside[n][0] is not originals[n][0] and inside[n][1] is not originals[n][1] for n in originals)
+    after = {n: (m.to_k, m.to_v) for n, m in seen["unet"].named_modules() if getattr(m, "is_cross_attention", False)}
+    assert after == originals
+    config = json.loads((swapped / "config.json").read_text())
+    assert config["concept"]["elite_projections"] and config["concept"]["encoder"] == str(mapper)
+    first, second = (np.asarray(Image.open(folder / "edit.png")).astype(int) for folder in (plain, swapped))
+    assert np.abs(first - second).max() > 0
+    capsys.readouterr()
+
+
+def test_projections_are_put_back_on_error(tiny, elite_files):
+    from spdinv.elite import load_global_mapper
+
+    mapper = load_global_mapper(elite_files[0], tiny.unet, input_dim=8)
+    before = {n: m.to_k for n, m in tiny.unet.named_modules() if getattr(m, "is_cross_attention", False)}
+    with pytest.raises(RuntimeError, match="boom"):
+        with projections_installed(tiny.unet, mapper):
+            raise RuntimeError("boom")
+    assert {n: m.to_k for n, m in tiny.unet.named_modules() if getattr(m, "is_cross_attention", False)} == before
+
+
+def test_cli_encode_with_elite_and_the_concept_image(tmp_path, tiny_dir, red_circle, elite_files, capsys):
+    mapper, clip = elite_files
+    out = tmp_path / "S.safetensors"
+    assert main(["concept", "encode", str(red_circle), "--out", str(out), "--concept-encoder", str(mapper),
+                 "--image-encoder", str(clip), "--model", str(tiny_dir), "--quiet"]) == 0
+    assert load_concept(out).vectors.shape == (1, 32)
+    other = tmp_path / "other.png"
+    concept_image(identities()[7]).save(other)
+    assert main(edit_args(red_circle, tmp_path / "e", tiny_dir, mapper, clip, "--concept-image", str(other))) == 0
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["concept"]["image"] == str(other)
+    capsys.readouterr()
