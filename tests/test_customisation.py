@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spdinv.bench.customisation import (CONCEPT_COLUMNS, METHODS, CustomisationOptions, edit_with_concept,
-                                        run_customisation)
+from spdinv.bench.customisation import (CONCEPT_COLUMNS, ENCODER, METHODS, ConceptStore, CustomisationOptions,
+                                        edit_with_concept, run_customisation)
 from spdinv.bench.results import read_rows
 from spdinv.concepts import Concept, mentions
 from spdinv.errors import SpdinvError
@@ -104,6 +104,9 @@ def test_the_runner_writes_one_finite_row_per_pair_and_method_and_resumes(tiny, 
     assert read_rows(again) == rows
     with pytest.raises(SpdinvError, match="other settings"):
         run_customisation(dataclasses.replace(options, steps=3), model=tiny)
+    store = ConceptStore(options.out / "concepts", tiny, options.learn, lambda: encoder, encoder_id="another")
+    with pytest.raises(SpdinvError, match="another concept encoder"):
+        store.get(concept_pairs(1)[0], ENCODER, Image.new("RGB", (64, 64)))
 
 
 def test_the_random_noise_baseline_does_not_read_the_image(tiny):

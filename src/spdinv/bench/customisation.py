@@ -152,17 +152,22 @@ class ConceptStore:
     """The concept of each pair and source, computed once and kept in `folder` (for resuming)."""
 
     def __init__(self, folder: Path, model: DiffusionModel, learn: LearnOptions,
-                 encoder_factory: Callable[[], ConceptEncoder] | None, word: str = "S"):
+                 encoder_factory: Callable[[], ConceptEncoder] | None, word: str = "S", encoder_id: str | None = None):
         self.folder, self.model, self.learn, self.word = folder, model, learn, word
-        self.encoder_factory, self._encoder = encoder_factory, None
+        self.encoder_factory, self._encoder, self.encoder_id = encoder_factory, None, encoder_id
 
     def get(self, pair: ConceptPair, kind: str, image: Image.Image) -> tuple[Concept, float]:
         """Textual inversion learns from `image` (the source) under the source prompt; the encoder
         reads the concept image of the pair's object (its convention: alone, large, centred, on gray)."""
         path = self.folder / f"{pair.id}-{kind}.safetensors"
         seconds_path = path.with_suffix(".json")
+        made_by = self.encoder_id if kind == ENCODER else None
         if path.is_file() and seconds_path.is_file():
-            return load_concept(path, self.word), float(json.loads(seconds_path.read_text())["seconds"])
+            record = json.loads(seconds_path.read_text())
+            if record.get("made_by") != made_by:
+                raise SpdinvError(f"{path} was made by another concept encoder ({record.get('made_by')} vs {made_by}): "
+                                  "use another output folder")
+            return load_concept(path, self.word), float(record["seconds"])
         started = time.perf_counter()
         if kind == TEXTUAL_INVERSION:
             learned = learn_concept(self.model, image, pair.source_prompt, self.word, self.learn, progress=False)
@@ -178,7 +183,7 @@ class ConceptStore:
         seconds = time.perf_counter() - started
         self.folder.mkdir(parents=True, exist_ok=True)
         save_concept(concept, path)
-        write_json(seconds_path, {"seconds": seconds})
+        write_json(seconds_path, {"seconds": seconds, "made_by": made_by})
         return concept, seconds
 
 
@@ -186,6 +191,15 @@ def default_encoder_factory() -> ConceptEncoder:
     from ..world.concept_encoder import load_concept_encoder  # the trained ELITE-style encoder
 
     return load_concept_encoder()
+
+
+def encoder_fingerprint() -> str | None:
+    """The shipped concept encoder's file, hashed (None when absent)."""
+    import hashlib
+
+    from ..world.concept_encoder import ENCODER_PATH
+
+    return hashlib.sha256(ENCODER_PATH.read_bytes()).hexdigest()[:16] if ENCODER_PATH.is_file() else None
 
 
 def run_settings(options: CustomisationOptions) -> dict:
@@ -233,7 +247,8 @@ def run_customisation(options: CustomisationOptions, model: DiffusionModel | Non
     for notice in evaluator.notices:
         print(f"note: {notice}", flush=True)
     classifier = load_classifier()
-    store = ConceptStore(options.out / "concepts", model, options.learn, encoder_factory)
+    encoder_id = encoder_fingerprint() if encoder_factory is default_encoder_factory else None
+    store = ConceptStore(options.out / "concepts", model, options.learn, encoder_factory, encoder_id=encoder_id)
     writer = PartWriter(results, header)
     try:
         for pair, name in tqdm(jobs, desc="customisation", unit="edit", disable=not options.progress):
