@@ -33,6 +33,7 @@ TABLE = (("structure_distance", "structure ×10³", 1e3), ("psnr", "PSNR", 1), (
          ("concept_shape", "shape %", 100), ("concept_colour", "colour %", 100),
          ("concept_material", "material %", 100), ("concept_style", "style %", 100),
          ("edit_seconds", "edit s", 1), ("concept_seconds", "concept s", 1))
+BY_EDIT = ("psnr", "gt_psnr", "edit_accuracy", "concept_fidelity")
 PAIRED = ("psnr", "ssim", "gt_psnr", "edit_accuracy", "concept_fidelity")
 SPLITS = (("all", None), ("seen", 0.0), ("held-out", 1.0))
 
@@ -74,6 +75,16 @@ def print_tables(results: Results) -> None:
             pairs = len(part._rows((method, engine)))
             print(f"| {split} | {method} | {pairs} | " + " | ".join(_format(m.value, s) for m, (_, _, s) in
                                                                     zip(means, columns)) + " |")
+    print("\nBy edit (all pairs): " + ", ".join(BY_EDIT) + " (accuracy and fidelity in %)\n")
+    print("| edit | method | pairs | " + " | ".join(BY_EDIT) + " |")
+    print("|---|---|---:|" + "---:|" * len(BY_EDIT))
+    for edit in dict.fromkeys(r["category"] for r in results.rows):
+        for method, engine in results.methods:
+            means = [results.mean(metric, (method, engine), edit) for metric in BY_EDIT]
+            pairs = len(results._rows((method, engine), edit))
+            print(f"| {edit} | {method} | {pairs} | " + " | ".join(
+                _format(m.value, 100 if metric in ("edit_accuracy", "concept_fidelity") else 1)
+                for m, metric in zip(means, BY_EDIT)) + " |")
     print("\nPaired differences (method − baseline, same pairs; 95% bootstrap interval over pairs):\n")
     print("| split | metric | method | baseline | pairs | mean difference | 95% interval |")
     print("|---|---|---|---|---:|---:|---:|")
