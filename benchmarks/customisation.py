@@ -101,6 +101,31 @@ def print_tables(results: Results) -> None:
                               f"[{low:+.3f}, {high:+.3f}] |")
 
 
+def save_grid(out: Path, results: Results, pairs: int, seed: int, path: Path) -> None:
+    """The first `pairs` pairs as rows: source, rendered truth, then each method's saved edit (blank
+    where none was saved), 2x nearest-neighbour upscaled."""
+    from PIL import Image, ImageDraw
+
+    from spdinv.world.concept_edits import concept_pairs
+
+    methods = [m for m, _ in results.methods]
+    cell, label = 64, 12
+    grid = Image.new("RGB", (cell * (2 + len(methods)), label + cell * pairs), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for column, title in enumerate(["source", "truth", *methods]):
+        draw.text((column * cell + 2, 0), title[:11], fill=(0, 0, 0))
+    for row, pair in enumerate(concept_pairs(pairs, seed)):
+        y = label + row * cell
+        for column, image in enumerate(pair.images()):
+            grid.paste(image, (column * cell, y))
+        for column, method in enumerate(methods, start=2):
+            saved = out / "images" / method / f"{pair.id}.png"
+            if saved.is_file():
+                grid.paste(Image.open(saved).convert("RGB"), (column * cell, y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("custom-out"))
@@ -113,6 +138,9 @@ def main() -> None:
     parser.add_argument("--held-out", default="encoder", help="held-out concepts: 'encoder' or a held_out_rule spec")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-images", action="store_true", help="keep every edit as OUT/images/METHOD/ID.png")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="also save a picture of the first --grid-pairs pairs and every method's edit (needs --save-images)")
+    parser.add_argument("--grid-pairs", type=int, default=10)
     parser.add_argument("--report-only", action="store_true", help="print the tables of --out without running")
     args = parser.parse_args()
     if not args.report_only:
@@ -124,7 +152,10 @@ def main() -> None:
                                        learn=LearnOptions(steps=args.learn_steps, seed=args.seed),
                                        save_images=args.save_images)
         run_customisation(options)
-    print_tables(load_results(args.out))
+    results = load_results(args.out)
+    print_tables(results)
+    if args.grid:
+        save_grid(args.out, results, min(args.grid_pairs, args.pairs), args.seed, args.grid)
 
 
 if __name__ == "__main__":
