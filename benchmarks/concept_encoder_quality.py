@@ -105,12 +105,18 @@ def main() -> None:
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier()
+    started = time.perf_counter()
     encoder = load_concept_encoder(args.encoder)
+    loaded = time.perf_counter() - started
+    started = time.perf_counter()
+    encoder.encode(concept_image(identities()[0]))
+    results: dict[str, dict | float] = {"load seconds": round(loaded, 3),
+                                        "encode seconds": round(time.perf_counter() - started, 3)}
+    print(results, flush=True)
     rng = random.Random(args.seed)
     everything = identities()
     groups = {"seen": rng.sample([o for o in everything if not is_held_out(o)], args.n),
               "held-out": rng.sample([o for o in everything if is_held_out(o)], args.n)}
-    results: dict[str, dict] = {}
     for group, objects in groups.items():
         scenes_of = [contexts(o, rng) for o in objects]
         scenes = [s for per in scenes_of for s in per]

@@ -365,3 +365,19 @@ def test_encoder_flag_combinations_are_one_line(tmp_path, tiny_dir, red_circle, 
     code, _, err = run(edit_with_encoder_args(red_circle, tmp_path / "out", tiny_dir, "--concept-encoder",
                                               tmp_path / "global_mapper.pt", *extra), capsys)
     assert one_line_error(code, err, message)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch", "0"], "--batch must be > 0, got 0"),
+    (["--w0-only", "1.5"], "--w0-only must be in [0, 1], got 1.5"),
+    (["--learning-rate", "nan"], "--learning-rate must be > 0, got nan"),
+])
+def test_concept_encoder_training_settings_are_one_line(tmp_path, capsys, extra, message):
+    code, _, err = run(["world", "train-concept-encoder", "--out", tmp_path / "enc", *extra], capsys)
+    assert one_line_error(code, err, message) and not (tmp_path / "enc").exists()
+
+
+def test_concept_encoder_training_out_must_be_a_folder(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(["world", "train-concept-encoder", "--out", tmp_path / "file"], capsys)
+    assert one_line_error(code, err, "--out must be a folder")
