@@ -5,7 +5,8 @@ method, split seen / held-out, and paired 95% bootstrap intervals against the sa
 random-noise baseline and against its DDIM + P2P.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/customisation.py --out custom-out --pairs 40 \\
-        [--methods ti-noise,ti+ddim,ti+spdinv,...] [--seed 0] [--steps 50] [--learn-steps 150] [--report-only]
+        [--methods elite-noise,elite+spdinv,ti+ddim,...] [--seed 0] [--steps 50] [--learn-steps 150] \\
+        [--save-images --grid grid.png] [--report-only]
 
 Resumable: rerun the same command (or with more methods) and finished rows are kept.
 """
@@ -63,14 +64,21 @@ def _format(value: float, scale: float) -> str:
     return "–" if not math.isfinite(value) else f"{value * scale:.3g}" if abs(value * scale) < 10 else f"{value * scale:.1f}"
 
 
+def ordered_methods(results: Results) -> list[tuple[str, str]]:
+    """(method, engine) in METHODS order (each concept source's baseline first), others after."""
+    present = results.methods
+    known = [(m, METHODS[m].engine) for m in METHODS if (m, METHODS[m].engine) in present]
+    return known + [m for m in present if m not in known]
+
+
 def print_tables(results: Results) -> None:
-    methods = [m for m, _ in results.methods]
+    methods = [m for m, _ in ordered_methods(results)]
     columns = [c for c in TABLE if c[0] in results.metrics]
     print("| split | method | pairs | " + " | ".join(title for _, title, _ in columns) + " |")
     print("|---|---|---:|" + "---:|" * len(columns))
     for split, held_out in SPLITS:
         part = subset(results, held_out)
-        for method, engine in part.methods:
+        for method, engine in ordered_methods(part):
             means = [part.mean(metric, (method, engine)) for metric, _, _ in columns]
             pairs = len(part._rows((method, engine)))
             print(f"| {split} | {method} | {pairs} | " + " | ".join(_format(m.value, s) for m, (_, _, s) in
@@ -79,7 +87,7 @@ def print_tables(results: Results) -> None:
     print("| edit | method | pairs | " + " | ".join(BY_EDIT) + " |")
     print("|---|---|---:|" + "---:|" * len(BY_EDIT))
     for edit in dict.fromkeys(r["category"] for r in results.rows):
-        for method, engine in results.methods:
+        for method, engine in ordered_methods(results):
             means = [results.mean(metric, (method, engine), edit) for metric in BY_EDIT]
             pairs = len(results._rows((method, engine), edit))
             print(f"| {edit} | {method} | {pairs} | " + " | ".join(
@@ -108,7 +116,7 @@ def save_grid(out: Path, results: Results, pairs: int, seed: int, path: Path) ->
 
     from spdinv.world.concept_edits import concept_pairs
 
-    methods = [m for m, _ in results.methods]
+    methods = [m for m, _ in ordered_methods(results)]
     cell, label = 64, 12
     grid = Image.new("RGB", (cell * (2 + len(methods)), label + cell * pairs), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
@@ -129,7 +137,8 @@ def save_grid(out: Path, results: Results, pairs: int, seed: int, path: Path) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("custom-out"))
-    parser.add_argument("--methods", default="ti-noise,ti+ddim,ti+spdinv,ti+aidi",
+    parser.add_argument("--methods", default="elite-noise,elite+ddim,elite+spdinv,ti-noise,ti+ddim,ti+spdinv,ti+aidi,"
+                                             "ti+spdinv-anderson",
                         help=f"comma-separated, of: {', '.join(METHODS)}")
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
