@@ -131,7 +131,7 @@ def save_grid(out: Path, results: Results, pairs: int, seed: int, path: Path) ->
             if saved.is_file():
                 grid.paste(Image.open(saved).convert("RGB"), (column * cell, y))
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(path)
+    grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).quantize(256).save(path, optimize=True)
 
 
 def main() -> None:
