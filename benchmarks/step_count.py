@@ -103,7 +103,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for metric in metrics:
-            fig, ax = plt.subplots(figsize=(5, 3.4))
+            fig, ax = plt.subplots(figsize=(7.5, 3.4))
             inversions = sorted({inversion for inversion, _ in series})
             for (inversion, engine), by_metric in sorted(series.items()):
                 points = by_metric[metric]  # colour: the inversion; line style: the engine
@@ -112,7 +112,7 @@ def main() -> None:
             ax.set_xlabel("DDIM steps")
             ax.set_ylabel(metric)
             ax.set_xticks(list(runs))
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
             save_figure(fig, out / f"step-count-{metric}.png")
         print(f"\nplots in {out}")
 
