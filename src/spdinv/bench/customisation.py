@@ -35,14 +35,14 @@ from ..outputs import write_json
 from ..textual_inversion import LearnOptions, learn_concept
 from ..world.concept_edits import IDENTITY, ConceptPair, concept_pairs, held_out_rule
 from .metrics import EvaluationModels, Evaluator, Sample, parse_metrics
-from .results import ERROR_COLUMN, PartWriter, RESULTS_FILE, columns, format_value, read_rows, row_key
+from .results import (ERROR_COLUMN, RESULTS_FILE, SETTINGS_FILE, PartWriter, columns, format_value, read_rows,
+                      recorded_settings, row_key)
 
 ENCODER, TEXTUAL_INVERSION = "encoder", "textual-inversion"
 CONCEPT_COLUMNS = tuple(f"concept_{a}" for a in IDENTITY) + ("concept_fidelity",)
 EXTRA_COLUMNS = CONCEPT_COLUMNS + ("held_out", "concept_seconds")
 DEFAULT_METRICS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited", "gt_psnr",
                    "gt_ssim", "edit_accuracy", "noise_error", "network_calls", "seconds", "edit_seconds")
-SETTINGS_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -210,17 +210,11 @@ def run_settings(options: CustomisationOptions) -> dict:
 
 def check_settings(options: CustomisationOptions) -> None:
     """A resumed run must have the settings of the rows it keeps (methods may be added)."""
-    path = options.out / SETTINGS_FILE
     settings = run_settings(options)
-    if path.is_file():
-        recorded = json.loads(path.read_text())
-        differing = [k for k in settings if json.dumps(recorded.get(k)) != json.dumps(settings[k])]
-        if differing:
-            raise SpdinvError(f"{options.out} holds a run with other settings ({differing[0]}: "
-                              f"{recorded.get(differing[0])!r} vs {settings[differing[0]]!r}); use another --out")
+    if recorded_settings(options.out, settings, settings) is not None:
         return
     options.out.mkdir(parents=True, exist_ok=True)
-    write_json(path, settings)
+    write_json(options.out / SETTINGS_FILE, settings)
 
 
 def run_customisation(options: CustomisationOptions, model: DiffusionModel | None = None,

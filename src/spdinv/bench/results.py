@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,9 +25,25 @@ from ..outputs import write_atomically
 KEY_COLUMNS = ("id", "category", "inversion", "engine")
 ERROR_COLUMN = "error"
 RESULTS_FILE = "results.csv"
+SETTINGS_FILE = "run.json"
 PARTS_FOLDER = "parts"
 
 Key = tuple[str, str, str]  # (id, inversion, engine)
+
+
+def recorded_settings(out: Path, settings: dict, keys: Iterable[str]) -> dict | None:
+    """The settings a resumed run recorded in OUT/run.json (None for a new run), refused in one line
+    when one of `keys` differs from `settings`: the rows kept must have been made the same way."""
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    differing = [k for k in keys if json.dumps(recorded.get(k)) != json.dumps(settings[k])]
+    if differing:
+        first = differing[0]
+        raise SpdinvError(f"{out} holds a run with other settings ({first}: {recorded.get(first)!r} "
+                          f"vs {settings[first]!r}); use another --out")
+    return recorded
 
 
 def columns(metrics: list[str]) -> list[str]:

@@ -8,7 +8,6 @@ are done (see results.py for the durability and ordering rules).
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import re
 import sys
@@ -30,9 +29,8 @@ from .metrics import SSIM_VARIANT, EvaluationModels, Evaluator, Sample, clip_ima
 from .protocol import DEFAULT_STRUCTURE_RESIZE, PROTOCOLS, ScoredEdit, check_protocol, default_protocol, saved_name, \
     scored_edit
 from .results import ERROR_COLUMN, Key, PartWriter, columns, finished_keys, format_value, merge, part_path, \
-    part_paths, read_rows, RESULTS_FILE
+    part_paths, read_rows, recorded_settings, RESULTS_FILE, SETTINGS_FILE
 
-SETTINGS_FILE = "run.json"
 # settings a resumed run must share with the run that wrote the rows it keeps
 IDENTITY_SETTINGS = ("data", "model", "dtype", "steps", "seed", "metrics", "inversion_options", "engine_options",
                      "protocol", "structure_resize")
@@ -397,13 +395,8 @@ def check_settings(options: BenchOptions, shard: Shard) -> None:
     """A resumed run must match the settings of the rows it keeps; a new one records them."""
     path = options.out / SETTINGS_FILE
     settings = run_settings(options)
-    if path.is_file():
-        recorded = json.loads(path.read_text())
-        differing = [k for k in IDENTITY_SETTINGS if json.dumps(recorded.get(k)) != json.dumps(settings[k])]
-        if differing:
-            first = differing[0]
-            raise SpdinvError(f"{options.out} holds a run with other settings ({first}: {recorded.get(first)!r} "
-                              f"vs {settings[first]!r}); use another --out")
+    recorded = recorded_settings(options.out, settings, IDENTITY_SETTINGS)
+    if recorded is not None:
         command = command_line(shard)
         commands = recorded.get("commands", [recorded.get("command")])
         if command not in commands and (shard.is_main or not shard.distributed):
