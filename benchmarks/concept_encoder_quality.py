@@ -1,7 +1,7 @@
 """Concept fidelity of the shapes-world concept encoder (numbers go to docs/model-card.md, "Concept encoder").
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/concept_encoder_quality.py \
-        [--encoder PATH] [--n 32] [--ti 4] [--json out.json]
+        [--encoder PATH] [--n 32] [--ti 4] [--drawn 32] [--json out.json]
 
 For `--n` object identities the encoder was trained on and `--n` of the held-out shape x colour pairs
 (seeded draws), the concept image (the object alone, large, centre, on gray) is encoded, and the
@@ -16,6 +16,9 @@ the captioned position (else the only object read anywhere) has it. Rows:
 - textual inversion: `spdinv.textual_inversion.learn_concept` (default 150 steps, on the concept image
   under "a large S in the centre on a gray background") for the first `--ti` objects of each group,
   with the encoder and text rows on the same objects for comparison.
+With `--drawn N`, a third group: N plain filled objects (seeded draws over every shape x colour) whose
+concept images are drawn with PIL by `spdinv.testing.hand_drawn_object` (its own geometry, size, offset,
+rotation and shade, aliased, on the world's gray) instead of the world renderer: images it did not draw.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from spdinv.textual_inversion import LearnOptions, learn_concept
 from spdinv.world.captions import caption
 from spdinv.world.classifier import load_classifier, read_scenes
 from spdinv.world.concept_encoder import CONCEPT_BACKGROUND, concept_image, identities, is_held_out, load_concept_encoder
-from spdinv.world.scene import BACKGROUNDS, SIDE_POSITIONS, Scene
+from spdinv.testing import hand_drawn_object
+from spdinv.world.scene import BACKGROUNDS, COLOURS, SIDE_POSITIONS, Scene
 
 WORD = "S"
 ATTRIBUTES = ("shape", "colour", "material", "style")
@@ -91,6 +95,9 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="concept encoder .safetensors (default: the shipped one)")
     parser.add_argument("--n", type=int, default=32, help="objects per group (seen, held-out)")
     parser.add_argument("--ti", type=int, default=4, help="objects per group also learned by textual inversion")
+    parser.add_argument("--drawn", type=int, default=0,
+                        help="also this many concept images drawn with PIL (spdinv.testing.hand_drawn_object), "
+                             "not by the world renderer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -117,13 +124,20 @@ def main() -> None:
     everything = identities()
     groups = {"seen": rng.sample([o for o in everything if not is_held_out(o)], args.n),
               "held-out": rng.sample([o for o in everything if is_held_out(o)], args.n)}
+    images = {group: [concept_image(o) for o in objects] for group, objects in groups.items()}
+    if args.drawn:
+        drawing = random.Random(args.seed + 1)  # its own draws: the other groups' stay as without --drawn
+        filled = [o for o in everything if o.material == "plain" and o.style == "filled"]
+        groups["drawn"] = [drawing.choice(filled) for _ in range(args.drawn)]
+        gray = BACKGROUNDS[CONCEPT_BACKGROUND]
+        images["drawn"] = [hand_drawn_object(o.shape, COLOURS[o.colour], gray, drawing) for o in groups["drawn"]]
     for group, objects in groups.items():
         scenes_of = [contexts(o, rng) for o in objects]
         scenes = [s for per in scenes_of for s in per]
         placeholder = [caption(s, placeholders={0: WORD}) for s in scenes]
         words = [caption(s) for s in scenes]
         with torch.no_grad():
-            all_words = torch.cat([encoder(to_tensor(concept_image(o))) for o in objects])  # (n, levels, width)
+            all_words = torch.cat([encoder(to_tensor(image)) for image in images[group]])  # (n, levels, width)
         repeat = len(scenes_of[0])
         per_scene = all_words.repeat_interleave(repeat, dim=0)
         rows = {"encoder w0": embed(model, placeholder, per_scene[:, :1]),
@@ -134,7 +148,7 @@ def main() -> None:
             print(f"{group} / {name}: {results[f'{group} / {name}']}", flush=True)
         # textual inversion on the first objects, with the encoder and text rows on the same images' prompts
         subset = scenes[:args.ti * repeat]
-        if args.ti > 0:
+        if args.ti > 0 and group != "drawn":
             learned = []
             for obj in objects[:args.ti]:
                 prompt = f"a large {WORD} in the centre on a {CONCEPT_BACKGROUND} background"

@@ -370,6 +370,8 @@ def test_encoder_flag_combinations_are_one_line(tmp_path, tiny_dir, red_circle, 
 @pytest.mark.parametrize("extra, message", [
     (["--batch", "0"], "--batch must be > 0, got 0"),
     (["--w0-only", "1.5"], "--w0-only must be in [0, 1], got 1.5"),
+    (["--teacher", "-0.5"], "--teacher must be in [0, 1], got -0.5"),
+    (["--attributes", "-1"], "--attributes must be >= 0, got -1.0"),
     (["--learning-rate", "nan"], "--learning-rate must be > 0, got nan"),
 ])
 def test_concept_encoder_training_settings_are_one_line(tmp_path, capsys, extra, message):

@@ -59,8 +59,8 @@ def test_target_scenes_keep_the_identity_and_never_hide_it():
         assert scene.background != obj.colour
 
 
-def trainer(tiny, work, steps=4):
-    config = ConceptEncoderConfig(steps=steps, batch=2, warmup=2, checkpoint_every=2, learning_rate=1e-3)
+def trainer(tiny, work, steps=4, **settings):
+    config = ConceptEncoderConfig(steps=steps, batch=2, warmup=2, checkpoint_every=2, learning_rate=1e-3, **settings)
     return ConceptEncoderTrainer(work, config, model=tiny, encoder_config=SMALL)
 
 
@@ -83,6 +83,52 @@ def test_training_is_seeded_and_a_resumed_run_ends_where_an_uninterrupted_one_do
     loaded = load_concept_encoder(path)
     assert json.loads(path.with_suffix(".json").read_text())["steps_done"] == 4
     assert torch.equal(loaded.mapper.mapping_0[0].weight, straight.encoder.mapper.mapping_0[0].weight)
+
+
+def test_the_teacher_target_moves_from_the_noise_to_the_models_prediction_under_the_objects_words(tiny, tmp_path):
+    first = trainer(tiny, tmp_path / "a")
+    chosen, latents, prompts, worded, generator = first.batch(0)
+    w0 = first.tokenizer.tokens[0]
+    for prompt, words in zip(prompts, worded):  # the same caption, the object named in words instead of S
+        assert (" S " in prompt) != (w0 in prompt)
+        assert " S " not in words and w0 not in words and words != prompt
+        assert words.split()[-2:] == prompt.split()[-2:]  # the same background phrase
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy, timesteps = 0.8 * latents + 0.6 * noise, [500, 20]
+    with torch.no_grad():
+        taught = tiny.eps(noisy, timesteps, tiny.encode_prompt(worded))
+    assert not torch.allclose(taught, noise, atol=1e-2)
+    # the same UNet on the same batch shape: equal up to float rounding of the (uncached) prompt encoding
+    for teacher, expected in ((0.0, noise), (1.0, taught), (0.25, 0.75 * noise + 0.25 * taught)):
+        got = trainer(tiny, tmp_path / str(teacher), teacher=teacher).target(noisy, timesteps, noise, worded)
+        assert torch.allclose(got, expected, atol=1e-5), teacher
+
+
+def test_the_attribute_loss_adds_its_weight_times_the_heads_loss_and_trains_the_head(tiny, tmp_path):
+    plain, weighted = trainer(tiny, tmp_path / "a"), trainer(tiny, tmp_path / "b", attributes=2.0)
+    chosen = plain.batch(0)[0]
+    features = plain.encoder.features(plain.concept_pixels[chosen])
+    labels = {name: values[chosen] for name, values in plain.labels.items()}
+    head_loss = plain.head.loss(features[0], labels)
+    assert head_loss > 0.5  # untrained read-outs of 6, 8, 3 and 2 classes
+    assert torch.allclose(weighted.loss(0)[0], plain.loss(0)[0] + 2.0 * head_loss, atol=1e-5)
+    before = {k: v.clone() for k, v in weighted.head.state_dict().items()}
+    weighted.train(progress=False, until=2)
+    plain.train(progress=False, until=2)
+    assert any(not torch.equal(v, weighted.head.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, plain.head.state_dict()[k]) for k, v in before.items())  # unused: never stepped
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny, tmp_path):
+    first = trainer(tiny, tmp_path)
+    first.train(progress=False, until=2)
+    payload = torch.load(first.checkpoint_path, weights_only=False)
+    del payload["config"]["teacher"], payload["config"]["attributes"], payload["attribute_head"]
+    torch.save(payload, first.checkpoint_path)
+    again = trainer(tiny, tmp_path)
+    assert again.resume() and again.step == 2
+    with pytest.raises(Exception, match="other settings.*teacher"):
+        trainer(tiny, tmp_path, teacher=0.5).resume()
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tiny, tmp_path):
@@ -190,3 +236,24 @@ def test_cli_encode_with_elite_and_the_concept_image(tmp_path, tiny_dir, red_cir
     assert main(edit_args(red_circle, tmp_path / "e", tiny_dir, mapper, clip, "--concept-image", str(other))) == 0
     assert json.loads((tmp_path / "e" / "config.json").read_text())["concept"]["image"] == str(other)
     capsys.readouterr()
+
+
+def test_hand_drawn_objects_are_one_filled_shape_of_the_colour_on_the_background():
+    import random
+
+    from spdinv.testing import hand_drawn_object
+    from spdinv.world.scene import SHAPES
+
+    rng = random.Random(0)
+    gray, red = BACKGROUNDS["gray"], COLOURS["red"]
+    areas = {}
+    for shape in SHAPES:
+        pixels = np.asarray(hand_drawn_object(shape, red, gray, rng)).reshape(-1, 3).astype(int)
+        drawn = np.any(pixels != gray, axis=1)
+        colours = np.unique(pixels[drawn], axis=0)
+        assert len(colours) == 1 and np.abs(colours[0] - red).max() <= 20  # one aliased shade of red
+        areas[shape] = drawn.mean()
+    assert all(0.04 < area < 0.3 for area in areas.values()), areas  # a world "large" object covers 0.06-0.12
+    assert areas["star"] < areas["square"]
+    with pytest.raises(ValueError, match="no drawing"):
+        hand_drawn_object("cloud", red, gray, rng)

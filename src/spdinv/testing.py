@@ -3,6 +3,7 @@ diffusers' own fast tests build theirs. For tests and quick experiments."""
 
 from __future__ import annotations
 
+import random
 import zlib
 from contextlib import contextmanager
 from typing import Iterator
@@ -141,6 +142,53 @@ def same_up_to_rounding(actual: Tensor, expected: Tensor, relative: float = 1e-4
     wrong branch differs by 1e-2 or more. 1e-4 sits between the two."""
     scale = max(float(actual.abs().max()), float(expected.abs().max()), 1e-12)
     return float((actual - expected).abs().max()) <= relative * scale
+
+
+def hand_drawn_object(shape: str, rgb: tuple[int, int, int], background: tuple[int, int, int],
+                      rng: random.Random) -> Image.Image:
+    """One filled shape drawn with PIL's plain (aliased) primitives on a 64x64 plain background, with
+    geometry of its own rather than the world renderer's: a random size (radius 10.5-14.5 px, the world's large object 12.5), centre
+    offset (up to 3 px), rotation (up to 20 degrees), per-vertex jitter (1.5 px) and a shade of `rgb`
+    moved by up to 20 per channel. For measuring encoders on images the world renderer did not draw."""
+    import math
+
+    image = Image.new("RGB", (64, 64), background)
+    cx, cy = 32 + rng.uniform(-3, 3), 32 + rng.uniform(-3, 3)
+    r, turn = rng.uniform(10.5, 14.5), math.radians(rng.uniform(-20, 20))
+    fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in rgb)
+
+    def points(corners: list[tuple[float, float]]) -> list[tuple[float, float]]:  # unit offsets -> pixels
+        return [(cx + r * (x * math.cos(turn) - y * math.sin(turn)) + rng.uniform(-1.5, 1.5),
+                 cy + r * (x * math.sin(turn) + y * math.cos(turn)) + rng.uniform(-1.5, 1.5)) for x, y in corners]
+
+    def ring(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
+        return [(radius * math.cos(phase + 2 * math.pi * k / n), radius * math.sin(phase + 2 * math.pi * k / n))
+                for k in range(n)]
+
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        aspect = rng.uniform(0.9, 1.1)
+        draw.ellipse((cx - r * aspect, cy - r / aspect, cx + r * aspect, cy + r / aspect), fill=fill)
+    elif shape == "square":
+        draw.polygon(points([(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]), fill=fill)
+    elif shape == "triangle":
+        draw.polygon(points([(0, -1), (0.95, 0.75), (-0.95, 0.75)]), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(points(ring(6, 0.95, math.pi / 6)), fill=fill)
+    elif shape == "star":
+        inner = rng.uniform(0.38, 0.55)
+        spikes = zip(ring(5, 1.05, -math.pi / 2), ring(5, inner, -math.pi / 2 + math.pi / 5))
+        draw.polygon(points([p for pair in spikes for p in pair]), fill=fill)
+    elif shape == "heart":  # two lobes and a point, as a child draws it
+        lobe = 0.5 * r
+        for side in (-1, 1):
+            lx, ly = cx + side * lobe * 0.95, cy - 0.35 * r
+            draw.ellipse((lx - lobe, ly - lobe, lx + lobe, ly + lobe), fill=fill)
+        draw.polygon([(cx - 1.42 * lobe, cy - 0.15 * r), (cx + 1.42 * lobe, cy - 0.15 * r), (cx, cy + 0.95 * r)],
+                     fill=fill)
+    else:
+        raise ValueError(f"no drawing for shape {shape!r}")
+    return image
 
 
 def hand_drawn_square() -> Image.Image:

@@ -108,10 +108,12 @@ def check_concept_encoder_config(config) -> None:
     for name in ("steps", "batch", "warmup", "checkpoint_every", "threads", "learning_rate"):
         if not getattr(config, name) > 0:
             raise SpdinvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
-    if not config.word_l1 >= 0:
-        raise SpdinvError(f"--word-l1 must be >= 0, got {config.word_l1}")
-    if not 0 <= config.w0_only <= 1:
-        raise SpdinvError(f"--w0-only must be in [0, 1], got {config.w0_only}")
+    for name in ("word_l1", "attributes"):
+        if not getattr(config, name) >= 0:
+            raise SpdinvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    for name in ("w0_only", "teacher"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise SpdinvError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
     if not 0 <= config.seed <= MAX_SEED // 2_000_000:  # per-step seeds are seed * 1_000_003 + step
         raise SpdinvError(f"--seed must be in [0, {MAX_SEED // 2_000_000}], got {config.seed}")
 

@@ -92,9 +92,13 @@ class ConceptEncoder(nn.Module):
                 last.weight.mul_(0.05)
                 last.bias.zero_()
 
+    def features(self, pixels: Tensor) -> list[Tensor]:
+        """Images (B, 3, 64, 64) in [-1, 1] -> the mapper's feature levels, each (B, 1 + patches, width)."""
+        return vision_features(self.vision, pixels, self.config.feature_layers)
+
     def forward(self, pixels: Tensor) -> Tensor:
         """Images (B, 3, 64, 64) in [-1, 1] -> words (B, levels, word_width); word 0 is w0."""
-        return self.mapper(vision_features(self.vision, pixels, self.config.feature_layers))
+        return self.mapper(self.features(pixels))
 
     @torch.no_grad()
     def encode(self, image: Image.Image, word: str = "S") -> Concept:

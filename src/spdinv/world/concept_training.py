@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..concepts import ConceptTokenizer, injected
@@ -37,12 +38,28 @@ from .concept_encoder import (HELD_OUT_PAIRS, ConceptEncoder, EncoderConfig, con
                               save_concept_encoder)
 from .config import ConceptEncoderConfig
 from .render import render
-from .scene import BACKGROUND_KINDS, BACKGROUNDS, POSITIONS, SIDE_POSITIONS, SIZES, Scene, WorldObject, random_object
+from .scene import (BACKGROUND_KINDS, BACKGROUNDS, COLOURS, MATERIALS, POSITIONS, SHAPES, SIDE_POSITIONS, SIZES, STYLES,
+                    Scene, WorldObject, random_object)
 from .train import resumed_schedule
 
 log = logging.getLogger("spdinv.world.concept_training")
 WORD = "S"
 RESULT_NAME = "concept-encoder.safetensors"
+ATTRIBUTE_VALUES = {"shape": SHAPES, "colour": tuple(COLOURS), "material": MATERIALS, "style": STYLES}
+
+
+class AttributeHead(nn.Module):
+    """Linear read-outs of an object's attributes from the image encoder's last features (CLS and the
+    mean of the patches), used only by the training's auxiliary loss (`ConceptEncoderConfig.attributes`)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.read = nn.ModuleDict({name: nn.Linear(2 * width, len(values)) for name, values in ATTRIBUTE_VALUES.items()})
+
+    def loss(self, last: Tensor, labels: dict[str, Tensor]) -> Tensor:
+        """Mean cross-entropy over the attributes; `last` is (B, 1 + patches, width)."""
+        pooled = torch.cat([last[:, 0], last[:, 1:].mean(1)], dim=1)
+        return sum(F.cross_entropy(read(pooled), labels[name]) for name, read in self.read.items()) / len(self.read)
 
 
 def target_scene(rng: random.Random, obj: WorldObject) -> tuple[Scene, int]:
@@ -75,7 +92,11 @@ class ConceptEncoderTrainer:
         self.tokenizer = ConceptTokenizer(self.model.tokenizer, WORD, encoder_config.levels)
         self.objects = [o for o in identities() if not is_held_out(o)]
         self.concept_pixels = torch.cat([to_tensor(concept_image(o)) for o in self.objects])
-        self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=config.learning_rate, weight_decay=0.01)
+        self.labels = {name: torch.tensor([values.index(getattr(o, name)) for o in self.objects])
+                       for name, values in ATTRIBUTE_VALUES.items()}
+        self.head = AttributeHead(encoder_config.width)
+        self.optimizer = torch.optim.AdamW([*self.encoder.parameters(), *self.head.parameters()],
+                                           lr=config.learning_rate, weight_decay=0.01)
         self.step = 0
         self.losses: list[float] = []
 
@@ -87,6 +108,7 @@ class ConceptEncoderTrainer:
     def save_checkpoint(self) -> None:
         payload = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
                    "encoder_config": asdict(self.encoder.config), "encoder": self.encoder.state_dict(),
+                   "attribute_head": self.head.state_dict(),
                    "optimizer": self.optimizer.state_dict()}
         with atomic_file(self.checkpoint_path, "wb") as handle:
             torch.save(payload, handle)
@@ -97,39 +119,56 @@ class ConceptEncoderTrainer:
             return False
         payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         ours = {**asdict(self.config), "steps": None, "checkpoint_every": None, "threads": None}
-        theirs = {**payload["config"], "steps": None, "checkpoint_every": None, "threads": None}
+        theirs = {**asdict(type(self.config)()), **payload["config"],  # settings added later: their defaults
+                  "steps": None, "checkpoint_every": None, "threads": None}
         if ours != theirs or payload["encoder_config"] != asdict(self.encoder.config):
             changed = sorted(k for k in ours if ours[k] != theirs.get(k)) or ["the encoder's shape"]
             raise SpdinvError(f"{self.checkpoint_path} was made with other settings ({', '.join(changed)}); "
                               "use another --out or the same settings")
         self.encoder.load_state_dict(payload["encoder"])
+        if "attribute_head" in payload:
+            self.head.load_state_dict(payload["attribute_head"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step, self.losses = payload["step"], payload["losses"]
         log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         return True
 
     # ---------------------------------------------------------------- one step
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Generator]:
-        """(concept pixels, target latents, captions, the step's generator)."""
+    def batch(self, step: int) -> tuple[Tensor, Tensor, list[str], list[str], torch.Generator]:
+        """(the objects' indices, target latents, captions with S, the same captions naming the object in
+        words, the step's generator)."""
         cfg = self.config
         rng = random.Random(cfg.seed * 1_000_003 + step)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         chosen = [rng.randrange(len(self.objects)) for _ in range(cfg.batch)]
-        scenes, prompts = [], []
+        scenes, prompts, worded = [], [], []
         for index in chosen:
             scene, position = target_scene(rng, self.objects[index])
-            prompt = caption(scene, Phrasing.random(rng), {position: WORD})
+            phrasing = Phrasing.random(rng)
+            prompt = caption(scene, phrasing, {position: WORD})
             if rng.random() < cfg.w0_only:  # w0 alone: its token spelled out (the tokenizer expands only the word)
                 prompt = prompt.replace(f" {WORD} ", f" {self.tokenizer.tokens[0]} ")
             scenes.append(scene)
             prompts.append(prompt)
+            worded.append(caption(scene, phrasing))
         targets = torch.cat([to_tensor(render(s)) for s in scenes])
-        return self.concept_pixels[chosen], self.model.encode_image(targets), prompts, generator
+        return torch.tensor(chosen), self.model.encode_image(targets), prompts, worded, generator
+
+    @torch.no_grad()
+    def target(self, noisy: Tensor, timesteps: list[int], noise: Tensor, worded: list[str]) -> Tensor:
+        """What the noise prediction under S is pulled to: the sampled noise, moved by `teacher` towards the
+        frozen model's own prediction under the caption that names the object in words (a distillation
+        target: same mean as the noise given the image, without its variance)."""
+        if self.config.teacher == 0:
+            return noise
+        taught = self.model.eps(noisy, timesteps, self.model.encode_prompts_differentiable(worded))
+        return torch.lerp(noise, taught.to(noise.dtype), self.config.teacher)
 
     def loss(self, step: int) -> tuple[torch.Tensor, float]:
         """(the step's loss, its diffusion part)."""
-        pixels, latents, prompts, generator = self.batch(step)
-        words = self.encoder(pixels.to(self.model.device))
+        chosen, latents, prompts, worded, generator = self.batch(step)
+        features = self.encoder.features(self.concept_pixels[chosen].to(self.model.device))
+        words = self.encoder.mapper(features)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.model.device)
         with injected(self.model.text_encoder, self.tokenizer.first_id, words):
@@ -138,8 +177,13 @@ class ConceptEncoderTrainer:
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         abar = self.model.alphas_cumprod[timesteps].float().view(-1, 1, 1, 1).to(latents)
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-        diffusion = F.mse_loss(self.model.eps(noisy, timesteps.tolist(), embedding), noise)
-        return diffusion + self.config.word_l1 * words.abs().mean(), float(diffusion.detach())
+        target = self.target(noisy, timesteps.tolist(), noise, worded)
+        diffusion = F.mse_loss(self.model.eps(noisy, timesteps.tolist(), embedding), target)
+        total = diffusion + self.config.word_l1 * words.abs().mean()
+        if self.config.attributes > 0:
+            labels = {name: values[chosen].to(self.model.device) for name, values in self.labels.items()}
+            total = total + self.config.attributes * self.head.loss(features[0], labels)
+        return total, float(diffusion.detach())
 
     # ---------------------------------------------------------------- the run
     def train(self, progress: bool = True, log_every: int = 25, until: int | None = None) -> None:
@@ -156,7 +200,7 @@ class ConceptEncoderTrainer:
             loss, diffusion = self.loss(self.step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([*self.encoder.parameters(), *self.head.parameters()], 1.0)
             self.optimizer.step()
             schedule.step()
             self.step += 1

@@ -37,5 +37,12 @@ class ConceptEncoderConfig:
     warmup: int = 100
     word_l1: float = 0.01  # ELITE's regulariser: word_l1 * mean |w| over every word
     w0_only: float = 0.5  # fraction of samples whose placeholder is w0 alone (else all words, ELITE's training)
+    # Share of the noise-prediction target taken from the frozen model under the object's own words
+    # (0: the sampled noise, ELITE's target; 1: distillation from the caption that names the object)
+    teacher: float = 0.0
+    # Weight of an auxiliary loss that reads the object's attributes (shape, colour, material, style) off the
+    # image encoder's last features with a linear head used only in training; it stands in for the CLIP
+    # pretraining ELITE's image encoder has and ours, trained from scratch, lacks
+    attributes: float = 0.0
     checkpoint_every: int = 100
     threads: int = 1
