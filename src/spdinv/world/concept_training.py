@@ -36,7 +36,7 @@ from ..outputs import atomic_file
 from .captions import Phrasing, caption
 from .concept_encoder import (HELD_OUT_PAIRS, ConceptEncoder, EncoderConfig, concept_image, identities, is_held_out,
                               save_concept_encoder)
-from .config import ConceptEncoderConfig
+from .config import CONCEPT_ENCODER_SETTINGS_BEFORE, ConceptEncoderConfig
 from .render import render
 from .scene import (BACKGROUND_KINDS, BACKGROUNDS, COLOURS, MATERIALS, POSITIONS, SHAPES, SIDE_POSITIONS, SIZES, STYLES,
                     Scene, WorldObject, random_object)
@@ -119,7 +119,7 @@ class ConceptEncoderTrainer:
             return False
         payload = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         ours = {**asdict(self.config), "steps": None, "checkpoint_every": None, "threads": None}
-        theirs = {**asdict(type(self.config)()), **payload["config"],  # settings added later: their defaults
+        theirs = {**CONCEPT_ENCODER_SETTINGS_BEFORE, **payload["config"],
                   "steps": None, "checkpoint_every": None, "threads": None}
         if ours != theirs or payload["encoder_config"] != asdict(self.encoder.config):
             changed = sorted(k for k in ours if ours[k] != theirs.get(k)) or ["the encoder's shape"]

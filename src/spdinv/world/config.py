@@ -28,21 +28,27 @@ class TrainConfig:
 
 @dataclass
 class ConceptEncoderConfig:
-    """Training settings of the concept encoder (`spdinv world train-concept-encoder`)."""
+    """Training settings of the concept encoder (`spdinv world train-concept-encoder`); the defaults are
+    the shipped encoder's run."""
 
     seed: int = 0
-    steps: int = 2000
-    batch: int = 16
-    learning_rate: float = 3e-4
+    steps: int = 1500
+    batch: int = 32
+    learning_rate: float = 5e-4
     warmup: int = 100
     word_l1: float = 0.01  # ELITE's regulariser: word_l1 * mean |w| over every word
     w0_only: float = 0.5  # fraction of samples whose placeholder is w0 alone (else all words, ELITE's training)
     # Share of the noise-prediction target taken from the frozen model under the object's own words
     # (0: the sampled noise, ELITE's target; 1: distillation from the caption that names the object)
-    teacher: float = 0.0
+    teacher: float = 1.0
     # Weight of an auxiliary loss that reads the object's attributes (shape, colour, material, style) off the
     # image encoder's last features with a linear head used only in training; it stands in for the CLIP
     # pretraining ELITE's image encoder has and ours, trained from scratch, lacks
-    attributes: float = 0.0
+    attributes: float = 1.0
     checkpoint_every: int = 100
     threads: int = 1
+
+
+# The value of each setting added after the first concept-encoder runs that trains as those runs did
+# (a checkpoint without the setting resumes with it).
+CONCEPT_ENCODER_SETTINGS_BEFORE = {"teacher": 0.0, "attributes": 0.0}
