@@ -34,11 +34,12 @@ import torch
 from spdinv.concepts import ConceptTokenizer, injected
 from spdinv.images import to_tensor
 from spdinv.model import load_model
+from spdinv.testing import hand_drawn_object
 from spdinv.textual_inversion import LearnOptions, learn_concept
 from spdinv.world.captions import caption
 from spdinv.world.classifier import load_classifier, read_scenes
 from spdinv.world.concept_encoder import CONCEPT_BACKGROUND, concept_image, identities, is_held_out, load_concept_encoder
-from spdinv.testing import hand_drawn_object
+from spdinv.world.concept_training import encoder_from_checkpoint
 from spdinv.world.scene import BACKGROUNDS, COLOURS, SIDE_POSITIONS, Scene
 
 WORD = "S"
@@ -92,7 +93,8 @@ def score(classifier, images: torch.Tensor, scenes: list[Scene]) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder", default=None, help="concept encoder .safetensors (default: the shipped one)")
+    parser.add_argument("--encoder", default=None,
+                        help="concept encoder .safetensors (default: the shipped one), or a training checkpoint.pt")
     parser.add_argument("--n", type=int, default=32, help="objects per group (seen, held-out)")
     parser.add_argument("--ti", type=int, default=4, help="objects per group also learned by textual inversion")
     parser.add_argument("--drawn", type=int, default=0,
@@ -113,7 +115,10 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     classifier = load_classifier()
     started = time.perf_counter()
-    encoder = load_concept_encoder(args.encoder)
+    if args.encoder is not None and args.encoder.endswith(".pt"):
+        encoder = encoder_from_checkpoint(args.encoder)
+    else:
+        encoder = load_concept_encoder(args.encoder)
     loaded = time.perf_counter() - started
     started = time.perf_counter()
     encoder.encode(concept_image(identities()[0]))

@@ -15,7 +15,7 @@ from spdinv.concepts import load_concept
 from spdinv.elite import GlobalMapper, projections_installed
 from spdinv.world.concept_encoder import (CONCEPT_BACKGROUND, ENCODER_PATH, ConceptEncoder, EncoderConfig,
                                           concept_image, identities, is_held_out, load_concept_encoder)
-from spdinv.world.concept_training import ConceptEncoderTrainer, target_scene
+from spdinv.world.concept_training import ConceptEncoderTrainer, encoder_from_checkpoint, target_scene
 from spdinv.world.config import ConceptEncoderConfig
 from spdinv.world.scene import BACKGROUNDS, COLOURS
 
@@ -83,6 +83,8 @@ def test_training_is_seeded_and_a_resumed_run_ends_where_an_uninterrupted_one_do
     loaded = load_concept_encoder(path)
     assert json.loads(path.with_suffix(".json").read_text())["steps_done"] == 4
     assert torch.equal(loaded.mapper.mapping_0[0].weight, straight.encoder.mapper.mapping_0[0].weight)
+    measured = encoder_from_checkpoint(straight.checkpoint_path)  # a run measured part-way: its last checkpoint
+    assert all(torch.equal(v, measured.state_dict()[k]) for k, v in straight.encoder.state_dict().items())
 
 
 def test_the_teacher_target_moves_from_the_noise_to_the_models_prediction_under_the_objects_words(tiny, tmp_path):

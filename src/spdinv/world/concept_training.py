@@ -75,6 +75,16 @@ def target_scene(rng: random.Random, obj: WorldObject) -> tuple[Scene, int]:
     return Scene(tuple(objects), background, kind), index
 
 
+def encoder_from_checkpoint(path: str | Path) -> ConceptEncoder:
+    """The encoder of a training checkpoint (`checkpoint.pt` in a train-concept-encoder folder), for
+    measuring a run part-way."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    settings = payload["encoder_config"]
+    encoder = ConceptEncoder(EncoderConfig(**{**settings, "feature_layers": tuple(settings["feature_layers"])}))
+    encoder.load_state_dict(payload["encoder"])
+    return encoder.eval()
+
+
 class ConceptEncoderTrainer:
     def __init__(self, work: Path, config: ConceptEncoderConfig, model: DiffusionModel | None = None,
                  encoder_config: EncoderConfig = EncoderConfig()):
