@@ -147,9 +147,10 @@ def same_up_to_rounding(actual: Tensor, expected: Tensor, relative: float = 1e-4
 def hand_drawn_object(shape: str, rgb: tuple[int, int, int], background: tuple[int, int, int],
                       rng: random.Random) -> Image.Image:
     """One filled shape drawn with PIL's plain (aliased) primitives on a 64x64 plain background, with
-    geometry of its own rather than the world renderer's: a random size (radius 10.5-14.5 px, the world's large object 12.5), centre
-    offset (up to 3 px), rotation (up to 20 degrees), per-vertex jitter (1.5 px) and a shade of `rgb`
-    moved by up to 20 per channel. For measuring encoders on images the world renderer did not draw."""
+    geometry of its own rather than the world renderer's: a random size (radius 10.5-14.5 px; the
+    world's large objects have 12.5), centre offset (up to 3 px), rotation (up to 20 degrees),
+    per-vertex jitter (1.5 px) and a shade of `rgb` moved by up to 20 per channel. For measuring
+    encoders on images the world renderer did not draw."""
     import math
 
     image = Image.new("RGB", (64, 64), background)

@@ -54,6 +54,11 @@ class EncoderConfig:
     def levels(self) -> int:
         return 1 + len(self.feature_layers)
 
+    @classmethod
+    def from_dict(cls, settings: dict) -> "EncoderConfig":
+        """The config as saved (JSON or a checkpoint: feature_layers may be a list)."""
+        return cls(**{**settings, "feature_layers": tuple(settings["feature_layers"])})
+
 
 def identities() -> list[WorldObject]:
     """Every object identity (shape x colour x material/style), large and in the centre."""
@@ -138,8 +143,7 @@ def load_concept_encoder(path: str | Path | None = None) -> ConceptEncoder:
     if not path.is_file():
         raise SpdinvError(f"concept encoder not found: {path}")
     try:
-        settings = json.loads(config_path(path).read_text())["encoder"]
-        config = EncoderConfig(**{**settings, "feature_layers": tuple(settings["feature_layers"])})
+        config = EncoderConfig.from_dict(json.loads(config_path(path).read_text())["encoder"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SpdinvError(f"{config_path(path)} is not a concept encoder config ({type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''})") from None

@@ -10,6 +10,15 @@ placeholder becomes all the levels' words in a row; in a `w0_only` fraction of t
 alone, which is how the concept is used at generation (a deviation from ELITE, which only ever
 trains all words and generates with w0).
 
+Two further deviations, both on by default because ELITE's recipe alone gave an encoder that carried
+colour but not shape (docs/model-card.md, "Concept encoder"):
+- `teacher`: the noise prediction's target moves from the sampled noise to the frozen model's own
+  prediction under the same caption naming the object in words (distillation: the same expected
+  gradient, without the sampled noise's variance);
+- `attributes`: linear read-outs of shape, colour, material and style from the image encoder's last
+  features, trained with cross-entropy and dropped afterwards, stand in for the CLIP pretraining that
+  ELITE's image encoder brings and this one, trained from scratch, lacks.
+
 Seeded and resumable: every step draws from generators seeded by (seed, step), and a checkpoint
 (encoder, optimizer, losses) is written every `checkpoint_every` steps; a rerun continues from it.
 """
@@ -79,8 +88,7 @@ def encoder_from_checkpoint(path: str | Path) -> ConceptEncoder:
     """The encoder of a training checkpoint (`checkpoint.pt` in a train-concept-encoder folder), for
     measuring a run part-way."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    settings = payload["encoder_config"]
-    encoder = ConceptEncoder(EncoderConfig(**{**settings, "feature_layers": tuple(settings["feature_layers"])}))
+    encoder = ConceptEncoder(EncoderConfig.from_dict(payload["encoder_config"]))
     encoder.load_state_dict(payload["encoder"])
     return encoder.eval()
 
