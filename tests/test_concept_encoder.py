@@ -89,7 +89,7 @@ def test_training_is_seeded_and_a_resumed_run_ends_where_an_uninterrupted_one_do
 
 def test_the_teacher_target_moves_from_the_noise_to_the_models_prediction_under_the_objects_words(tiny, tmp_path):
     first = trainer(tiny, tmp_path / "a")
-    chosen, latents, prompts, worded, generator = first.batch(0)
+    chosen, poses, latents, prompts, worded, generator = first.batch(0)
     w0 = first.tokenizer.tokens[0]
     for prompt, words in zip(prompts, worded):  # the same caption, the object named in words instead of S
         assert (" S " in prompt) != (w0 in prompt)
@@ -259,3 +259,27 @@ def test_hand_drawn_objects_are_one_filled_shape_of_the_colour_on_the_background
     assert areas["star"] < areas["square"]
     with pytest.raises(ValueError, match="no drawing"):
         hand_drawn_object("cloud", red, gray, rng)
+
+
+def test_posed_concept_images_move_and_reshade_the_object_and_keep_the_plain_background():
+    import random
+
+    from spdinv.images import to_tensor
+    from spdinv.world.concept_training import IDENTITY_POSE, posed, random_pose
+
+    pixels = torch.cat([to_tensor(concept_image(o)) for o in identities()[:4]])
+    gray = BACKGROUNDS[CONCEPT_BACKGROUND]
+    # the identity pose resamples every pixel at its own centre: equal up to float rounding of the grid
+    assert torch.allclose(posed(pixels, torch.tensor([IDENTITY_POSE] * 4), gray), pixels, atol=1e-4)
+    rng = random.Random(0)
+    poses = torch.tensor([random_pose(rng) for _ in range(4)])
+    moved = posed(pixels, poses, gray)
+    plain = torch.tensor(gray).view(1, 3, 1, 1) / 127.5 - 1
+    assert torch.allclose(moved[..., :4, :4], plain.expand(4, 3, 4, 4), atol=1e-4)  # corners stay background
+    assert all((moved[i] - pixels[i]).abs().max() > 0.2 for i in range(4))
+    turned = posed(pixels[:1], torch.tensor([[90.0, 1, 0, 0, 0, 0, 0]]), gray)  # a quarter turn moves the rows
+    assert torch.allclose(turned[0], pixels[0].transpose(1, 2).flip(1), atol=0.05) or torch.allclose(
+        turned[0], pixels[0].transpose(1, 2).flip(2), atol=0.05)
+    shaded = posed(pixels[:1], torch.tensor([[0.0, 1, 0, 0, 0.1, 0, 0]]), gray)  # red channel up inside the object
+    inside = (pixels[0] - plain[0]).abs().amax(0) > 0.5
+    assert torch.allclose((shaded - pixels)[0, 0][inside], torch.tensor(0.1), atol=1e-3)

@@ -111,7 +111,7 @@ def check_concept_encoder_config(config) -> None:
     for name in ("word_l1", "attributes"):
         if not getattr(config, name) >= 0:
             raise SpdinvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    for name in ("w0_only", "teacher"):
+    for name in ("w0_only", "teacher", "augment"):
         if not 0 <= getattr(config, name) <= 1:
             raise SpdinvError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
     if not 0 <= config.seed <= MAX_SEED // 2_000_000:  # per-step seeds are seed * 1_000_003 + step

@@ -43,7 +43,7 @@ from ..images import to_tensor
 from ..model import DiffusionModel, load_model
 from ..outputs import atomic_file
 from .captions import Phrasing, caption
-from .concept_encoder import (HELD_OUT_PAIRS, ConceptEncoder, EncoderConfig, concept_image, identities, is_held_out,
+from .concept_encoder import (CONCEPT_BACKGROUND, HELD_OUT_PAIRS, ConceptEncoder, EncoderConfig, concept_image, identities, is_held_out,
                               save_concept_encoder)
 from .config import CONCEPT_ENCODER_SETTINGS_BEFORE, ConceptEncoderConfig
 from .render import render
@@ -82,6 +82,32 @@ def target_scene(rng: random.Random, obj: WorldObject) -> tuple[Scene, int]:
     index = rng.randrange(count)
     objects.insert(index, placed)
     return Scene(tuple(objects), background, kind), index
+
+
+def posed(pixels: Tensor, poses: Tensor, background: tuple[int, int, int]) -> Tensor:
+    """Concept images (B, 3, H, W) in [-1, 1] on a plain `background`, each moved by its pose row
+    (rotation in degrees, scale, shift x and y in pixels, then an RGB shift of the object's colour in
+    [-1, 1] units): the variety of a user's picture, which the fixed renders lack. The background stays
+    plain (the sampling grid repeats the border)."""
+    angle, scale = torch.deg2rad(poses[:, 0]), poses[:, 1]
+    side = pixels.shape[-1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift = -2 * poses[:, 2:4] / side  # output -> input coordinates, in grid units
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)
+    moved = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    plain = torch.tensor(background, dtype=pixels.dtype).view(1, 3, 1, 1) / 127.5 - 1
+    object_share = ((moved - plain).abs().amax(1, keepdim=True) * 8).clamp(0, 1)  # 1 inside, 0 on the background
+    return (moved + object_share * poses[:, 4:7].view(-1, 3, 1, 1).to(pixels)).clamp(-1, 1)
+
+
+def random_pose(rng: random.Random) -> list[float]:
+    """One pose for `posed`: rotation +-20 degrees, scale 0.85-1.15, shift +-3 px, colour +-20/255 per channel."""
+    return [rng.uniform(-20, 20), rng.uniform(0.85, 1.15), rng.uniform(-3, 3), rng.uniform(-3, 3),
+            *(rng.uniform(-20, 20) / 127.5 for _ in range(3))]
+
+
+IDENTITY_POSE = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def encoder_from_checkpoint(path: str | Path) -> ConceptEncoder:
@@ -152,9 +178,9 @@ class ConceptEncoderTrainer:
         return True
 
     # ---------------------------------------------------------------- one step
-    def batch(self, step: int) -> tuple[Tensor, Tensor, list[str], list[str], torch.Generator]:
-        """(the objects' indices, target latents, captions with S, the same captions naming the object in
-        words, the step's generator)."""
+    def batch(self, step: int) -> tuple[Tensor, Tensor, Tensor, list[str], list[str], torch.Generator]:
+        """(the objects' indices, their concept images' poses, target latents, captions with S, the same
+        captions naming the object in words, the step's generator)."""
         cfg = self.config
         rng = random.Random(cfg.seed * 1_000_003 + step)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -170,7 +196,8 @@ class ConceptEncoderTrainer:
             prompts.append(prompt)
             worded.append(caption(scene, phrasing))
         targets = torch.cat([to_tensor(render(s)) for s in scenes])
-        return torch.tensor(chosen), self.model.encode_image(targets), prompts, worded, generator
+        poses = torch.tensor([random_pose(rng) if rng.random() < cfg.augment else IDENTITY_POSE for _ in chosen])
+        return torch.tensor(chosen), poses, self.model.encode_image(targets), prompts, worded, generator
 
     @torch.no_grad()
     def target(self, noisy: Tensor, timesteps: list[int], noise: Tensor, worded: list[str]) -> Tensor:
@@ -184,8 +211,11 @@ class ConceptEncoderTrainer:
 
     def loss(self, step: int) -> tuple[torch.Tensor, float]:
         """(the step's loss, its diffusion part)."""
-        chosen, latents, prompts, worded, generator = self.batch(step)
-        features = self.encoder.features(self.concept_pixels[chosen].to(self.model.device))
+        chosen, poses, latents, prompts, worded, generator = self.batch(step)
+        pixels = self.concept_pixels[chosen]
+        if self.config.augment > 0:
+            pixels = posed(pixels, poses, BACKGROUNDS[CONCEPT_BACKGROUND])
+        features = self.encoder.features(pixels.to(self.model.device))
         words = self.encoder.mapper(features)
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.model.device)

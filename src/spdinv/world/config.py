@@ -45,10 +45,13 @@ class ConceptEncoderConfig:
     # image encoder's last features with a linear head used only in training; it stands in for the CLIP
     # pretraining ELITE's image encoder has and ours, trained from scratch, lacks
     attributes: float = 1.0
+    # Fraction of the concept images shown in a random pose (rotation, scale, shift, shade of the object's
+    # colour: concept_training.random_pose) rather than exactly as rendered
+    augment: float = 0.0
     checkpoint_every: int = 100
     threads: int = 1
 
 
 # The value of each setting added after the first concept-encoder runs that trains as those runs did
 # (a checkpoint without the setting resumes with it).
-CONCEPT_ENCODER_SETTINGS_BEFORE = {"teacher": 0.0, "attributes": 0.0}
+CONCEPT_ENCODER_SETTINGS_BEFORE = {"teacher": 0.0, "attributes": 0.0, "augment": 0.0}
