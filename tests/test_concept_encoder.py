@@ -283,3 +283,24 @@ def test_posed_concept_images_move_and_reshade_the_object_and_keep_the_plain_bac
     shaded = posed(pixels[:1], torch.tensor([[0.0, 1, 0, 0, 0.1, 0, 0]]), gray)  # red channel up inside the object
     inside = (pixels[0] - plain[0]).abs().amax(0) > 0.5
     assert torch.allclose((shaded - pixels)[0, 0][inside], torch.tensor(0.1), atol=1e-3)
+
+
+def test_a_plain_background_is_repainted_gray_for_the_encoder_and_anything_else_is_left_alone():
+    import random
+
+    from spdinv.testing import hand_drawn_object
+    from spdinv.world.concept_encoder import on_concept_background
+    from spdinv.world.render import render
+    from spdinv.world.scene import Scene
+
+    gray = BACKGROUNDS[CONCEPT_BACKGROUND]
+    drawn = hand_drawn_object("star", COLOURS["blue"], BACKGROUNDS["blue"], random.Random(0))  # blue on light blue
+    pixels, repainted = np.asarray(drawn), np.asarray(on_concept_background(drawn))
+    background = (pixels == BACKGROUNDS["blue"]).all(axis=2)
+    assert (repainted[background] == gray).all() and (repainted[~background] == pixels[~background]).all()
+    on_gray = concept_image(identities()[0])
+    assert np.array_equal(np.asarray(on_concept_background(on_gray)), np.asarray(on_gray))
+    grid = render(Scene((identities()[0],), background="blue", background_kind="grid"))  # not plain: untouched
+    assert np.array_equal(np.asarray(on_concept_background(grid)), np.asarray(grid))
+    encoder = ConceptEncoder(SMALL)  # encode() reads the repainted image
+    assert torch.equal(encoder.encode(drawn).vectors, encoder.encode(on_concept_background(drawn)).vectors)

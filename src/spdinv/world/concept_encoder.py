@@ -27,7 +27,7 @@ from ..concepts import Concept, check_word
 from ..elite import GlobalMapper, load_strictly, vision_features
 from ..errors import SpdinvError
 from .render import render
-from .scene import COLOURS, MATERIALS, SHAPES, Scene, WorldObject
+from .scene import BACKGROUNDS, COLOURS, MATERIALS, SHAPES, Scene, WorldObject
 
 ENCODER_PATH = Path(__file__).resolve().parent.parent / "assets" / "concept-encoder.safetensors"
 CONCEPT_BACKGROUND = "gray"
@@ -71,6 +71,29 @@ def is_held_out(obj: WorldObject) -> bool:
     return (obj.shape, obj.colour) in HELD_OUT_PAIRS
 
 
+def on_concept_background(image: Image.Image, tolerance: int = 30, border: int = 2,
+                          plain_spread: float = 12.0) -> Image.Image:
+    """The image with a plain background repainted in the concept background's gray: when the outer
+    `border` pixels are plain (per-channel standard deviation at most `plain_spread`), every pixel within
+    `tolerance` (per channel) of their median colour becomes gray. Any other image (and one already on
+    gray) comes back unchanged.
+    The encoder was trained on objects on gray only; it reads another plain background's colour into
+    the concept."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB")).astype(np.int16)
+    ring = np.concatenate([pixels[:border].reshape(-1, 3), pixels[-border:].reshape(-1, 3),
+                           pixels[:, :border].reshape(-1, 3), pixels[:, -border:].reshape(-1, 3)])
+    if ring.std(axis=0).max() > plain_spread:
+        return image
+    background = np.median(ring, axis=0)
+    if np.abs(background - BACKGROUNDS[CONCEPT_BACKGROUND]).max() <= 2:  # already the concept background
+        return image
+    near = (np.abs(pixels - background) <= tolerance).all(axis=2)
+    pixels[near] = BACKGROUNDS[CONCEPT_BACKGROUND]
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
 def concept_image(obj: WorldObject) -> Image.Image:
     """The object as a concept image: alone, large, in the centre, on plain gray."""
     alone = WorldObject(obj.shape, obj.colour, "centre", "large", obj.material, obj.style)
@@ -107,11 +130,12 @@ class ConceptEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, image: Image.Image, word: str = "S") -> Concept:
-        """One image (any size: centre-cropped and resized to 64x64) -> the concept w0 stands for."""
+        """One image (any size: centre-cropped and resized to 64x64; a plain background repainted gray,
+        `on_concept_background`) -> the concept w0 stands for."""
         from ..images import conform_image, to_tensor
 
         check_word(word)
-        pixels = to_tensor(conform_image(image, IMAGE_SIZE)[0])
+        pixels = to_tensor(on_concept_background(conform_image(image, IMAGE_SIZE)[0]))
         device = next(self.parameters()).device
         return Concept(word, self(pixels.to(device))[0, :1].float().cpu())
 
