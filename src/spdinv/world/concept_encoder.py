@@ -8,7 +8,8 @@ then the outputs of `feature_layers`), and per depth an MLP maps the CLS token a
 patch tokens (averaged): one 128-wide word per depth. The deepest, w0, is the concept's vector.
 
 Convention for the concept image (`concept_image`): the object alone, large, in the centre, on a
-plain gray background (no object colour is gray), as `spdinv.world.render` draws it. The concept
+plain gray background (no object colour is gray), as `spdinv.world.render` draws it; `encode`
+repaints another plain background gray first (`on_concept_background`). The concept
 word stands for the object's identity (shape, colour, material, style); size, position and
 background stay words in the prompt: "a large S in the centre on a blue background".
 """
@@ -19,6 +20,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -79,8 +81,6 @@ def on_concept_background(image: Image.Image, tolerance: int = 30, border: int =
     gray) comes back unchanged.
     The encoder was trained on objects on gray only; it reads another plain background's colour into
     the concept."""
-    import numpy as np
-
     pixels = np.asarray(image.convert("RGB")).astype(np.int16)
     ring = np.concatenate([pixels[:border].reshape(-1, 3), pixels[-border:].reshape(-1, 3),
                            pixels[:, :border].reshape(-1, 3), pixels[:, -border:].reshape(-1, 3)])
