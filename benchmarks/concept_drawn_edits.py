@@ -82,9 +82,10 @@ def main() -> None:
         source = f"a large {WORD} in the centre on a {source_bg} background"
         target = f"a large {WORD} in the centre on a {target_bg} background"
         words = f"{obj.colour} {obj.shape}"
+        from_gray = encoder.encode(on_gray, WORD)
         cases = {
-            "encoder S (gray drawing), SPDInv anderson + P2P": (encoder.encode(on_gray, WORD), "spdinv", source, target),
-            "encoder S (gray drawing), DDIM + P2P": (encoder.encode(on_gray, WORD), "ddim", source, target),
+            "encoder S (gray drawing), SPDInv anderson + P2P": (from_gray, "spdinv", source, target),
+            "encoder S (gray drawing), DDIM + P2P": (from_gray, "ddim", source, target),
             "encoder S (the edited image), SPDInv anderson + P2P": (encoder.encode(image, WORD), "spdinv", source,
                                                                     target),
             "object's words, SPDInv anderson + P2P": (None, "spdinv", source.replace(WORD, words),

@@ -3,6 +3,7 @@ diffusers' own fast tests build theirs. For tests and quick experiments."""
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from contextlib import contextmanager
@@ -151,8 +152,6 @@ def hand_drawn_object(shape: str, rgb: tuple[int, int, int], background: tuple[i
     world's large objects have 12.5), centre offset (up to 3 px), rotation (up to 20 degrees),
     per-vertex jitter (1.5 px) and a shade of `rgb` moved by up to 20 per channel. For measuring
     encoders on images the world renderer did not draw."""
-    import math
-
     image = Image.new("RGB", (64, 64), background)
     cx, cy = 32 + rng.uniform(-3, 3), 32 + rng.uniform(-3, 3)
     r, turn = rng.uniform(10.5, 14.5), math.radians(rng.uniform(-20, 20))

@@ -43,8 +43,8 @@ from ..images import to_tensor
 from ..model import DiffusionModel, load_model
 from ..outputs import atomic_file
 from .captions import Phrasing, caption
-from .concept_encoder import (CONCEPT_BACKGROUND, HELD_OUT_PAIRS, ConceptEncoder, EncoderConfig, concept_image, identities, is_held_out,
-                              save_concept_encoder)
+from .concept_encoder import (CONCEPT_BACKGROUND, HELD_OUT_PAIRS, ConceptEncoder, EncoderConfig, concept_image,
+                              identities, is_held_out, save_concept_encoder)
 from .config import CONCEPT_ENCODER_SETTINGS_BEFORE, ConceptEncoderConfig
 from .render import render
 from .scene import (BACKGROUND_KINDS, BACKGROUNDS, COLOURS, MATERIALS, POSITIONS, SHAPES, SIDE_POSITIONS, SIZES, STYLES,
@@ -139,8 +139,8 @@ class ConceptEncoderTrainer:
         self.labels = {name: torch.tensor([values.index(getattr(o, name)) for o in self.objects])
                        for name, values in ATTRIBUTE_VALUES.items()}
         self.head = AttributeHead(encoder_config.width)
-        self.optimizer = torch.optim.AdamW([*self.encoder.parameters(), *self.head.parameters()],
-                                           lr=config.learning_rate, weight_decay=0.01)
+        self.trained = [*self.encoder.parameters(), *self.head.parameters()]
+        self.optimizer = torch.optim.AdamW(self.trained, lr=config.learning_rate, weight_decay=0.01)
         self.step = 0
         self.losses: list[float] = []
 
@@ -248,7 +248,7 @@ class ConceptEncoderTrainer:
             loss, diffusion = self.loss(self.step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([*self.encoder.parameters(), *self.head.parameters()], 1.0)
+            torch.nn.utils.clip_grad_norm_(self.trained, 1.0)
             self.optimizer.step()
             schedule.step()
             self.step += 1
