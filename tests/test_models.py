@@ -163,7 +163,7 @@ def test_unsupported_families_are_refused_in_one_line(tmp_path, red_circle, caps
 @pytest.fixture(scope="module")
 def single_file(tmp_path_factory):
     """The tiny pipeline as a diffusers folder and as one original-layout .safetensors checkpoint."""
-    from spdinv.original_layout import save_original_checkpoint
+    from original_layout import save_original_checkpoint
 
     root = tmp_path_factory.mktemp("single-file")
     pipe = tiny_pipeline()

@@ -3,7 +3,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from spdinv.schedule import DDIMSchedule, ddim_inverse_step, ddim_step, inversion_coefficients
-from spdinv.world.train import sd_ddim_scheduler
+from spdinv.schedule import sd_ddim_scheduler
 
 
 @pytest.fixture(params=[1, 0], ids=["steps_offset=1", "steps_offset=0"])

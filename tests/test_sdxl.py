@@ -159,7 +159,7 @@ def test_sdxl_single_file_checkpoint(tmp_path):
     loads with --config to the same weights, and is refused with an SD folder as --config."""
     from spdinv.errors import SpdinvError
     from spdinv.model import load_model
-    from spdinv.original_layout import save_original_checkpoint
+    from original_layout import save_original_checkpoint
     from spdinv.testing import tiny_pipeline
 
     pipe = tiny_xl_pipeline()

@@ -50,6 +50,17 @@ class DDIMSettings:
     set_alpha_to_one: bool = False
 
 
+# Stable Diffusion's training noise schedule (the CompVis / diffusers configs of SD 1.x and 2.x).
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def sd_ddim_scheduler():
+    """Stable Diffusion's DDIM scheduler config: SD's betas with SD's DDIM settings."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
 # The keys of a diffusers scheduler config that define the training noise schedule (the betas).
 TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                  "rescale_betas_zero_snr")

@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .model import DiffusionModel, from_pipeline
 from .world.tokenizer import build_tokenizer
-from .world.train import sd_ddim_scheduler
+from .schedule import sd_ddim_scheduler
 
 
 def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:

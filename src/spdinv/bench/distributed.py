@@ -76,10 +76,3 @@ class ProcessGroup:
         dist.gather_object(value, gathered, dst=0)
         return gathered
 
-    def broadcast(self, value: T) -> T:
-        """Rank 0's value on every rank."""
-        if not self.shard.distributed:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]

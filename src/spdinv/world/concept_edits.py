@@ -71,11 +71,6 @@ class ConceptPair:
         return concept_caption(self.target, self.phrasing, self.word)
 
     @property
-    def plain_target_prompt(self) -> str:
-        """The target caption with the concept's own words (no placeholder)."""
-        return caption(self.target, self.phrasing)
-
-    @property
     def blend_words(self) -> str:
         """P2P LocalBlend words: the background for background edits, the placeholder where the
         concept itself moves or grows, none where an object is added (as the world's edit pairs)."""

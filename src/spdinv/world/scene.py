@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "hexagon")
 COLOURS = {
@@ -66,7 +66,6 @@ class Scene:
     objects: tuple[WorldObject, ...]
     background: str = "white"
     background_kind: str = "plain"
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         _check("background", self.background, BACKGROUNDS)

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import SpdinvError
 from ..images import arrays_to_tensor
 from ..outputs import atomic_file, staged_output
+from ..schedule import SD_BETAS, sd_ddim_scheduler
 from .captions import Phrasing, caption
 from .config import TrainConfig
 from .render import render_array
@@ -33,7 +34,6 @@ from .tokenizer import build_tokenizer, save_tokenizer
 
 log = logging.getLogger("spdinv.world.train")
 
-SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
 def build_vae() -> AutoencoderKL:
@@ -60,10 +60,6 @@ def build_unet() -> UNet2DConditionModel:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
     )
-
-
-def sd_ddim_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def resumed_schedule(optimizer: torch.optim.Optimizer, factor, step: int) -> torch.optim.lr_scheduler.LambdaLR:
