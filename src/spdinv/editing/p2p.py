@@ -2,9 +2,11 @@
 injection with Reweight, self-attention injection at coarse resolutions, LocalBlend, and the
 optional ProxEdit proximal guidance (Han et al., 2023) that the official SPDInv P2P code applies.
 
-Like the official controllers, only the conditional half of the batch is edited, the target row
-takes the source row's maps, and LocalBlend reads the *unedited* cross-attention maps summed over
-the steps so far. Resolutions are relative to the latent, except LocalBlend's default: it reads
+Like the official controllers (google/prompt-to-prompt's and SPDInv's `AttentionStore` /
+`AttentionControlEdit`), only the conditional half of the batch is edited, the target row takes the
+source row's maps, and LocalBlend reads the cross-attention maps *as edited* (the target row refined
+and reweighted while cross-replacement lasts, its own maps after), summed over the steps so far:
+the official store keeps a view of each map, which the edit then overwrites in place. Resolutions are relative to the latent, except LocalBlend's default: it reads
 the maps with BLEND_SIDE tokens a side (SD's 16x16 maps of its 64x64 latent, the finest maps of the
 embedded model's 16x16 latent), since a mask needs that many cells to follow an object.
 """
@@ -266,9 +268,13 @@ class P2PEditor(Editor):
 
     def edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
         """probs (2, heads, Nq, Nk): the conditional source and target maps; the target's are replaced."""
+        edited = self._edit_probs(layer, probs)
+        if layer.name in self.blend_names:
+            self._store_blend_map(layer.name, probs)
+        return edited
+
+    def _edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
         i = self.step_index
-        if layer.name in self.blend_names:  # LocalBlend reads the unedited maps, summed over steps
-            self.maps[layer.name] = self.maps[layer.name] + probs.float() if layer.name in self.maps else probs.float()
         if layer.cross and i < self.cross_steps:
             source, own = probs[SOURCE], probs[TARGET]
             alphas = self.alphas.to(probs.dtype)
@@ -279,6 +285,13 @@ class P2PEditor(Editor):
             probs[TARGET] = probs[SOURCE]
             return True
         return False
+
+    def _store_blend_map(self, name: str, probs: Tensor) -> None:
+        """Add this step's maps, as edited (the target row refined and reweighted while cross_replace
+        lasts), to LocalBlend's sum, in float32 and always as a copy: the official AttentionStore keeps
+        a view of the map the edit then writes in place, so it sums the edited maps at every step."""
+        copy = probs.to(torch.float32, copy=True)
+        self.maps[name] = self.maps[name] + copy if name in self.maps else copy
 
     @property
     def blends(self) -> bool:
