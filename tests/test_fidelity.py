@@ -9,6 +9,7 @@ from PIL import Image
 from spdinv.editing import run_editor
 from spdinv.editing.p2p import P2PEditor, P2POptions
 from spdinv.inversion import invert
+from spdinv.testing import same_up_to_rounding
 
 SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"
@@ -70,3 +71,39 @@ def test_local_blend_stores_the_same_maps_in_float16_as_in_float32(tiny, ddim):
     for name, maps in stored[torch.float32].items():
         assert stored[torch.float16][name].dtype == torch.float32
         assert torch.allclose(stored[torch.float16][name], maps, atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------- stop rules
+
+
+@pytest.mark.parametrize("rule, updates", [("measured", 0), ("official", 1)])
+def test_spdinv_stop_rules_where_the_ddim_guess_already_meets_delta(tiny, image, ddim, rule, updates):
+    """delta 1e3 is met by every DDIM guess: the measured rule keeps the guess (0 updates, the DDIM
+    trajectory); the official one (P2P/SPDInv.py's SPD_loop) always takes one AdamW step first."""
+    inv = invert(tiny, image, SOURCE, "spdinv", STEPS, progress=False, solver="gradient", delta=1e3, stop_rule=rule)
+    assert [s.iterations for s in inv.steps] == [updates] * STEPS
+    assert [s.gradient_calls for s in inv.steps] == [updates] * STEPS
+    if rule == "measured":  # the guesses, up to the batch-shape rounding conftest injects
+        assert same_up_to_rounding(inv.trajectory, ddim.trajectory)
+    else:  # one AdamW step of lr 1e-3 moves (almost) every element by about 1e-3
+        assert (inv.trajectory[1:] - ddim.trajectory[1:]).abs().amax() > 5e-4
+
+
+def test_spdinv_official_stop_rule_runs_k_updates_when_delta_is_never_met(tiny, image):
+    inv = invert(tiny, image, SOURCE, "spdinv", 3, progress=False, solver="gradient", K=4, delta=1e-30,
+                 stop_rule="official")
+    assert [s.iterations for s in inv.steps] == [4, 4, 4]
+    assert all(s.residual_after == s.residual_after for s in inv.steps)  # measured afterwards (diagnose)
+
+
+@pytest.mark.parametrize("rule, updates", [("measured", 0), ("official", 1)])
+def test_null_text_stop_rules_where_the_first_loss_already_meets_the_threshold(tiny, image, rule, updates):
+    inv = invert(tiny, image, SOURCE, "null_text", STEPS, progress=False, early_stop=1e3, stop_rule=rule)
+    assert [s.iterations for s in inv.steps] == [updates] * STEPS
+
+
+def test_official_stop_rule_needs_a_descent_solver(tiny, image):
+    from spdinv.errors import SpdinvError
+
+    with pytest.raises(SpdinvError, match="stop_rule official is the gradient loop's"):
+        invert(tiny, image, SOURCE, "spdinv", 3, progress=False, solver="anderson", stop_rule="official")
