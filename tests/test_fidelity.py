@@ -107,3 +107,19 @@ def test_official_stop_rule_needs_a_descent_solver(tiny, image):
 
     with pytest.raises(SpdinvError, match="stop_rule official is the gradient loop's"):
         invert(tiny, image, SOURCE, "spdinv", 3, progress=False, solver="anderson", stop_rule="official")
+
+
+# ---------------------------------------------------------------- ProxEdit's pull-back
+
+
+@pytest.mark.parametrize("pull", ["target", "both"])
+def test_prox_pull_both_puts_the_source_row_back_on_the_trajectory(tiny, ddim, pull):
+    """Under uncond = source the source row's guidance difference is 0, so its 'keep' mask is all
+    ones: with prox_pull 'both' (the official code) the source branch is replaced by the inverted
+    latent at every step below prox_timestep; with 'target' it stays the reconstruction."""
+    from spdinv.editing import edit
+
+    result = edit(tiny, None, SOURCE, TARGET, ddim, "p2p", uncond="source", prox=True, prox_timestep=1000,
+                  prox_pull=pull)
+    on_trajectory = torch.allclose(result.latents[1:, 0], ddim.trajectory.flip(0)[1:].to(result.latents), atol=1e-6)
+    assert on_trajectory == (pull == "both")
