@@ -123,3 +123,96 @@ def test_prox_pull_both_puts_the_source_row_back_on_the_trajectory(tiny, ddim, p
                   prox_pull=pull)
     on_trajectory = torch.allclose(result.latents[1:, 0], ddim.trajectory.flip(0)[1:].to(result.latents), atol=1e-6)
     assert on_trajectory == (pull == "both")
+
+
+# ---------------------------------------------------------------- presets
+
+
+def test_spdinv_official_preset_is_its_explicit_options_and_explicit_options_override_it(tiny, image):
+    from spdinv.editing import edit
+    from spdinv.presets import PRESETS
+
+    preset = PRESETS["spdinv-official"]
+    fast = dict(K=2, num_steps=3, blend="red blue")
+    by_name = edit(tiny, image, SOURCE, TARGET, "spdinv", "p2p", preset="spdinv-official", **fast)
+    spelled = edit(tiny, image, SOURCE, TARGET, "spdinv", "p2p", **{**preset.inversion["spdinv"],
+                                                                     **preset.engines["p2p"], **fast})
+    assert torch.equal(by_name.latents, spelled.latents)
+    assert by_name.inversion.settings["solver"] == "gradient" and by_name.inversion.settings["stop_rule"] == "official"
+    assert by_name.inversion.settings["K"] == 2  # explicit beats the preset's 25
+    assert (by_name.options["prox_pull"], by_name.options["blend_norm"], by_name.sampler["uncond"]) == (
+        "both", "max", "source")
+    overridden = edit(tiny, None, SOURCE, TARGET, by_name.inversion, "p2p", preset="spdinv-official",
+                      cross_replace=0.5, uncond="empty", num_steps=3, blend="red blue")
+    assert overridden.options["cross_replace"] == 0.5 and overridden.sampler["uncond"] == "empty"
+    assert overridden.options["prox_pull"] == "both"
+
+
+def test_invert_takes_a_preset(tiny, image):
+    inv = invert(tiny, image, SOURCE, "spdinv", 2, progress=False, preset="spdinv-official", K=2)
+    assert (inv.settings["solver"], inv.settings["stop_rule"], inv.settings["K"]) == ("gradient", "official", 2)
+    assert all(1 <= s.iterations <= 2 for s in inv.steps)  # the official rule: at least one update
+    nti = invert(tiny, image, SOURCE, "null_text", 2, progress=False, preset="pnpinv", inner_steps=1)
+    assert nti.settings["stop_rule"] == "official" and nti.settings["inner_steps"] == 1
+
+
+def test_pnpinv_masactrl_inverts_and_samples_the_source_under_the_empty_prompt(tiny, image):
+    from spdinv.editing import edit
+
+    result = edit(tiny, image, SOURCE, TARGET, "ddim", "masactrl", preset="pnpinv", num_steps=3)
+    assert torch.equal(result.inversion.prompt_embedding.to(tiny.device), tiny.encode_prompt(""))
+    expected = invert(tiny, image, "", "ddim", 3, progress=False, allow_empty_prompt=True)
+    assert same_up_to_rounding(result.inversion.trajectory, expected.trajectory)
+    assert result.options["start_step"] == 0.08 and result.sampler["guidance_scale"] == 7.5
+
+
+def test_an_empty_prompt_stays_an_error_without_a_protocol_that_uses_it(tiny, image):
+    from spdinv.editing import edit
+    from spdinv.errors import SpdinvError
+
+    with pytest.raises(SpdinvError, match="the source prompt is empty"):
+        edit(tiny, image, "", TARGET, "ddim", "masactrl", num_steps=2)
+    with pytest.raises(SpdinvError, match="the target prompt is empty"):
+        edit(tiny, image, SOURCE, " ", "ddim", "masactrl", preset="pnpinv", num_steps=2)
+    with pytest.raises(SpdinvError, match="the prompt is empty"):
+        invert(tiny, image, "", "ddim", 2, progress=False)
+
+
+def test_a_preset_without_a_script_for_the_engine_is_an_error(tiny, image):
+    from spdinv.editing import edit
+    from spdinv.errors import SpdinvError
+
+    with pytest.raises(SpdinvError, match="preset 'spdinv-official' has no settings for engine 'pnp'"):
+        edit(tiny, image, SOURCE, TARGET, "ddim", "pnp", preset="spdinv-official", num_steps=2)
+    with pytest.raises(SpdinvError, match="unknown preset 'nope'; valid: spdinv-official, pnpinv"):
+        edit(tiny, image, SOURCE, TARGET, "ddim", "p2p", preset="nope", num_steps=2)
+
+
+# ---------------------------------------------------------------- PnP's prompts
+
+
+def test_negative_prompt_and_pnps_empty_source_branch(tiny, ddim):
+    """The target's unconditional row is the negative prompt, the source's stays `uncond`'s; PnP's
+    source branch can run under the empty prompt (PnPInversion's script)."""
+    from spdinv.editing.sampler import SamplerOptions, edit_branches
+
+    options = SamplerOptions(negative_prompt="ugly, blurry")
+    source, target = edit_branches(tiny, ddim, TARGET, options, pin_source=True, empty_source=True)
+    assert torch.equal(target.uncond, tiny.encode_prompt("ugly, blurry"))
+    assert torch.equal(source.uncond, tiny.encode_prompt(""))
+    assert torch.equal(source.embedding, tiny.encode_prompt(""))
+    plain_source, plain_target = edit_branches(tiny, ddim, TARGET, SamplerOptions())
+    assert torch.equal(plain_target.uncond, plain_source.uncond)
+    assert torch.equal(plain_source.embedding, ddim.prompt_embedding.to(tiny.device))
+
+
+def test_pnpinv_pnp_sets_both_prompts_as_the_official_script(tiny, ddim):
+    from spdinv.editing import edit
+    from spdinv.presets import PNP_NEGATIVE_PROMPT
+
+    official = edit(tiny, None, SOURCE, TARGET, ddim, "pnp", preset="pnpinv")
+    assert official.sampler["negative_prompt"] == PNP_NEGATIVE_PROMPT == "ugly, blurry, black, low res, unrealistic"
+    assert official.options["source_branch_prompt"] == "empty"
+    ours = edit(tiny, None, SOURCE, TARGET, ddim, "pnp")
+    assert not torch.allclose(official.latents[-1, 1], ours.latents[-1, 1], atol=1e-4)
+    assert torch.equal(official.latents[:, 0], ours.latents[:, 0])  # the source is pinned to the trajectory either way
