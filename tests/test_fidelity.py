@@ -216,3 +216,46 @@ def test_pnpinv_pnp_sets_both_prompts_as_the_official_script(tiny, ddim):
     ours = edit(tiny, None, SOURCE, TARGET, ddim, "pnp")
     assert not torch.allclose(official.latents[-1, 1], ours.latents[-1, 1], atol=1e-4)
     assert torch.equal(official.latents[:, 0], ours.latents[:, 0])  # the source is pinned to the trajectory either way
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def cli_edit(image, out, model, *extra):
+    return ["edit", str(image), "--source", SOURCE, "--target", TARGET, "--model", str(model), "--steps", "2",
+            "--out", str(out), "--no-cache", "--quiet", *extra]
+
+
+def test_cli_preset_with_explicit_flags_over_it(tmp_path, tiny_dir, red_circle, capsys):
+    import json
+
+    from spdinv.cli import main
+
+    out = tmp_path / "official"
+    assert main(cli_edit(red_circle, out, tiny_dir, "--preset", "spdinv-official", "--blend", "red blue", "--K", "2",
+                         "--cross-replace", "0.5")) == 0
+    run = json.loads((out / "config.json").read_text())["runs"][0]
+    assert run["engine_options"]["cross_replace"] == 0.5 and run["engine_options"]["prox_pull"] == "both"
+    assert run["sampler"]["uncond"] == "source"
+    assert (run["inversion_settings"]["solver"], run["inversion_settings"]["stop_rule"]) == ("gradient", "official")
+    out = tmp_path / "pnpinv"
+    assert main(cli_edit(red_circle, out, tiny_dir, "--inversion", "ddim", "--engine", "all", "--preset", "pnpinv",
+                         "--blend", "red blue", "--negative-prompt", "grey")) == 2
+    assert "preset 'pnpinv' has no settings for engine 'none'" in capsys.readouterr().err
+    assert main(cli_edit(red_circle, out, tiny_dir, "--inversion", "ddim", "--engine", "pnp", "--preset", "pnpinv",
+                         "--negative-prompt", "grey", "--stop-rule", "official")) == 2  # a flag ddim does not have
+    assert main(cli_edit(red_circle, out, tiny_dir, "--inversion", "ddim", "--engine", "pnp", "--preset", "pnpinv",
+                         "--negative-prompt", "grey")) == 0
+    run = json.loads((out / "config.json").read_text())["runs"][0]
+    assert run["sampler"]["negative_prompt"] == "grey" and run["engine_options"]["source_branch_prompt"] == "empty"
+
+
+def test_edit_help_lists_what_each_preset_sets(capsys):
+    from spdinv.cli import main
+
+    assert main(["edit", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("--preset {spdinv-official,pnpinv}", "stop_rule=official", "prox_pull=both",
+                     "negative_prompt=ugly, blurry, black, low res, unrealistic", "masactrl: start_step=0.08",
+                     "--stop-rule", "--negative-prompt", "--prox-pull", "--source-branch-prompt"):
+        assert fragment in text, fragment
