@@ -259,3 +259,28 @@ def test_edit_help_lists_what_each_preset_sets(capsys):
                      "negative_prompt=ugly, blurry, black, low res, unrealistic", "masactrl: start_step=0.08",
                      "--stop-rule", "--negative-prompt", "--prox-pull", "--source-branch-prompt"):
         assert fragment in text, fragment
+
+
+def test_demo_and_bench_take_a_preset(tiny, red_circle, tmp_path):
+    """The demo's options JSON names a preset (the session applies it, under the options given); the
+    benchmark's edit function passes BenchOptions.preset to edit()."""
+    from spdinv.bench.datasets import BenchItem
+    from spdinv.bench.runner import EditRequest as BenchRequest, SpdinvEdit
+    from spdinv.demo.session import DemoSession, EditRequest
+    from spdinv.editing import edit
+
+    session = DemoSession(tiny, cache=None, allowed=[red_circle.parent], workdir=tmp_path / "demo")
+    request = EditRequest(red_circle, SOURCE, TARGET, ["ddim"], ["p2p"], blend="red blue", steps=2,
+                          options={"cross_replace": 0.5}, preset="spdinv-official")
+    result = session.edit(request)
+    import json
+
+    run = json.loads((result.folder / "config.json").read_text())["runs"][0]
+    assert run["engine_options"]["prox_pull"] == "both" and run["engine_options"]["cross_replace"] == 0.5
+    assert run["sampler"]["uncond"] == "source"
+    item = BenchItem("0", red_circle, SOURCE, TARGET, TARGET, ("blue",), "", "0", "red", "blue", ())
+    image = Image.open(red_circle).convert("RGB").resize((32, 32))
+    outcome = SpdinvEdit()(BenchRequest(tiny, image, item, "ddim", "pnp", 2, 0, {}, {}, False, "pnpinv"))
+    assert outcome.edited.size == (32, 32)
+    official = edit(tiny, image, SOURCE, TARGET, "ddim", "pnp", num_steps=2, preset="pnpinv")
+    assert outcome.edited.tobytes() == official.pil()[0].tobytes()
