@@ -284,3 +284,40 @@ def test_demo_and_bench_take_a_preset(tiny, red_circle, tmp_path):
     assert outcome.edited.size == (32, 32)
     official = edit(tiny, image, SOURCE, TARGET, "ddim", "pnp", num_steps=2, preset="pnpinv")
     assert outcome.edited.tobytes() == official.pil()[0].tobytes()
+
+
+def test_pnp_injects_where_pnpinversions_script_does_on_an_sd15_layout_unet():
+    """run_editing_pnp.py: Q/K in up_blocks.1.attentions.{1,2} and up_blocks.{2,3}.attentions.{0,1,2}
+    for the first 25 of 50 steps, up_blocks.1.resnets.1's residual features for the first 40, into
+    every target row (unconditional and conditional) from the source row."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from spdinv.editing.pnp import PnPEditor, PnPOptions
+    from spdinv.sampling import BatchRows
+
+    unet = UNet2DConditionModel(  # SD 1.5's block layout at tiny widths
+        sample_size=64, block_out_channels=(16, 16, 32, 32), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=8)
+    model = SimpleNamespace(unet=unet, device=torch.device("cpu"))
+    inversion = SimpleNamespace(schedule=SimpleNamespace(num_steps=50), trajectory=torch.zeros(51, 4, 64, 64),
+                                z_T=torch.zeros(1, 4, 64, 64))
+    editor = PnPEditor(PnPOptions())
+    editor.prepare(model, inversion)
+    expected = [f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1"
+                for b, a in [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)]]
+    assert [layer.name for layer in editor.qk_layers] == expected
+    assert [module for module, _ in editor.feature_hooks(unet)] == [unet.up_blocks[1].resnets[1].conv2]
+    editor.rows = BatchRows.of([1], 2)  # [target uncond, source cond, target cond]
+    q = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 4, 8)
+    for step, injected in [(0, True), (24, True), (25, False)]:
+        editor.step_index = step
+        out, _, _ = editor.edit_qkv(editor.qk_layers[0], q, q, q)
+        assert torch.equal(out[:, 0, 0, 0], torch.tensor([1.0, 1.0, 1.0] if injected else [0.0, 1.0, 2.0]))
+    features = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 4, 4)
+    for step, injected in [(39, True), (40, False)]:
+        editor.step_index = step
+        out = editor._inject_features(None, (), features)
+        assert (out is not None) == injected and (out is None or torch.equal(out[:, 0, 0, 0], torch.ones(3)))
