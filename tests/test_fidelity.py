@@ -292,15 +292,11 @@ def test_pnp_injects_where_pnpinversions_script_does_on_an_sd15_layout_unet():
     every target row (unconditional and conditional) from the source row."""
     from types import SimpleNamespace
 
-    from diffusers import UNet2DConditionModel
-
     from spdinv.editing.pnp import PnPEditor, PnPOptions
     from spdinv.sampling import BatchRows
+    from spdinv.testing import sd15_layout_unet
 
-    unet = UNet2DConditionModel(  # SD 1.5's block layout at tiny widths
-        sample_size=64, block_out_channels=(16, 16, 32, 32), layers_per_block=2, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=8)
+    unet = sd15_layout_unet()
     model = SimpleNamespace(unet=unet, device=torch.device("cpu"))
     inversion = SimpleNamespace(schedule=SimpleNamespace(num_steps=50), trajectory=torch.zeros(51, 4, 64, 64),
                                 z_T=torch.zeros(1, 4, 64, 64))
