@@ -140,9 +140,10 @@ def main() -> None:
 
     ours = invert(model, image, SOURCE, "spdinv", args.steps, progress=False, preset="spdinv-official")
     cond = model.encode_prompt(SOURCE)
-    timesteps = list(reversed(model.schedule(args.steps).timesteps))
-    trajectory, rounds = official_spd_loop(model, image_latent(model, image).float(), cond,
-                                           [int(t) for t in timesteps])
+    scheduler = type(model.scheduler).from_config(model.scheduler.config)
+    scheduler.set_timesteps(args.steps)  # diffusers' order (noisiest first); the official loop walks it backwards
+    timesteps = [int(scheduler.timesteps[len(scheduler.timesteps) - i - 1]) for i in range(args.steps)]
+    trajectory, rounds = official_spd_loop(model, image_latent(model, image).float(), cond, timesteps)
     report["official_port"] = {"z_T": difference(ours.z_T, trajectory[-1:]),
                                "trajectory_max_abs": float((ours.trajectory - trajectory).abs().max()),
                                "official_rounds": sum(rounds), "preset_iterations": sum(s.iterations for s in ours.steps),

@@ -317,3 +317,15 @@ def test_pnp_injects_where_pnpinversions_script_does_on_an_sd15_layout_unet():
         editor.step_index = step
         out = editor._inject_features(None, (), features)
         assert (out is not None) == injected and (out is None or torch.equal(out[:, 0, 0, 0], torch.ones(3)))
+
+
+def test_cli_invert_takes_a_preset(tmp_path, tiny_dir, red_circle):
+    import json
+
+    from spdinv.cli import main
+
+    out = tmp_path / "inv"
+    assert main(["invert", str(red_circle), "--prompt", SOURCE, "--model", str(tiny_dir), "--steps", "2", "--K", "2",
+                 "--preset", "spdinv-official", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["solver"], config["stop_rule"], config["K"]) == ("gradient", "official", 2)
