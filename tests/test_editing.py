@@ -292,15 +292,11 @@ def test_engines_pick_the_official_layers_on_an_sd_shaped_unet(tiny, inversions)
     """SD 1.x topology (narrow channels): 16 transformer blocks, latent 64, cross-attention at 64/32/16."""
     from types import SimpleNamespace
 
-    from diffusers import UNet2DConditionModel
-
     from spdinv.editing.masactrl import MasaCtrlEditor, MasaCtrlOptions
     from spdinv.editing.pnp import PnPEditor, PnPOptions
+    from spdinv.testing import sd15_layout_unet
 
-    unet = UNet2DConditionModel(
-        sample_size=64, block_out_channels=(16, 16, 32, 32), layers_per_block=2, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=8)
+    unet = sd15_layout_unet()
     model = SimpleNamespace(unet=unet, device=torch.device("cpu"))
     inversion = SimpleNamespace(schedule=SimpleNamespace(num_steps=50), trajectory=torch.zeros(51, 4, 64, 64),
                                 z_T=torch.zeros(1, 4, 64, 64))

@@ -23,7 +23,9 @@ def inversion_options(args: argparse.Namespace, method: str) -> dict:
     """Only the options given on the command line, checked against the method's options."""
     from .inversion import make_options
 
-    given = commands.inversion_options(args)
+    from .presets import inversion_settings
+
+    given = {**inversion_settings(getattr(args, "preset", None), method), **commands.inversion_options(args)}
     make_options(method, **given)
     return given
 
@@ -35,6 +37,8 @@ def _method_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .presets import PRESETS
+
     parser = Parser(prog="spdinv", description="Text-driven editing of real images with diffusion inversion (SPDInv and peers).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -43,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     invert.add_argument("--prompt", required=True, help="the source prompt describing the image")
     invert.add_argument("--method", default="spdinv", help=_method_help())
     commands.add_inversion_arguments(invert)
+    invert.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                        help="a published script's inversion settings (explicit flags override them; see spdinv edit "
+                             "--help)")
     commands.add_concept_arguments(invert)
     add_model_arguments(invert)
     invert.add_argument("--out", type=Path, default=Path("spdinv-out"), help="output folder (default ./spdinv-out)")

@@ -88,6 +88,17 @@ def tiny_model(seed: int = 0) -> DiffusionModel:
     return from_pipeline(tiny_pipeline(seed), name=f"tiny-{seed}")
 
 
+def sd15_layout_unet(seed: int = 0) -> UNet2DConditionModel:
+    """A random UNet with SD 1.x's block layout at tiny widths: 64x64 latent, three cross-attention
+    down blocks and up blocks of two (down) or three (up) transformer blocks each, 16 of each kind
+    of attention, cross-attention at 64, 32 and 16 tokens a side: the layers the official engines name."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=64, block_out_channels=(16, 16, 32, 32), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=4, norm_num_groups=8)
+
+
 @contextmanager
 def unet_batch_sizes(unet: torch.nn.Module) -> Iterator[list[int]]:
     """The batch size of every UNet call made inside the block, in order."""

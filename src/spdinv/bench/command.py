@@ -27,6 +27,7 @@ def _key_value(text: str) -> tuple[str, object]:
 def add_bench_parser(sub) -> None:
     from ..arguments import add_model_arguments, positive_int
     from ..commands import add_inversion_arguments
+    from ..editing.command import add_preset_argument
     from .lpips import BACKBONE_FILE
     from .metrics import DEFAULT_CLIP, DEFAULT_DINO, METRICS, STRUCTURE_RESIZES
     from .protocol import PROTOCOLS
@@ -62,6 +63,7 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--save-images", action="store_true",
                        help="also save every edit under OUT/images/, exactly as it was scored (the JPEG itself "
                             "under --protocol pie-bench, else a PNG)")
+    add_preset_argument(bench)
     add_inversion_arguments(bench)
     add_model_arguments(bench)
     bench.set_defaults(seed=1234, run=run_bench)
@@ -91,7 +93,7 @@ def bench_options(args: argparse.Namespace):
         evaluation=EvaluationModels(dino=_model_or_none(args.dino), clip=_model_or_none(args.clip),
                                     lpips_backbone=args.lpips_backbone, classifier=args.classifier),
         inversion_options=inversion_options(args),
-        engine_options=dict(args.engine_option), save_diagnostics=not args.no_diagnostics,
+        engine_options=dict(args.engine_option), preset=args.preset, save_diagnostics=not args.no_diagnostics,
         save_images=args.save_images, progress=not args.quiet, protocol=args.protocol,
         structure_resize=args.structure_resize,
     )

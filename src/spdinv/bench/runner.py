@@ -33,7 +33,7 @@ from .results import ERROR_COLUMN, Key, PartWriter, columns, finished_keys, form
 
 # settings a resumed run must share with the run that wrote the rows it keeps
 IDENTITY_SETTINGS = ("data", "model", "dtype", "steps", "seed", "metrics", "inversion_options", "engine_options",
-                     "protocol", "structure_resize")
+                     "protocol", "structure_resize", "preset")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class BenchOptions:
     evaluation: EvaluationModels = field(default_factory=EvaluationModels)
     inversion_options: dict = field(default_factory=dict)  # applied to the methods they fit
     engine_options: dict = field(default_factory=dict)
+    preset: str | None = None  # spdinv.presets: a published script's settings, under the options above
     save_diagnostics: bool = True
     save_images: bool = False
     progress: bool = True
@@ -91,6 +92,7 @@ class EditRequest:
     inversion_options: dict
     engine_options: dict
     diagnose: bool = True  # the inversion's residuals and reconstruction error are wanted
+    preset: str | None = None  # spdinv.presets, under the options
 
 
 @dataclass
@@ -139,7 +141,7 @@ class SpdinvEdit:
         memo = self.memos.setdefault(request.diagnose, LastInversion(diagnose=request.diagnose))
         result = edit(request.model, request.image, request.item.source_prompt, request.item.target_prompt,
                       inversion=request.inversion, engine=request.engine, num_steps=request.steps, seed=request.seed,
-                      cache=memo, **method_arguments(request.inversion, request.inversion_options),
+                      cache=memo, preset=request.preset, **method_arguments(request.inversion, request.inversion_options),
                       **engine_arguments(request.engine, request.engine_options, request.item))
         inversion = result.inversion
         require_finite(inversion.trajectory, f"the {request.inversion} inversion")
@@ -277,7 +279,7 @@ def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, option
         target = item.load_target()
         model_input, _ = conform_image(source, model.image_size)
         request = EditRequest(model, model_input, item, job.inversion, job.engine, options.steps, options.seed,
-                              options.inversion_options, options.engine_options, diagnose)
+                              options.inversion_options, options.engine_options, diagnose, options.preset)
         torch.manual_seed(options.seed)  # each job starts from the same state, whichever rank runs it
         started = time.perf_counter()
         outcome = edit_fn(request)
@@ -333,7 +335,7 @@ def _save_side_files(job: Job, scored: ScoredEdit, outcome: EditOutcome, options
 
 def check_names(options: BenchOptions) -> None:
     """Methods, engines, metrics and options, checked before anything runs (every rank alike)."""
-    from ..editing import check_pairs, split_options
+    from ..editing import check_pairs, preset_options
     from ..inversion import make_options
 
     check_pairs(options.inversions, options.engines, "give at least one --inversion and one --engine")
@@ -348,7 +350,7 @@ def check_names(options: BenchOptions) -> None:
         make_options(method, **method_arguments(method, options.inversion_options))
     for engine in options.engines:
         arguments = engine_arguments(engine, options.engine_options)
-        split_options(engine, None, arguments)
+        preset_options(options.preset, engine, arguments, None)  # the preset has this engine; values checked
 
 
 def run_settings(options: BenchOptions) -> dict:
@@ -361,6 +363,7 @@ def run_settings(options: BenchOptions) -> dict:
         "metrics": list(options.metrics),
         "inversion_options": options.inversion_options,
         "engine_options": options.engine_options,
+        "preset": options.preset,
         "protocol": options.protocol,
         "structure_resize": options.structure_resize,
         "evaluator": evaluator_variants(options.protocol),

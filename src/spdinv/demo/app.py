@@ -54,6 +54,7 @@ def _options_help() -> str:
     from ..editing import ENGINES
     from ..editing.sampler import SamplerOptions
     from ..inversion import METHODS
+    from ..presets import PRESETS
 
     def fields(cls) -> str:
         return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
@@ -62,6 +63,8 @@ def _options_help() -> str:
     lines = [f"- **{name}** (inversion): {fields(m.options)}" for name, m in METHODS.items()]
     lines += [f"- **{name}** (engine): {fields(e.options)}" for name, e in ENGINES.items()]
     lines.append(f"- **sampler**: {fields(SamplerOptions)}")
+    lines.append(f"- **preset**: {', '.join(PRESETS)}, e.g. {{\"preset\": \"spdinv-official\"}}: a published "
+                 "script's settings, under the options given (README, docs/fidelity.md)")
     return "\n".join(lines)
 
 
@@ -163,6 +166,7 @@ def build_app(session: DemoSession) -> gr.Blocks:
                                   engines=_choices(engine, compare_engines), blend=blend or "",
                                   steps=_number(steps, "steps", integer=True), guidance=_number(guidance, "guidance"),
                                   seed=_seed(seed), options=parse_options(options))
+            request.preset = request.options.pop("preset", None)
             result = session.edit(request, progress=True)
         except SpdinvError as error:
             raise gr.Error(str(error), print_exception=False) from None

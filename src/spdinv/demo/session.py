@@ -44,6 +44,7 @@ class EditRequest:
     guidance: float = 7.5
     seed: int = 0
     options: dict = field(default_factory=dict)
+    preset: str | None = None  # spdinv.presets: a published script's settings, under `options`
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,8 @@ class DemoSession:
 
     def edit(self, request: EditRequest, *, progress: bool = False) -> DemoResult:
         """Check everything, then run each inversion x engine through editing.edit() holding the lock."""
-        from ..editing import split_options
+        from ..editing import preset_options, split_fields
+        from ..presets import inversion_settings
 
         check_request(request)
         image, notices = read_upload(request.image, self.allowed, self.model.image_size)
@@ -188,7 +190,9 @@ class DemoSession:
                 options = dict(_applicable(request, method, engine), guidance_scale=request.guidance)
                 if engine == "p2p" and request.blend.strip():
                     options["blend"] = request.blend.strip()
-                engine_options, _, method_options = split_options(engine, method, options)
+                engine_fields, sampler_fields, method_fields = split_fields(engine, method, options)
+                engine_options, _ = preset_options(request.preset, engine, engine_fields, sampler_fields)
+                method_options = {**inversion_settings(request.preset, method), **method_fields}
                 pairs.append(Pair(method, engine, options, engine_options, method_options))
         self._check_words(request, pairs)
         start = time.perf_counter()
@@ -209,26 +213,30 @@ class DemoSession:
     def _check_words(self, request: EditRequest, pairs: list[Pair]) -> None:
         """Blend, reweight and replace words against the prompts, before any compute (as the CLI does)."""
         from ..editing import get_engine
+        from ..presets import empty_source
 
         for pair in pairs:
-            get_engine(pair.engine).editor(self.model, request.source.strip(), request.target.strip(),
-                                           pair.engine_options)
+            source = "" if empty_source(request.preset, pair.engine) else request.source.strip()
+            get_engine(pair.engine).editor(self.model, source, request.target.strip(), pair.engine_options)
 
     def _run_all(self, image: Image.Image, request: EditRequest, pairs: list[Pair], progress: bool,
                  folder: Path) -> list[DemoRun]:
         from ..editing import edit
+        from ..presets import empty_source
 
         runs, inverted, plots = [], {}, {}
         source_tensor = to_tensor(image)
         for pair in pairs:
-            given = inverted.get(pair.method)  # compare mode: one inversion per method, reused by each engine
+            own_source = empty_source(request.preset, pair.engine)  # the preset inverts under the empty prompt
+            given = None if own_source else inverted.get(pair.method)  # compare mode: one inversion per method
             options = pair.options if given is None else _without_method_options(pair.options, pair.method)
             result = edit(self.model, image, request.source, request.target, given or pair.method, pair.engine,
                           num_steps=request.steps, seed=request.seed, progress=progress, diagnose=True,
-                          cache=None if given else self.cache, **options)
+                          cache=None if given else self.cache, preset=request.preset, **options)
             require_finite(result.edited, f"the {pair.method} + {pair.engine} result")
             if given is None:
-                inverted[pair.method] = result.inversion
+                if not own_source:
+                    inverted[pair.method] = result.inversion
                 plots[pair.method] = self._plot(result.inversion, request.source,
                                                 folder / f"residuals-{pair.method}.png")
                 cached = {None: "not cached", True: "cache hit", False: "cache miss"}
@@ -254,15 +262,18 @@ class DemoSession:
     def _write(self, image: Image.Image, request: EditRequest, runs: list[DemoRun], pairs: list[Pair],
                timings: dict, out: Path) -> Path:
         """The folder `spdinv edit --out` writes (source, edit, reconstruction, mask, grid, config.json)."""
+        from ..editing import preset_options
         from ..editing.command import Run, write_outputs
-        from ..editing.sampler import SamplerOptions
 
         per_method = {pair.method: pair.method_options for pair in pairs}
         per_engine = {pair.engine: pair.engine_options for pair in pairs}
-        written = [Run(r.method, r.engine, r.edited, r.reconstruction, r.mask, r.psnr, r.cache,
-                       r.timings) for r in runs]
-        args = argparse.Namespace(out=out, image=Path(request.image).name, seed=request.seed, steps=request.steps)
-        sampler = SamplerOptions(**{k: v for k, v in pairs[0].options.items() if k in _sampler_fields()})
+        samplers = [preset_options(request.preset, pair.engine, {},
+                                   {k: v for k, v in pair.options.items() if k in _sampler_fields()})[1] for pair in pairs]
+        written = [Run(r.method, r.engine, r.edited, r.reconstruction, r.mask, r.psnr, r.cache, r.timings,
+                       sampler=dataclasses.asdict(sampler)) for r, sampler in zip(runs, samplers)]
+        args = argparse.Namespace(out=out, image=Path(request.image).name, seed=request.seed, steps=request.steps,
+                                  preset=request.preset)
+        sampler = samplers[0]
         write_outputs(args, self.model, image, request.source.strip(), request.target.strip(), sampler, per_method,
                       per_engine, written, timings, command=["spdinv demo", *_request_summary(request)])
         return out

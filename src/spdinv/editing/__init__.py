@@ -17,6 +17,7 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..inversion import Inversion, check_prompt, get_method, invert, make_options
 from ..model import DiffusionModel
+from ..presets import empty_source, engine_settings, inversion_settings
 from .base import Editor, NoEditor, no_editor
 from .cache import InversionCache
 from .masactrl import MasaCtrlOptions, masactrl_editor
@@ -66,8 +67,8 @@ def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def split_options(engine: str, method: str | None, options: dict) -> tuple[object, SamplerOptions, dict]:
-    """Route keyword options to the engine's options, the sampler's and the inversion method's."""
+def split_fields(engine: str, method: str | None, options: dict) -> tuple[dict, dict, dict]:
+    """Route keyword options to the engine's fields, the sampler's and the inversion method's (dicts)."""
     engine_fields, sampler_fields = _fields(get_engine(engine).options), _fields(SamplerOptions)
     method_fields = _fields(get_method(method).options) if method else set()
     unknown = sorted(set(options) - engine_fields - sampler_fields - method_fields)
@@ -76,8 +77,29 @@ def split_options(engine: str, method: str | None, options: dict) -> tuple[objec
         valid = ", ".join(sorted(engine_fields | sampler_fields | method_fields))
         raise SpdinvError(f"option(s) {', '.join(unknown)} do not apply to {where}; valid: {valid}")
     pick = lambda names: {k: v for k, v in options.items() if k in names}  # noqa: E731
-    engine_options = get_engine(engine).options(**pick(engine_fields))
-    return engine_options, SamplerOptions(**pick(sampler_fields)), pick(method_fields - engine_fields - sampler_fields)
+    return pick(engine_fields), pick(sampler_fields), pick(method_fields - engine_fields - sampler_fields)
+
+
+def split_options(engine: str, method: str | None, options: dict) -> tuple[object, SamplerOptions, dict]:
+    """Route keyword options to the engine's options, the sampler's and the inversion method's."""
+    engine_fields, sampler_fields, method_fields = split_fields(engine, method, options)
+    return get_engine(engine).options(**engine_fields), SamplerOptions(**sampler_fields), method_fields
+
+
+def given_fields(options: object | dict | None) -> dict:
+    """The fields an options value sets: a dict's own, every field of a dataclass, none for None."""
+    if options is None:
+        return {}
+    return dict(options) if isinstance(options, dict) else dataclasses.asdict(options)
+
+
+def preset_options(preset: str | None, engine: str, engine_options: object | dict | None,
+                   sampler: SamplerOptions | dict | None) -> tuple[object, SamplerOptions]:
+    """The engine's options and the sampler's: the preset's settings for the engine, overridden by
+    the given ones (`given_fields`)."""
+    settings = {**engine_settings(preset, engine), **given_fields(engine_options), **given_fields(sampler)}
+    chosen, sampler_options, _ = split_options(engine, None, settings)
+    return chosen, sampler_options
 
 
 @dataclass
@@ -121,7 +143,7 @@ def run_editor(model: DiffusionModel, inversion: Inversion, target_prompt: str, 
     editor.prepare(model, inversion)
     with editor.installed(model.unet):
         latents = sample_edit(model, inversion, target_prompt, sampler, editor, pin_source=editor.pin_source,
-                              progress=progress, desc=desc)
+                              empty_source=editor.empty_source, progress=progress, desc=desc)
     seconds = time.perf_counter() - start
     return model.decode(latents[-1]), latents, seconds
 
@@ -136,6 +158,8 @@ def _invert(model: DiffusionModel, image, source_prompt: str, inversion: Inversi
     if isinstance(inversion, Inversion):
         check_inversion(model, inversion, source_prompt)
         return inversion, None, time.perf_counter() - start
+    if not source_prompt:  # only a preset whose protocol inverts under the empty prompt gets here with one
+        options = {**options, "allow_empty_prompt": True}
     if cache is not None:
         inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
                                      diagnose=diagnose, **options)
@@ -160,16 +184,50 @@ def edits(
     diagnose: bool = False,
     inversion_options: dict[str, dict] | None = None,
     engine_options: dict[str, object] | None = None,
-    sampler: SamplerOptions = SamplerOptions(),
+    sampler: SamplerOptions | dict | None = None,
+    preset: str | None = None,
 ) -> Iterator[EditResult]:
     """Every inversion x engine edit of `image`, inversions in the outer loop: each method inverts
     once (through `cache`, anything with InversionCache's `invert`, when given) and every engine
     edits from that inversion. `inversion_options` maps a method name to its options,
-    `engine_options` an engine name to its options dataclass (or a dict of its fields). Every
-    engine's options and words are checked before anything is inverted."""
+    `engine_options` an engine name to its options dataclass (or a dict of its fields), `sampler`
+    is SamplerOptions (or a dict of its fields). Every engine's options and words are checked
+    before anything is inverted.
+
+    With `preset` (`spdinv.presets`) every method's and engine's options start from the preset's
+    and the given ones override them (a dict sets the fields it has, a dataclass all of its
+    fields); engines then run one after the other, each inverting its methods (through `cache`),
+    since a preset's engines may differ in sampler settings and even in the source prompt."""
     source_prompt = check_prompt(source_prompt, "source prompt")
     target_prompt = check_prompt(target_prompt, "target prompt")
     inversion_options, engine_options = inversion_options or {}, engine_options or {}
+    common = dict(num_steps=num_steps, seed=seed, progress=progress, cache=cache, diagnose=diagnose)
+    if preset is None:
+        sampler = SamplerOptions(**sampler) if isinstance(sampler, dict) else sampler or SamplerOptions()
+        yield from _edits(model, image, source_prompt, target_prompt, inversions, engines, inversion_options,
+                          engine_options, sampler, **common)
+        return
+    resolved = {engine: preset_options(preset, engine, engine_options.get(engine), sampler) for engine in engines}
+    for engine in engines:  # every engine's words checked before anything is inverted
+        get_engine(engine).editor(model, _source_for(preset, engine, source_prompt), target_prompt, resolved[engine][0])
+    methods = {m: {**inversion_settings(preset, m), **inversion_options.get(m, {})}
+               for m in inversions if isinstance(m, str)}
+    for engine in engines:
+        chosen, sampler_options = resolved[engine]
+        yield from _edits(model, image, _source_for(preset, engine, source_prompt), target_prompt, inversions,
+                          [engine], methods, {engine: chosen}, sampler_options, **common)
+
+
+def _source_for(preset: str | None, engine: str, source_prompt: str) -> str:
+    """The source prompt an engine runs under: the empty one where the preset's script uses it."""
+    return "" if empty_source(preset, engine) else source_prompt
+
+
+def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str, inversions: list[InversionSource],
+           engines: list[str], inversion_options: dict[str, dict], engine_options: dict[str, object],
+           sampler: SamplerOptions, *, num_steps: int, seed: int, progress: bool, cache,
+           diagnose: bool) -> Iterator[EditResult]:
+    """`edits` once the prompts are checked and the options resolved."""
     for inversion in inversions:
         if not isinstance(inversion, Inversion):
             make_options(inversion, **inversion_options.get(inversion, {}))
@@ -208,13 +266,16 @@ def edit(
     progress: bool = False,
     cache=None,
     diagnose: bool = False,
+    preset: str | None = None,
     **options,
 ) -> EditResult:
     """Edit `image` from `source_prompt` to `target_prompt`: invert it with the named method (or
     use the given Inversion), then sample [source, target] from z_T with the named engine; the
     one-pair case of `edits`. Keyword options go to the engine (e.g. blend, cross_replace), the
-    sampler (guidance_scale, source_guidance_scale, uncond) or the inversion method (e.g. K, lr);
-    `diagnose` asks an inversion computed here (or by the cache) for its diagnostics."""
+    sampler (guidance_scale, source_guidance_scale, uncond, negative_prompt) or the inversion
+    method (e.g. K, lr); `preset` (`spdinv.presets`: 'spdinv-official', 'pnpinv') starts from a
+    published script's settings, which the keyword options override. `diagnose` asks an
+    inversion computed here (or by the cache) for its diagnostics."""
     source_prompt = check_prompt(source_prompt, "source prompt")
     target_prompt = check_prompt(target_prompt, "target prompt")
     given = isinstance(inversion, Inversion)
@@ -222,14 +283,15 @@ def edit(
         get_method(inversion)
         if image is None:
             raise SpdinvError("an image is needed unless an inversion is given")
-    engine_options, sampler_options, method_options = split_options(engine, None if given else inversion, options)
+    engine_fields, sampler_fields, method_fields = split_fields(engine, None if given else inversion, options)
     results = edits(model, image, source_prompt, target_prompt, [inversion], [engine], num_steps=num_steps,
                     seed=seed, progress=progress, cache=cache, diagnose=diagnose,
-                    inversion_options={} if given else {inversion: method_options},
-                    engine_options={engine: engine_options}, sampler=sampler_options)
+                    inversion_options={} if given else {inversion: method_fields},
+                    engine_options={engine: engine_fields}, sampler=sampler_fields, preset=preset)
     return next(results)
 
 
-__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "split_options", "run_editor", "Editor",
+__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "split_options", "split_fields",
+           "preset_options", "run_editor", "Editor",
            "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "NoOptions", "SamplerOptions",
            "InversionCache", "check_inversion"]

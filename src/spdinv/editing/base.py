@@ -41,6 +41,7 @@ class Editor(AttentionEditor, StepHooks):
     guided. `prepare` binds it to a model and an inversion before sampling."""
 
     pin_source: bool = False
+    empty_source: bool = False  # the source branch's conditional row under the empty prompt
 
     def __init__(self) -> None:
         super().__init__()

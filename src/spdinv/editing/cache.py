@@ -124,8 +124,10 @@ class InversionCache:
             self.problem = str(error)
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
-               seed: int = 0, progress: bool = False, diagnose: bool = False, **options) -> tuple[Inversion, bool]:
-        """(inversion, whether it came from the cache); `diagnose` as invert() (not part of the key)."""
+               seed: int = 0, progress: bool = False, diagnose: bool = False, allow_empty_prompt: bool = False,
+               **options) -> tuple[Inversion, bool]:
+        """(inversion, whether it came from the cache); `diagnose` and `allow_empty_prompt` as invert()
+        (not part of the key)."""
         key = self.key(model, image, prompt, method, steps, seed, options)
         cached = self.load(key, model, steps)
         if cached is not None:
@@ -133,7 +135,7 @@ class InversionCache:
             return cached, True
         self.misses += 1
         inversion = invert(model, image, prompt, method, steps, seed=seed, diagnose=diagnose, progress=progress,
-                           **options)
+                           allow_empty_prompt=allow_empty_prompt, **options)
         self.store(key, inversion)
         return inversion, False
 
@@ -150,7 +152,8 @@ class LastInversion:
     _last: tuple[tuple, Inversion] | None = None
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
-               seed: int = 0, progress: bool = False, diagnose: bool = False, **options) -> tuple[Inversion, bool]:
+               seed: int = 0, progress: bool = False, diagnose: bool = False, allow_empty_prompt: bool = False,
+               **options) -> tuple[Inversion, bool]:
         """(inversion, whether it was the last one computed)."""
         diagnose = diagnose or self.diagnose
         key = (id(model), None if model.concept is None else model.concept.fingerprint,
@@ -163,7 +166,7 @@ class LastInversion:
 
         self.misses += 1
         inversion = methods.invert(model, image, prompt, method, steps, seed=seed, diagnose=diagnose,
-                                   progress=progress, **options)
+                                   progress=progress, allow_empty_prompt=allow_empty_prompt, **options)
         self._last = key, inversion
         return inversion, False
 

@@ -43,11 +43,14 @@ def add_edit_parser(sub) -> None:
     add_concept_arguments(edit)
     add_concept_encoder_arguments(edit, for_edit=True)
     sampling = edit.add_argument_group("sampling")
-    sampling.add_argument("--target-guidance", type=number, default=7.5, help="the target branch's guidance scale (default 7.5)")
+    sampling.add_argument("--target-guidance", type=number, default=None, help="the target branch's guidance scale (default 7.5)")
     sampling.add_argument("--source-guidance", type=number, default=None,
                           help="the source branch's guidance scale (default: the inversion's own)")
-    sampling.add_argument("--uncond", default="inversion", choices=("inversion", "source", "empty"),
+    sampling.add_argument("--uncond", default=None, choices=("inversion", "source", "empty"),
                           help="unconditional embedding: what the inversion prescribes (default), the source prompt, or ''")
+    sampling.add_argument("--negative-prompt", default=None,
+                          help="the target branch's unconditional prompt (default: the one --uncond gives both branches)")
+    add_preset_argument(edit)
     add_option_arguments(edit, engine_classes())
     add_model_arguments(edit)
     edit.add_argument("--out", type=Path, default=Path("spdinv-edit"), help="output folder (default ./spdinv-edit)")
@@ -55,6 +58,24 @@ def add_edit_parser(sub) -> None:
                       help="inversion cache folder (default $SPDINV_CACHE or ~/.cache/spdinv/inversions)")
     edit.add_argument("--no-cache", action="store_true", help="neither read nor write the inversion cache")
     edit.set_defaults(run=run_edit)
+
+
+def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+    """--preset NAME, its help listing what each preset sets."""
+    from ..presets import PRESETS, describe
+
+    parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                        help="start from a published script's settings (explicit flags override them). "
+                             + " | ".join(describe(name) for name in PRESETS))
+
+
+SAMPLER_FLAGS = {"target_guidance": "guidance_scale", "source_guidance": "source_guidance_scale", "uncond": "uncond",
+                 "negative_prompt": "negative_prompt"}
+
+
+def sampler_fields(args: argparse.Namespace) -> dict:
+    """The SamplerOptions fields given on the command line."""
+    return {field: getattr(args, dest) for dest, field in SAMPLER_FLAGS.items() if getattr(args, dest, None) is not None}
 
 
 def _names(value: str, registry: dict, kind: str) -> list[str]:
@@ -66,9 +87,20 @@ def _names(value: str, registry: dict, kind: str) -> list[str]:
 
 
 def engine_options(args: argparse.Namespace, engines: list[str]) -> dict[str, object]:
-    """Each selected engine's options dataclass from the flags given; a flag of an unselected engine is an error."""
+    """Each selected engine's options dataclass from the flags given (over the --preset's settings);
+    a flag of an unselected engine is an error."""
+    from . import get_engine, preset_options
+
+    given = engine_fields(args, engines)
+    preset = getattr(args, "preset", None)
+    if preset is None:
+        return {engine: get_engine(engine).options(**given.get(engine, {})) for engine in engines}
+    return {engine: preset_options(preset, engine, given.get(engine, {}), sampler_fields(args))[0] for engine in engines}
+
+
+def engine_fields(args: argparse.Namespace, engines: list[str]) -> dict[str, dict]:
+    """Each selected engine's option fields given on the command line."""
     from ..arguments import given_options, option_flags
-    from . import get_engine
 
     flags = option_flags(engine_classes())
     given: dict[str, dict] = {}
@@ -78,7 +110,7 @@ def engine_options(args: argparse.Namespace, engines: list[str]) -> dict[str, ob
             raise SpdinvError(f"{flag_name(dest)} is a {', '.join(owners)} option; the engine is {', '.join(engines)}")
         for engine, name in owners.items():
             given.setdefault(engine, {})[name] = value
-    return {engine: get_engine(engine).options(**given.get(engine, {})) for engine in engines}
+    return {engine: given.get(engine, {}) for engine in engines}
 
 
 @dataclass
@@ -93,6 +125,8 @@ class Run:
     psnr: float
     cache: str
     timings: dict
+    inversion_settings: dict = dataclasses.field(default_factory=dict)
+    sampler: dict = dataclasses.field(default_factory=dict)
 
 
 def run_edit(args: argparse.Namespace) -> None:
@@ -101,6 +135,7 @@ def run_edit(args: argparse.Namespace) -> None:
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
+    from ..presets import empty_source
     from . import ENGINES
     from .sampler import SamplerOptions
 
@@ -111,8 +146,7 @@ def run_edit(args: argparse.Namespace) -> None:
     engines = _names(args.engine, ENGINES, "engine")
     per_engine = engine_options(args, engines)
     per_method = method_options(args, methods)
-    sampler = SamplerOptions(guidance_scale=args.target_guidance, source_guidance_scale=args.source_guidance,
-                             uncond=args.uncond)
+    sampler = SamplerOptions(**sampler_fields(args))
     check_output_dir(args.out)
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     check_model_settings(args)
@@ -139,7 +173,7 @@ def run_edit(args: argparse.Namespace) -> None:
     loaded = time.perf_counter() - wall
     image, notices = conform_image(raw_image, model.image_size)
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
-        ENGINES[engine].editor(model, source, target, per_engine[engine])
+        ENGINES[engine].editor(model, "" if empty_source(args.preset, engine) else source, target, per_engine[engine])
     for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
     for warning in prompt_warnings(model, source, "source prompt") + prompt_warnings(model, target, "target prompt"):
@@ -179,16 +213,20 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
         cache = None
     hint = _FLOAT16_HINT.get(str(model.dtype), "")
     runs = []
+    preset = getattr(args, "preset", None)
     results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
-                    progress=not args.quiet, cache=cache, inversion_options=per_method, engine_options=per_engine,
-                    sampler=sampler)
-    for (method, engine), result in zip(((m, e) for m in methods for e in engines), results):
+                    progress=not args.quiet, cache=cache, inversion_options=per_method,
+                    engine_options=per_engine if preset is None else engine_fields(args, engines),
+                    sampler=sampler if preset is None else sampler_fields(args), preset=preset)
+    for result in results:
+        method, engine = result.inversion.settings.get("method", result.inversion.method), result.engine
         require_finite(result.inversion.trajectory, f"the {method} inversion" + hint)
         for images in (result.reconstruction, result.edited):
             require_finite(images, f"the {method} + {engine} result" + hint)
         status = "not cached" if cache is None else "cache hit" if result.cache_hit else "cache miss"
         runs.append(Run(method, engine, result.edited, result.reconstruction, result.mask, float("nan"), status,
-                        {"invert": result.timings["invert"], "edit": result.timings["edit"]}))
+                        {"invert": result.timings["invert"], "edit": result.timings["edit"]},
+                        result.inversion.settings, result.sampler))
     if cache is not None and cache.dropped:
         print(f"note: removed {cache.dropped} damaged inversion cache entr{'y' if cache.dropped == 1 else 'ies'} "
               "and inverted again", file=sys.stderr)
@@ -228,6 +266,7 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
                 mask.save(stage / files["mask"])
             rows.append((f"{run.method} + {run.engine}", [image, run.reconstruction, run.edited, mask]))
             records.append({"inversion": run.method, "engine": run.engine, "inversion_options": per_method[run.method],
+                            "inversion_settings": run.inversion_settings, "sampler": run.sampler,
                             "engine_options": dataclasses.asdict(per_engine[run.engine]), "cache": run.cache,
                             "reconstruction_psnr": run.psnr, "timings": run.timings, "files": files})
         columns = ["source", "reconstruction", "edit"]
@@ -239,7 +278,8 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
         write_json(stage / "config.json", {
             "source": source, "target": target, "image": str(args.image), "model": model.name,
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": args.seed,
-            "steps": args.steps, "sampler": dataclasses.asdict(sampler), "runs": records, "timings": timings,
+            "steps": args.steps, "preset": getattr(args, "preset", None), "sampler": dataclasses.asdict(sampler),
+            "runs": records, "timings": timings,
             "concept": None if model.concept is None else concept_record(args, model.concept),
             "command": sys.argv if command is None else command,
         })

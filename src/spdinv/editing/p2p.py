@@ -2,9 +2,11 @@
 injection with Reweight, self-attention injection at coarse resolutions, LocalBlend, and the
 optional ProxEdit proximal guidance (Han et al., 2023) that the official SPDInv P2P code applies.
 
-Like the official controllers, only the conditional half of the batch is edited, the target row
-takes the source row's maps, and LocalBlend reads the *unedited* cross-attention maps summed over
-the steps so far. Resolutions are relative to the latent, except LocalBlend's default: it reads
+Like the official controllers (google/prompt-to-prompt's and SPDInv's `AttentionStore` /
+`AttentionControlEdit`), only the conditional half of the batch is edited, the target row takes the
+source row's maps, and LocalBlend reads the cross-attention maps *as edited* (the target row refined
+and reweighted while cross-replacement lasts, its own maps after), summed over the steps so far:
+the official store keeps a view of each map, which the edit then overwrites in place. Resolutions are relative to the latent, except LocalBlend's default: it reads
 the maps with BLEND_SIDE tokens a side (SD's 16x16 maps of its 64x64 latent, the finest maps of the
 embedded model's 16x16 latent), since a mask needs that many cells to follow an object.
 """
@@ -32,6 +34,7 @@ MODES = ("replace", "refine")
 SOURCES, TARGETS = slice(SOURCE, SOURCE + 1), slice(TARGET, TARGET + 1)  # a branch's latents / eps, keeping the batch dim
 BLEND_NORMS = ("max", "range")
 BLEND_MAPS = ("attention", "noise")
+PROX_PULLS = ("target", "both")
 BLEND_THRESHOLDS = {"attention": 0.3, "noise": 0.5}  # defaults; 0.5 measured best for noise (docs/results.md)
 Words = tuple[str, ...]
 BLEND_SIDE = 16  # tokens a side of the cross-attention maps LocalBlend reads by default
@@ -83,7 +86,8 @@ class P2POptions:
     'noise' (where the target's and the source's conditional noise predictions differ, summed over
     the steps: DiffEdit's idea (Couairon et al. 2023) at no extra network call; it needs no blend words);
     prox: ProxEdit proximal guidance (quantile of the
-    guidance-difference threshold; pull back to the inverted trajectory below prox_timestep)."""
+    guidance-difference threshold; pull back to the inverted trajectory below prox_timestep, the
+    target row or, prox_pull 'both', as the official code, both rows)."""
 
     mode: str = option("refine", "refine or replace (equal token counts)", flag="--p2p-mode")
     cross_replace: float = option(0.8, "fraction of steps with injected cross-attention")
@@ -108,6 +112,8 @@ class P2POptions:
     prox: bool = option(False, "ProxEdit proximal guidance (off by default)")
     prox_quantile: float = option(0.7, "ProxEdit threshold quantile")
     prox_timestep: int = option(400, "ProxEdit pulls back below this timestep")
+    prox_pull: str = option("target", "rows ProxEdit pulls back onto the inverted trajectory: target (the source branch "
+                            "stays the reconstruction) or both (the official SPDInv/ProxEdit code)", choices=PROX_PULLS)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -116,6 +122,8 @@ class P2POptions:
             raise SpdinvError(f"unknown p2p blend_norm {self.blend_norm!r}; valid: {', '.join(BLEND_NORMS)}")
         if self.blend_map not in BLEND_MAPS:
             raise SpdinvError(f"unknown p2p blend_map {self.blend_map!r}; valid: {', '.join(BLEND_MAPS)}")
+        if self.prox_pull not in PROX_PULLS:
+            raise SpdinvError(f"unknown p2p prox_pull {self.prox_pull!r}; valid: {', '.join(PROX_PULLS)}")
         for name in ("cross_replace", "self_replace", "blend_start"):
             check_fraction("p2p", name, getattr(self, name))
         check_fraction("p2p", "self_replace_scale", self.self_replace_scale, open_low=True)
@@ -180,13 +188,16 @@ class ProximalGuidance:
     difference eps_cond - eps_uncond is soft-thresholded at its `quantile` (over the whole
     [source, target] batch, as there), and below `timestep` the target's latents are pulled back
     onto the inverted trajectory wherever that thresholded difference is small (a 3x3-dilated
-    mask; pull strength 1). Unlike the official code, the source branch is left alone so that
-    it stays the reconstruction."""
+    mask; pull strength 1). `pull` 'target' leaves the source branch alone, so that it stays the
+    reconstruction; 'both' pulls it too, as the official code (ptp_utils.diffusion_step), where
+    the source row's difference is 0 under uncond = source, so its row is replaced by the
+    inverted latent wherever the step is below `timestep`."""
 
     quantile: float
     timestep: int
     trajectory: Tensor
     num_steps: int
+    pull_rows: str = "target"
     keep: Tensor | None = field(default=None, repr=False)
 
     def guide(self, t: int, eps_uncond: Tensor | None, eps_cond: Tensor, scales: Tensor) -> Tensor | None:
@@ -208,6 +219,8 @@ class ProximalGuidance:
             return z
         k = self.num_steps - i
         inverted = self.trajectory[k - 1 : k].to(z)
+        if self.pull_rows == "both":
+            return z - (z - inverted) * self.keep
         z = z.clone()
         z[TARGETS] = z[TARGETS] - (z[TARGETS] - inverted) * self.keep[TARGETS]
         return z
@@ -251,7 +264,7 @@ class P2PEditor(Editor):
         self.equalizer, self.blend_alpha = self.equalizer.to(device), self.blend_alpha.to(device)
         self.maps, self.noise_difference, self._mask = {}, None, None
         if o.prox:
-            self.prox = ProximalGuidance(o.prox_quantile, o.prox_timestep, self.trajectory, n)
+            self.prox = ProximalGuidance(o.prox_quantile, o.prox_timestep, self.trajectory, n, o.prox_pull)
 
     def processor_layers(self) -> list[AttentionLayer]:
         return self.cross_layers + (self.self_layers if self.self_steps > 0 else [])
@@ -266,9 +279,13 @@ class P2PEditor(Editor):
 
     def edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
         """probs (2, heads, Nq, Nk): the conditional source and target maps; the target's are replaced."""
+        edited = self._edit_probs(layer, probs)
+        if layer.name in self.blend_names:
+            self._store_blend_map(layer.name, probs)
+        return edited
+
+    def _edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
         i = self.step_index
-        if layer.name in self.blend_names:  # LocalBlend reads the unedited maps, summed over steps
-            self.maps[layer.name] = self.maps[layer.name] + probs.float() if layer.name in self.maps else probs.float()
         if layer.cross and i < self.cross_steps:
             source, own = probs[SOURCE], probs[TARGET]
             alphas = self.alphas.to(probs.dtype)
@@ -279,6 +296,13 @@ class P2PEditor(Editor):
             probs[TARGET] = probs[SOURCE]
             return True
         return False
+
+    def _store_blend_map(self, name: str, probs: Tensor) -> None:
+        """Add this step's maps, as edited (the target row refined and reweighted while cross_replace
+        lasts), to LocalBlend's sum, in float32 and always as a copy: the official AttentionStore keeps
+        a view of the map the edit then writes in place, so it sums the edited maps at every step."""
+        copy = probs.to(torch.float32, copy=True)
+        self.maps[name] = self.maps[name] + copy if name in self.maps else copy
 
     @property
     def blends(self) -> bool:

@@ -5,7 +5,8 @@ blocks 1..3, whichever exist) replace the target's for the first `attention_inje
 
 Decoder block 1 is the first up-block after the bottleneck level in every SD-shaped UNet (SD,
 the embedded model, the tiny test UNet), so the same indices name the equivalent places. The
-injected source features are those of its conditional row (the prompt it was inverted with).
+injected source features are those of its conditional row: the prompt it was inverted with, or
+the empty prompt (`source_branch_prompt`), as PnPInversion's script.
 """
 
 from __future__ import annotations
@@ -24,18 +25,27 @@ from .attention import AttentionLayer
 from .base import Editor, FeatureHook, check_fraction
 from .sampler import SOURCE, TARGET
 
+SOURCE_BRANCH_PROMPTS = ("source", "empty")
+
 
 @dataclass(frozen=True)
 class PnPOptions:
     """feature_injection: fraction of the steps with residual-feature injection (0.8);
-    attention_injection: fraction with self-attention Q/K injection (0.5)."""
+    attention_injection: fraction with self-attention Q/K injection (0.5); source_branch_prompt:
+    the prompt of the source branch whose features are injected: 'source' (the prompt the image
+    was inverted with) or 'empty' (PnPInversion's run_editing_pnp.py, pnp-diffusers)."""
 
     feature_injection: float = option(0.8, "fraction of steps with feature injection")
     attention_injection: float = option(0.5, "fraction of steps with Q/K injection")
+    source_branch_prompt: str = option("source", "the PnP source branch's prompt: source (the inversion's) or empty "
+                                       "(PnPInversion's script)", choices=SOURCE_BRANCH_PROMPTS)
 
     def __post_init__(self) -> None:
         check_fraction("pnp", "feature_injection", self.feature_injection)
         check_fraction("pnp", "attention_injection", self.attention_injection)
+        if self.source_branch_prompt not in SOURCE_BRANCH_PROMPTS:
+            raise SpdinvError(f"unknown pnp source_branch_prompt {self.source_branch_prompt!r}; valid: "
+                              f"{', '.join(SOURCE_BRANCH_PROMPTS)}")
 
 
 def injection_block(unet: torch.nn.Module, scale: float = 0.25) -> int:
@@ -58,6 +68,7 @@ class PnPEditor(Editor):
     def __init__(self, options: PnPOptions) -> None:
         super().__init__()
         self.options = options
+        self.empty_source = options.source_branch_prompt == "empty"
 
     def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
         super().prepare(model, inversion)

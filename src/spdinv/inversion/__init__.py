@@ -18,6 +18,7 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..images import conform_image, to_tensor
 from ..model import DiffusionModel
+from ..presets import inversion_settings
 from .base import Inversion, StepReport
 from .aidi import AIDIOptions, aidi
 from .ddim import DDIMOptions, ddim
@@ -64,8 +65,8 @@ def make_options(name: str, **options):
     return method.options(**options)
 
 
-def check_prompt(prompt: str, what: str = "prompt") -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
+def check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
+    if not isinstance(prompt, str) or not (prompt.strip() or allow_empty):
         raise SpdinvError(f"the {what} is empty")
     return prompt.strip()
 
@@ -97,12 +98,18 @@ def invert(
     seed: int = 0,
     diagnose: bool = True,
     progress: bool = True,
+    preset: str | None = None,
+    allow_empty_prompt: bool = False,
     **options,
 ) -> Inversion:
     """Invert an image under its source prompt with the named method; with `diagnose` the result
-    carries per-step residuals, the noise error and the (latent) reconstruction error."""
-    prompt = check_prompt(prompt)
+    carries per-step residuals, the noise error and the (latent) reconstruction error. `preset`
+    (spdinv.presets) sets the options a published script uses; explicit options override it.
+    `allow_empty_prompt` accepts the empty prompt, which some official protocols invert under
+    (PnPInversion's MasaCtrl script)."""
+    prompt = check_prompt(prompt, allow_empty=allow_empty_prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
+    options = {**inversion_settings(preset, method), **options}
     entry, opts = get_method(method), make_options(method, **options)
     torch.manual_seed(seed)
     z0 = image_latent(model, image)

@@ -36,6 +36,9 @@ class NullTextOptions:
     lr_decay: float = option(1e-2, "lr at sampling step i is lr*(1 - lr_decay*i)")
     early_stop: float = option(1e-5, "stop a step once its loss < early_stop + i*growth")
     early_stop_growth: float = option(2e-5, "growth of that threshold per step")
+    stop_rule: str = option("measured", "measured (check the loss before each Adam step, keep the measured "
+                            "embedding) or official (the reference code: step, then check the loss measured before "
+                            "it; keep the post-step embedding)", choices=("measured", "official"))
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.guidance) or not self.guidance >= 1:
@@ -49,6 +52,8 @@ class NullTextOptions:
         for name in ("early_stop", "early_stop_growth"):
             if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
                 raise SpdinvError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stop_rule not in ("measured", "official"):
+            raise SpdinvError(f"unknown stop_rule {self.stop_rule!r}; valid: measured, official")
 
 
 @dataclass
@@ -62,10 +67,12 @@ class NullFit:
 
 
 def fit_null(loss_of: Callable[[Tensor], Tensor], null: Tensor, lr: float, inner_steps: int,
-             threshold: float) -> NullFit:
+             threshold: float, official: bool = False) -> NullFit:
     """Up to `inner_steps` Adam steps on `loss_of(null)`. The loss is checked before stepping, so a
-    met criterion keeps the measured embedding (the reference code steps once more, then checks
-    the loss of the embedding before that step). A non-finite loss restores the initial embedding."""
+    met criterion keeps the measured embedding; with `official`, as the reference code
+    (google/prompt-to-prompt's and PnPInversion's `null_optimization`), it steps, then checks the
+    loss measured before that step, and keeps the post-step embedding. A non-finite loss restores
+    the initial embedding."""
     start = null.detach()
     null = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([null], lr=lr)
@@ -77,12 +84,14 @@ def fit_null(loss_of: Callable[[Tensor], Tensor], null: Tensor, lr: float, inner
         if not math.isfinite(value):
             return NullFit(start, adam_steps, forwards,
                            f"non-finite loss after {adam_steps} Adam steps; kept the step's initial null embedding")
-        if value < threshold:
+        if value < threshold and not official:
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         adam_steps += 1
+        if value < threshold:
+            break
     return NullFit(null.detach(), adam_steps, forwards)
 
 
@@ -101,7 +110,8 @@ def null_step(model: DiffusionModel, schedule: DDIMSchedule, k: int, z: Tensor, 
 
     lr = options.lr * (1 - options.lr_decay * i)
     threshold = options.early_stop + i * options.early_stop_growth
-    fit = fit_null(landing_error, null, max(lr, 0.0), options.inner_steps if lr > 0 else 0, threshold)
+    fit = fit_null(landing_error, null, max(lr, 0.0), options.inner_steps if lr > 0 else 0, threshold,
+                   official=options.stop_rule == "official")
     fit.forwards += 2
     with torch.no_grad():
         latent = ddim_step(z, guided(model.eps(z, t, fit.embedding), eps_cond, options.guidance), abar_t, abar_prev)

@@ -14,6 +14,7 @@ count backward passes and JVPs (on CPU a JVP took ~6 forwards' time, a forward +
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Callable, Protocol
 
@@ -73,6 +74,42 @@ def descend(f: Map, z_init: Tensor, options: StopOptions, f_init: Tensor | None,
     return tracker.result(steps, gradient_calls=steps)
 
 
+STOP_RULES = ("measured", "official")
+DESCENT_SOLVERS = ("gradient", "polyak")  # the solvers the official stop rule applies to
+
+
+def descend_official(f: Map, z_init: Tensor, options: StopOptions, f_init: Tensor | None,
+                     update: Callable[[Tensor, Tensor], None]) -> StepResult:
+    """The official SPDInv loop (leeruibin/SPDInv, P2P/SPDInv.py, `SPD_loop`): measure the loss,
+    step, then stop once that (pre-step) loss met the test; the result is the iterate after the
+    last step, never measured, and every timestep takes at least one step. A non-finite loss
+    ends the search before stepping, keeping the iterate it was measured at."""
+    z = z_init.detach().float().clone().requires_grad_(True)
+    calls, steps, first, warning = int(f_init is not None), 0, None, ""  # f_init: its graph is needed again
+    with torch.enable_grad():
+        while steps < options.K:
+            loss = F.mse_loss(f(z), z)
+            calls += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                warning = f"non-finite residual after {steps} updates; kept the last iterate"
+                break
+            first = value if first is None else first
+            update(z, loss)
+            steps += 1
+            if converged(value, first, options):
+                break
+    return StepResult(latent=z.detach().clone(), iterations=steps, network_calls=calls, gradient_calls=steps,
+                      residual_before=first, residual_after=None, warning=warning)
+
+
+def descent(f: Map, z_init: Tensor, options, f_init: Tensor | None,
+            update: Callable[[Tensor, Tensor], None]) -> StepResult:
+    """`descend` (the best measured iterate), or `descend_official` under stop_rule 'official'."""
+    official = getattr(options, "stop_rule", "measured") == "official"
+    return (descend_official if official else descend)(f, z_init, options, f_init, update)
+
+
 def gradient(f: Map, z_init: Tensor, options, f_init: Tensor | None = None) -> StepResult:
     """Gradient descent with a torch optimiser (the paper's: AdamW, lr 1e-3, K 25)."""
     optimizers: list[torch.optim.Optimizer] = []  # one, made for the leaf descend() creates
@@ -85,7 +122,7 @@ def gradient(f: Map, z_init: Tensor, options, f_init: Tensor | None = None) -> S
         loss.backward()
         optimizer.step()
 
-    return descend(f, z_init, options, f_init, update)
+    return descent(f, z_init, options, f_init, update)
 
 
 def polyak_step(z: Tensor, loss: Tensor) -> Tensor:
@@ -103,7 +140,7 @@ def polyak(f: Map, z_init: Tensor, options, f_init: Tensor | None = None) -> Ste
         with torch.no_grad():
             z += step
 
-    return descend(f, z_init, options, f_init, update)
+    return descent(f, z_init, options, f_init, update)
 
 
 def anderson_update(iterates: list[Tensor], residuals: list[Tensor], damping: float) -> Tensor:

@@ -1,7 +1,7 @@
 """SPDInv (Li et al., ECCV 2024, "Source Prompt Disentangled Inversion"): each inversion step is
 the fixed point z_t = f(z_t) = C1 z_{t-1} + C2 eps(z_t, t, c), found from the DDIM guess by
-gradient descent on ||f(z_t) - z_t||^2 (the paper's solver) or by one of the accelerated solvers
-in `solvers`."""
+Anderson-accelerated fixed-point iteration (the default), by gradient descent on ||f(z_t) - z_t||^2
+(the paper's solver, `solver="gradient"`), or by another solver in `solvers`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import DDIMSchedule
 from .base import Inversion, StepResult, fixed_point_inversion
-from .solvers import OPTIMIZERS, SOLVERS
+from .solvers import DESCENT_SOLVERS, OPTIMIZERS, SOLVERS, STOP_RULES
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,10 @@ class SPDInvOptions:
     delta: stop once the mean squared residual is below it; relative_delta (scale-aware, off by
     default): stop only once the residual is also below this fraction of the step's first
     (DDIM-guess) residual; optimizer: adamw (the paper's code, weight decay 0.01), adam or sgd, for
-    the gradient solver; solver: gradient (the paper's), anderson, hybrid, polyak or newton_krylov
-    (`solvers`)."""
+    the gradient solver; solver: anderson (the default: forwards only, the same fixed point at a lower
+    cost, docs/results.md), gradient (the paper's), hybrid, polyak or newton_krylov (`solvers`);
+    stop_rule: measured (check before each update, return the best measured iterate) or official
+    (the paper's code: update, then check; the unmeasured post-update iterate)."""
 
     K: int = option(25, "most gradient steps per timestep", parse=positive_int)
     lr: float = option(1e-3, "step size", parse=positive_float)
@@ -34,9 +36,14 @@ class SPDInvOptions:
         None, "also stop only below this fraction of each step's first residual (scale-aware; default off)",
         parse=positive_float)
     optimizer: str = option("adamw", "the gradient solver's optimiser: adamw, adam or sgd")
-    solver: str = option("gradient", "fixed-point solver: gradient (the paper's), anderson, hybrid (Anderson with "
-                         "gradient fallback), polyak (residual-scaled gradient steps), newton_krylov (GMRES with UNet "
-                         "JVPs)", choices=tuple(SOLVERS))
+    solver: str = option("anderson", "fixed-point solver: anderson (Anderson-accelerated iteration, forwards only), "
+                         "gradient (the paper's: --optimizer steps through the UNet), hybrid (Anderson with gradient "
+                         "fallback), polyak (residual-scaled gradient steps), newton_krylov (GMRES with UNet JVPs)",
+                         choices=tuple(SOLVERS))
+    stop_rule: str = option("measured", "when a step stops: measured (check the residual before each update, return "
+                            "the best measured iterate) or official (the paper's code: update, then check the loss "
+                            "measured before it; keep the unmeasured post-update iterate; >= 1 update per step; "
+                            "gradient and polyak solvers)", choices=STOP_RULES)
 
     def __post_init__(self) -> None:
         if not isinstance(self.K, int) or self.K <= 0:
@@ -51,11 +58,16 @@ class SPDInvOptions:
             raise SpdinvError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.solver not in SOLVERS:
             raise SpdinvError(f"unknown solver {self.solver!r}; valid: {', '.join(SOLVERS)}")
+        if self.stop_rule not in STOP_RULES:
+            raise SpdinvError(f"unknown stop_rule {self.stop_rule!r}; valid: {', '.join(STOP_RULES)}")
+        if self.stop_rule == "official" and self.solver not in DESCENT_SOLVERS:
+            raise SpdinvError(f"stop_rule official is the gradient loop's (solver {' or '.join(DESCENT_SOLVERS)}); "
+                              f"the solver is {self.solver}")
 
 
 def solve_fixed_point(f, z_init: Tensor, options: SPDInvOptions, f_init: Tensor | None = None) -> StepResult:
     """One step's fixed point by the options' solver, from z_init; the best *measured* iterate (the
-    paper's code returns one unmeasured step later), the best one so far if a residual is not
+    paper's code returns one unmeasured step later: stop_rule 'official'), the best one so far if a residual is not
     finite. `f_init`, f(z_init) when the caller has it (without a graph), is not evaluated again
     unless a gradient step needs its graph."""
     return SOLVERS[options.solver](f, z_init, options, f_init)
