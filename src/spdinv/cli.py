@@ -69,12 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run_invert(args: argparse.Namespace) -> None:
     from .images import conform_image, open_image
     from .inversion import check_prompt, get_method
-    from .outputs import check_output_dir
+    from .export import INVERT_FILES
+    from .outputs import check_no_foreign, check_output_dir
 
     prompt = check_prompt(args.prompt)
     get_method(args.method)
     options = inversion_options(args, args.method)
     check_output_dir(args.out)
+    check_no_foreign(args.out, list(INVERT_FILES))
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     commands.check_model_settings(args)
     concept = commands.concept_from_args(args, {"prompt": prompt})

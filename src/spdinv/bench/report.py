@@ -51,6 +51,8 @@ COST_COLUMNS = (
     Column("noise_error", "Noise error ↓", higher_is_better=False, digits=0),
     Column("reconstruction_error", "Reconstruction error ↓", higher_is_better=False, digits=0),
     Column("network_calls", "Network calls ↓", higher_is_better=False, digits=0),
+    Column("diagnostic_calls", "Diagnostic calls", higher_is_better=False, digits=0),
+    Column("edit_calls", "Edit calls", higher_is_better=False, digits=0),
     Column("seconds", "Inversion s ↓", higher_is_better=False),
     Column("edit_seconds", "Edit s ↓", higher_is_better=False),
 )

@@ -22,7 +22,7 @@ from .cache import InversionCache
 from .masactrl import MasaCtrlOptions, masactrl_editor
 from .p2p import P2POptions, p2p_editor
 from .pnp import PnPOptions, pnp_editor
-from .sampler import SamplerOptions, sample_edit
+from .sampler import SamplerOptions, edit_rows, sample_edit
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,10 @@ def split_options(engine: str, method: str | None, options: dict) -> tuple[objec
 class EditResult:
     """An edit. Images are (1, 3, H, W) in [-1, 1]: the edited image and the reconstruction (the
     source branch); `mask` is LocalBlend's (1, 1, h, w) at latent size, when one was used;
-    `latents` (n + 1, 2, C, h, w) are [source, target] in sampling order; `timings` in seconds."""
+    `latents` (n + 1, 2, C, h, w) are [source, target] in sampling order; `timings` in seconds;
+    `network_calls` the UNet rows this edit evaluated: the inversion's (its method's and its
+    diagnostics', when it was computed for this edit; 0 when it came from a cache or was given)
+    and the sampling's (`network_calls_by` splits them)."""
 
     edited: Tensor
     reconstruction: Tensor
@@ -96,6 +99,11 @@ class EditResult:
     latents: Tensor
     timings: dict[str, float] = field(default_factory=dict)
     cache_hit: bool | None = None
+    network_calls_by: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def network_calls(self) -> int:
+        return sum(self.network_calls_by.values())
 
     def pil(self) -> tuple[Image.Image, Image.Image]:
         """(edited, reconstruction) as PIL images."""
@@ -184,15 +192,20 @@ def edits(
         options = {} if isinstance(inversion, Inversion) else inversion_options.get(inversion, {})
         inverted, hit, inverting = _invert(model, image, source_prompt, inversion, num_steps=num_steps, seed=seed,
                                            progress=progress, cache=cache, diagnose=diagnose, options=options)
+        inverted_here = not isinstance(inversion, Inversion) and not hit
         for engine in engines:
             editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
             images, latents, sampling = run_editor(model, inverted, target_prompt, editor, sampler,
                                                    progress=progress, desc=f"edit ({inverted.method} + {engine})")
+            calls = {"invert": inverted.network_calls if inverted_here else 0,
+                     "diagnostics": inverted.diagnostic_calls if inverted_here else 0,
+                     "edit": edit_rows(model, inverted, target_prompt, sampler, editor, pin_source=editor.pin_source)}
+            inverted_here = False  # the next engine edits from the same inversion
             yield EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
                              engine=engine, options=dataclasses.asdict(chosen[engine]),
                              sampler=dataclasses.asdict(sampler), latents=latents,
                              timings={"invert": inverting, "edit": sampling, "total": inverting + sampling},
-                             cache_hit=hit)
+                             cache_hit=hit, network_calls_by=calls)
 
 
 def edit(

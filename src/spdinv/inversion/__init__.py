@@ -24,7 +24,8 @@ from .ddim import DDIMOptions, ddim
 from .direct import DirectOptions, direct
 from .negative_prompt import NegativePromptOptions, negative_prompt
 from .null_text import NullTextOptions, null_text
-from .reconstruction import Reconstruction, reconstruct, reconstruct_latent, reconstruction_error, source_branch
+from .reconstruction import (Reconstruction, measure_reconstruction, reconstruct, reconstruct_latent,
+                             reconstruction_error, source_branch)
 from .spdinv import SPDInvOptions, spdinv
 
 
@@ -80,11 +81,16 @@ def check_steps(num_steps, train_timesteps: int | None = None) -> int:
     return num_steps
 
 
+def image_tensor(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
+    """A PIL image (any mode or size) conformed to the model, as (1, 3, H, W) in [-1, 1]; a tensor as given."""
+    if isinstance(image, Image.Image):
+        return to_tensor(conform_image(image, model.image_size)[0])
+    return image
+
+
 def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
     """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
-    if isinstance(image, Image.Image):
-        image = to_tensor(conform_image(image, model.image_size)[0])
-    return model.encode_image(image)
+    return model.encode_image(image_tensor(model, image))
 
 
 def invert(
@@ -100,17 +106,20 @@ def invert(
     **options,
 ) -> Inversion:
     """Invert an image under its source prompt with the named method; with `diagnose` the result
-    carries per-step residuals, the noise error and the (latent) reconstruction error."""
+    carries per-step residuals, the noise error and the (latent) reconstruction error, whose UNet
+    rows are counted in `diagnostic_calls` (`total_calls` = the method's + the diagnostics')."""
     prompt = check_prompt(prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     entry, opts = get_method(method), make_options(method, **options)
     torch.manual_seed(seed)
-    z0 = image_latent(model, image)
+    source = image_tensor(model, image)
+    z0 = model.encode_image(source)
     inversion = entry.function(model, z0, model.encode_prompt(prompt), model.schedule(num_steps), opts,
                                diagnose=diagnose, progress=progress)
     inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts)}
+    inversion.source = source.detach()
     if diagnose:
-        inversion.reconstruction_error = reconstruction_error(model, inversion)
+        measure_reconstruction(model, inversion)
     return inversion
 
 
