@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import SpdinvError, require_finite
 from ..images import centre_square, conform_image
 from ..outputs import write_atomically, write_json
-from .datasets import BenchDataset, BenchItem, load_dataset
+from .datasets import BenchDataset, BenchItem, file_stem, load_dataset
 from .distributed import ProcessGroup, Shard, current_shard
 from .metrics import SSIM_VARIANT, EvaluationModels, Evaluator, Sample, clip_image_processor_class, parse_metrics
 from .protocol import DEFAULT_STRUCTURE_RESIZE, PROTOCOLS, ScoredEdit, check_protocol, default_protocol, saved_name, \
@@ -75,7 +74,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.item.id}__{self.inversion}__{self.engine}")
+        return file_stem(f"{self.item.id}__{self.inversion}__{self.engine}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
+from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..inversion import Inversion, check_prompt, get_method, invert, make_options
 from ..model import DiffusionModel
 from .base import Editor, NoEditor, no_editor
@@ -113,6 +114,14 @@ class EditResult:
         return edited, reconstruction
 
 
+def check_prompts(model: DiffusionModel, source_prompt: str, target_prompt: str) -> tuple[str, str]:
+    """Both prompts stripped, each refused when empty or when the tokenizer reads nothing in it."""
+    prompts = check_prompt(source_prompt, "source prompt"), check_prompt(target_prompt, "target prompt")
+    for prompt, what in zip(prompts, ("source prompt", "target prompt")):
+        check_prompt_tokens(model.tokenizer, prompt, what)
+    return prompts
+
+
 def check_inversion(model: DiffusionModel, inversion: Inversion, source_prompt: str) -> None:
     """A given inversion must have been computed under this source prompt with this model's text encoder."""
     expected = model.encode_prompt(source_prompt)
@@ -175,8 +184,9 @@ def edits(
     edits from that inversion. `inversion_options` maps a method name to its options,
     `engine_options` an engine name to its options dataclass (or a dict of its fields). Every
     engine's options and words are checked before anything is inverted."""
-    source_prompt = check_prompt(source_prompt, "source prompt")
-    target_prompt = check_prompt(target_prompt, "target prompt")
+    source_prompt, target_prompt = check_prompts(model, source_prompt, target_prompt)
+    check_seed(seed)
+    image = None if image is None else library_image(image)
     inversion_options, engine_options = inversion_options or {}, engine_options or {}
     for inversion in inversions:
         if not isinstance(inversion, Inversion):
@@ -228,8 +238,7 @@ def edit(
     one-pair case of `edits`. Keyword options go to the engine (e.g. blend, cross_replace), the
     sampler (guidance_scale, source_guidance_scale, uncond) or the inversion method (e.g. K, lr);
     `diagnose` asks an inversion computed here (or by the cache) for its diagnostics."""
-    source_prompt = check_prompt(source_prompt, "source prompt")
-    target_prompt = check_prompt(target_prompt, "target prompt")
+    source_prompt, target_prompt = check_prompts(model, source_prompt, target_prompt)
     given = isinstance(inversion, Inversion)
     if not given:
         get_method(inversion)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
 from ..images import conform_image, to_tensor
+from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..model import DiffusionModel
 from .base import Inversion, StepReport
 from .aidi import AIDIOptions, aidi
@@ -82,10 +85,11 @@ def check_steps(num_steps, train_timesteps: int | None = None) -> int:
 
 
 def image_tensor(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
-    """A PIL image (any mode or size) conformed to the model, as (1, 3, H, W) in [-1, 1]; a tensor as given."""
+    """A PIL image (any mode or size) conformed to the model, as (1, 3, H, W) in [-1, 1]; a tensor as
+    given. Contiguous either way: the VAE's convolutions round a channels-last view differently."""
     if isinstance(image, Image.Image):
-        return to_tensor(conform_image(image, model.image_size)[0])
-    return image
+        image = to_tensor(conform_image(image, model.image_size)[0])
+    return image.contiguous()
 
 
 def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
@@ -95,7 +99,7 @@ def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
 
 def invert(
     model: DiffusionModel,
-    image: Image.Image | Tensor,
+    image: Image.Image | Tensor | str | Path | np.ndarray,
     prompt: str,
     method: str = "spdinv",
     num_steps: int = 50,
@@ -105,14 +109,16 @@ def invert(
     progress: bool = True,
     **options,
 ) -> Inversion:
-    """Invert an image under its source prompt with the named method; with `diagnose` the result
+    """Invert an image (a path, a PIL image, an (H, W, 3) array or a (1, 3, H, W) tensor in [-1, 1])
+    under its source prompt with the named method; with `diagnose` the result
     carries per-step residuals, the noise error and the (latent) reconstruction error, whose UNet
     rows are counted in `diagnostic_calls` (`total_calls` = the method's + the diagnostics')."""
     prompt = check_prompt(prompt)
+    check_prompt_tokens(model.tokenizer, prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     entry, opts = get_method(method), make_options(method, **options)
-    torch.manual_seed(seed)
-    source = image_tensor(model, image)
+    torch.manual_seed(check_seed(seed))
+    source = image_tensor(model, library_image(image))
     z0 = model.encode_image(source)
     inversion = entry.function(model, z0, model.encode_prompt(prompt), model.schedule(num_steps), opts,
                                diagnose=diagnose, progress=progress)
