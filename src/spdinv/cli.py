@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import gc
 import os
 import sys
@@ -121,6 +122,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace | int:
     return args
 
 
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.EFBIG,
+                      errno.EMFILE, errno.ENFILE}
+
+
 def execute(args: argparse.Namespace) -> int:
     """Run the parsed command; its errors become one line on stderr and exit status 2."""
     try:
@@ -131,6 +136,13 @@ def execute(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("spdinv: interrupted; nothing partial was written", file=sys.stderr)
         return 130
+    except OSError as error:  # the machine's state (a full disk, a read-only mount), not a bug: one line
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        print(f"spdinv: error: could not write or read{where}: {error.strerror}; files already there are unchanged",
+              file=sys.stderr)
+        return 2
     return 0
 
 

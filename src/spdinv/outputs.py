@@ -24,6 +24,7 @@ a commit that had begun is finished, anything else removed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -40,6 +41,7 @@ from typing import IO, Iterator
 from .errors import SpdinvError
 
 MANIFEST = ".spdinv-manifest.json"
+_RETRIES = 5
 _SCRATCH = ".spdinv-"  # staging / set-aside folder names: .spdinv-TAG.KIND.PID.HOST.TOKEN
 _INSIDE = "in"  # the tag of a staging folder inside `out`
 _REPLACED = ".spdinv-replaced"  # inside a merge's staging folder: what the commit replaced or removed
@@ -52,18 +54,27 @@ def check_output_dir(out: str | Path, what: str = "output") -> Path:
     """`out` as a Path, once it is known that it can be written: not a file nor inside one, names
     within the file system's limit, and a folder can be created where it goes (tried, then removed)."""
     out = Path(out)
-    existing = _nearest_existing(out)
-    _check_name_lengths(out, existing, what)
-    if existing == out and not out.is_dir():
-        raise SpdinvError(f"{what} path is a file, not a folder: {out}")
-    if existing != out and not existing.is_dir():
-        raise SpdinvError(f"{what} path is inside a file: {existing}")
-    try:
-        os.rmdir(_scratch_folder(existing, "probe"))
-    except OSError as error:
-        where = out if existing == out else existing
-        raise SpdinvError(f"cannot write to {out}: {where} is not writable ({error.strerror})") from None
-    return out
+    with _commit_lock(out):  # not while another writer swaps `out` (it is absent for a moment)
+        return _check_writable(out, what)
+
+
+def _check_writable(out: Path, what: str) -> Path:
+    for _ in range(_RETRIES):  # a folder that vanishes while checked is being replaced by a writer we cannot lock out
+        existing = _nearest_existing(out)
+        _check_name_lengths(out, existing, what)
+        if existing == out and out.is_file():
+            raise SpdinvError(f"{what} path is a file, not a folder: {out}")
+        if existing != out and existing.is_file():
+            raise SpdinvError(f"{what} path is inside a file: {existing}")
+        try:
+            os.rmdir(_scratch_folder(existing, "probe"))
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            where = out if existing == out else existing
+            raise SpdinvError(f"cannot write to {out}: {where} is not writable ({error.strerror})") from None
+        return out
+    raise SpdinvError(f"cannot write to {out}: it keeps vanishing (another process replacing it?)")
 
 
 def _exists(path: Path) -> bool:
@@ -100,19 +111,24 @@ def staged_output(out: str | Path) -> Iterator[Path]:
     docstring); on any failure `out` is as it was and the staging folder is gone (an OSError, such
     as a full disk, becomes a one-line SpdinvError)."""
     out = check_output_dir(out)
-    created = _make_parents(out)
     try:
-        clean_abandoned(out)
-    except OSError:  # what a killed run left is in the way of nothing: this run's commit replaces it
-        pass
-    stage, swap = _new_stage(out)
+        created = _make_parents(out)
+        with _commit_lock(out):
+            try:
+                clean_abandoned(out)
+            except OSError:  # what a killed run left is in the way of nothing: this run's commit replaces it
+                pass
+        stage, swap = _new_stage(out)
+    except OSError as error:  # a full disk before anything was written
+        raise SpdinvError(f"could not write {out} ({error.strerror or error}); it is unchanged") from None
     try:
         yield stage
         write_manifest(stage)
-        if swap:
-            _swap(stage, out)
-        else:
-            _merge(stage, out)
+        with _commit_lock(out):  # concurrent writers commit one after the other: the last one's output stays whole
+            if swap and _swappable(out):
+                _swap(stage, out)
+            else:
+                _merge(stage, out)
     except BaseException as error:
         shutil.rmtree(stage, ignore_errors=True)
         for folder in created:  # deepest first; only the ones this call made, and only when empty
@@ -124,6 +140,25 @@ def staged_output(out: str | Path) -> Iterator[Path]:
             where = f": {error.filename}" if error.filename else ""
             raise SpdinvError(f"could not write {out} ({error.strerror or error}{where}); it is unchanged") from None
         raise
+
+
+@contextmanager
+def _commit_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock on the parent folder of `out` while inside (none where the parent cannot
+    be opened or locked: then commits are not serialised, as before)."""
+    try:
+        handle = os.open(out.parent, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
 
 
 def _make_parents(out: Path) -> list[Path]:
