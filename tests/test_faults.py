@@ -170,3 +170,21 @@ def test_a_binary_results_csv_and_a_file_as_report_out_are_one_line(tmp_path, ca
     (tmp_path / "a-file").write_text("mine")
     code, _, err = run(["report", good, "--out", tmp_path / "a-file"], capsys)
     assert code == 2 and "is a file" in err and one_error(err) and (tmp_path / "a-file").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- the demo's address
+
+
+def test_the_demo_names_a_busy_port_and_an_unresolvable_host_rightly(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run(["demo", "--port", port, "--no-cache"], capsys)
+    assert code == 2 and one_error(err) and f"port {port} on 127.0.0.1 is in use" in err
+    code, _, err = run(["demo", "--host", "no-such-host.invalid", "--no-cache"], capsys)
+    assert code == 2 and one_error(err) and "cannot resolve the host 'no-such-host.invalid'" in err
+    code, _, err = run(["demo", "--host", "192.0.2.1", "--no-cache"], capsys)  # TEST-NET-1: nobody's address
+    assert code == 2 and one_error(err) and "not an address of this machine" in err
