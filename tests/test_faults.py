@@ -188,3 +188,71 @@ def test_the_demo_names_a_busy_port_and_an_unresolvable_host_rightly(capsys):
     assert code == 2 and one_error(err) and "cannot resolve the host 'no-such-host.invalid'" in err
     code, _, err = run(["demo", "--host", "192.0.2.1", "--no-cache"], capsys)  # TEST-NET-1: nobody's address
     assert code == 2 and one_error(err) and "not an address of this machine" in err
+
+
+# ---------------------------------------------------------------- bench datasets
+
+
+def _mapping_with(tmp_path, change):
+    from spdinv.world.dataset import export
+
+    data = export(tmp_path / "world", 2, seed=0)
+    text = (data / "mapping_file.json").read_text()
+    (data / "mapping_file.json").write_text(change(json.loads(text), text))
+    return data
+
+
+def _duplicate_first(mapping, text):
+    first_id, first = next(iter(mapping.items()))
+    return "{" + json.dumps(first_id) + ": " + json.dumps(first) + ", " + text.strip()[1:]
+
+
+def _rename(new_ids):
+    def change(mapping, text):
+        return json.dumps(dict(zip(new_ids, mapping.values())))
+    return change
+
+
+def _category(value):
+    def change(mapping, text):
+        first = next(iter(mapping))
+        mapping[first]["editing_type_id"] = value
+        return json.dumps(mapping)
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_duplicate_first, "gives id"),
+    (_rename(["a/b", "a:b"]), "give one file name (a_b)"),
+    (_rename(["one\ntwo", "three"]), "holds a newline or control character"),
+    (_rename(["", "three"]), "is empty"),
+    (_category([1, 2]), "editing_type_id must be text or an integer"),
+    (_category(None), "editing_type_id must be text or an integer"),
+])
+def test_bad_bench_ids_and_categories_are_one_line(tmp_path, change, message):
+    from spdinv.bench.datasets import load_dataset
+
+    data = _mapping_with(tmp_path, change)
+    with pytest.raises(SpdinvError) as error:
+        load_dataset(data)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- world train checkpoints
+
+
+def test_world_train_refuses_a_damaged_checkpoint_and_other_settings(tmp_path):
+    from spdinv.world.train import TrainConfig, Trainer
+
+    tiny = dict(n_scenes=4, vae_steps=1, vae_batch=2, unet_steps=1, unet_batch=2, unet_warmup=1, threads=1)
+    Trainer(tmp_path / "work", TrainConfig(**tiny)).save_checkpoint({})
+    assert Trainer(tmp_path / "work", TrainConfig(**tiny, device="cpu", checkpoint_every=7)).load_checkpoint()
+    with pytest.raises(SpdinvError, match=r"started with other settings \(unet_steps: 1 there, 9 now\)"):
+        Trainer(tmp_path / "work", TrainConfig(**{**tiny, "unet_steps": 9})).load_checkpoint()
+    checkpoint = tmp_path / "work" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])  # truncated
+    with pytest.raises(SpdinvError, match="is damaged or not a world checkpoint"):
+        Trainer(tmp_path / "work", TrainConfig(**tiny)).load_checkpoint()
+    checkpoint.write_bytes(b"")
+    with pytest.raises(SpdinvError, match="is damaged or not a world checkpoint"):
+        Trainer(tmp_path / "work", TrainConfig(**tiny)).load_checkpoint()
