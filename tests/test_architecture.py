@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "spdinv"
 
 # Lowest first. A module belongs to the layer with the longest matching prefix (names relative to spdinv).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("errors", "arguments", "images", "outputs", "masks", "schedule", "families", "prediction",
-                    "conditioning", "concepts", "presets")),
+    ("foundation", ("errors", "arguments", "images", "inputs", "outputs", "masks", "schedule", "families",
+                    "prediction", "conditioning", "concepts", "presets")),
     ("model", ("loading", "model", "textual_inversion", "elite")),
     ("sampling", ("sampling",)),
     ("inversion", ("inversion", "plots", "export")),

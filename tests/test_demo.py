@@ -124,6 +124,7 @@ def test_compare_mode_writes_what_the_cli_writes_and_equals_edit(session, tiny, 
 
 
 def test_demo_command_refuses_an_unknown_model_in_one_line(capsys):
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
     from spdinv.cli import main
 
     assert main(["demo", "--model", "/no/such/model", "--no-cache"]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import gc
 import os
 import sys
@@ -76,12 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run_invert(args: argparse.Namespace) -> None:
     from .images import conform_image, open_image
     from .inversion import check_prompt, get_method
-    from .outputs import check_output_dir
+    from .export import INVERT_FILES
+    from .outputs import check_no_foreign, check_output_dir
 
     prompt = check_prompt(args.prompt)
     get_method(args.method)
     options = inversion_options(args, args.method)
     check_output_dir(args.out)
+    check_no_foreign(args.out, list(INVERT_FILES))
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     commands.check_model_settings(args)
     concept = commands.concept_from_args(args, {"prompt": prompt})
@@ -126,6 +129,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace | int:
     return args
 
 
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.EFBIG,
+                      errno.EMFILE, errno.ENFILE}
+
+
 def execute(args: argparse.Namespace) -> int:
     """Run the parsed command; its errors become one line on stderr and exit status 2."""
     try:
@@ -136,6 +143,13 @@ def execute(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("spdinv: interrupted; nothing partial was written", file=sys.stderr)
         return 130
+    except OSError as error:  # the machine's state (a full disk, a read-only mount), not a bug: one line
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {error.filename}" if error.filename else ""
+        print(f"spdinv: error: could not write or read{where}: {error.strerror}; files already there are unchanged",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -83,9 +83,11 @@ def check_model_settings(args: argparse.Namespace) -> None:
 
 
 def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
-    """One line each: the words the text encoder's window cuts off, and, for a word-level
-    tokenizer like the embedded model's, the words it does not know (spelled out in letters,
-    which the model never learnt)."""
+    """One line each: the words the text encoder's window cuts off, for a word-level tokenizer like
+    the embedded model's the words it does not know (spelled out in letters, which the model never
+    learnt), and the pieces with characters it reads as its unknown token (emoji, zero-width spaces)."""
+    from .inputs import unread_pieces
+
     tokenizer, found = model.tokenizer, []
     ids = tokenizer(prompt, truncation=False).input_ids
     window = tokenizer.model_max_length
@@ -102,6 +104,10 @@ def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
         unknown = [w for w in words if len(tokenizer.tokenize(w)) != 1]
         if unknown:
             found.append(f"the model does not know these {what} words: {', '.join(unknown)}")
+    unread = unread_pieces(tokenizer, prompt)
+    if unread:
+        shown = ", ".join(repr(piece) for piece in unread[:5])
+        found.append(f"the tokenizer reads characters of {shown} in the {what} as end-of-text (unknown), not as words")
     return found
 
 

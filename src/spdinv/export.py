@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .errors import require_finite
-from .images import to_pil, to_tensor
+from .images import to_pil
 from .inversion import Inversion, invert
 from .inversion.base import StepReport
 from .model import DiffusionModel
@@ -19,6 +19,8 @@ from .plots import plot_residuals
 from .inversion.reconstruction import reconstruct
 
 _SIDE_INFO = ("uncond_embeddings",)
+INVERT_FILES = ("z_T.safetensors", "trajectory.safetensors", "diagnostics.json", "source.png", "reconstruction.png",
+                "residuals.png", "config.json")  # what `spdinv invert` writes
 
 
 def save_inversion(inversion: Inversion, folder: Path) -> None:
@@ -53,7 +55,7 @@ def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
     return Inversion(
         method=metadata["method"], trajectory=tensors["trajectory"], schedule=schedule,
         prompt_embedding=tensors["prompt_embedding"].to(model.device),
-        steps=[StepReport(**s) for s in diagnostics["steps"]], settings=json.loads(metadata["settings"]),
+        steps=[_step_report(s) for s in diagnostics["steps"]], settings=json.loads(metadata["settings"]),
         guidance_scale=float(metadata["guidance_scale"]), source_as_uncond=metadata["source_as_uncond"] == "True",
         pin_source=metadata.get("pin_source", str(metadata["method"] == "direct")) == "True",
         noise_error=diagnostics["noise_error"], reconstruction_error=diagnostics["reconstruction_error"],
@@ -61,22 +63,31 @@ def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
     )
 
 
+def _step_report(record: dict) -> StepReport:
+    """A StepReport from diagnostics.json, where a residual that was not measured is null (NaN in memory)."""
+    nan = float("nan")
+    return StepReport(**{k: nan if v is None and k.startswith("residual") else v for k, v in record.items()})
+
+
 def invert_to_folder(model: DiffusionModel, image: Image.Image, prompt: str, method: str, num_steps: int,
                      options: dict, out: Path, *, seed: int = 0, progress: bool = True, command=None) -> str:
     """The `spdinv invert` job: invert, reconstruct, and write everything to `out` all-or-nothing."""
     inversion = invert(model, image, prompt, method, num_steps, seed=seed, progress=progress, **options)
     require_finite(inversion.trajectory, f"the {method} inversion")
-    recon = reconstruct(model, inversion, to_tensor(image))
+    recon = reconstruct(model, inversion)  # the one the diagnostics sampled, against the input image
     require_finite(recon.image, f"the {method} reconstruction")
     with staged_output(out) as stage:
         save_inversion(inversion, stage)
         image.save(stage / "source.png")
         to_pil(recon.image)[0].save(stage / "reconstruction.png")
         plot_residuals(inversion.steps, stage / "residuals.png", title=f"{method} on {model.name.split('/')[-1]}: {prompt}")
-        diagnostics = inversion.diagnostics() | {"reconstruction_psnr": recon.psnr, "reconstruction_mse": recon.mse}
+        diagnostics = inversion.diagnostics() | {"reconstruction_psnr": recon.psnr, "reconstruction_mse": recon.mse,
+                                                 "reconstruction_reference": recon.reference}
         write_json(stage / "diagnostics.json", diagnostics)
         write_json(stage / "config.json", {"prompt": prompt, "model": model.name, "device": str(model.device),
                                            "dtype": str(model.dtype).removeprefix("torch."), **inversion.settings,
                                            "command": command})
+    calls = inversion.total_calls + recon.network_calls
     return (f"{method}: noise error {inversion.noise_error:.3e}, reconstruction PSNR {recon.psnr:.2f} dB, "
-            f"{inversion.network_calls} network calls, {inversion.seconds:.1f} s -> {out}")
+            f"{calls} network calls ({inversion.network_calls} inverting, {calls - inversion.network_calls} "
+            f"measuring residuals and reconstructing), {inversion.seconds:.1f} s -> {out}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def open_image(path: str | Path) -> tuple[Image.Image, list[str]]:
         raise SpdinvError(f"image not found: {path}")
     if path.is_dir():
         raise SpdinvError(f"image path is a folder: {path}")
+    require_regular_file(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -130,3 +132,17 @@ def psnr(a: Tensor, b: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -
     low, span = value_range[0], value_range[1] - value_range[0]
     mse = float((((a.float() - low) / span - (b.float() - low) / span) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def require_regular_file(path: str | Path, what: str = "image") -> None:
+    """A one-line error when `path` exists but is not a regular file (a FIFO, a socket, a device):
+    reading one would block forever or read something that is not a file's content."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # absent or unreadable: the caller's own check says so
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise SpdinvError(f"{what} path is {kind}, not a regular file: {path}")

@@ -13,7 +13,10 @@ commits them in one step:
 
 Either way nothing crosses a file system (no EXDEV), the old output stays whole until the new one
 is complete, and `out` ends up holding exactly the new output (files of the previous output that
-the new one lacks are removed; other files are left alone). Every output folder gets
+the new one lacks are removed; other files are left alone). A file spdinv did not write is never
+replaced nor removed: spdinv's own are those its manifest lists with their size and checksum (a
+file the user changed since is theirs); a commit that would replace another is refused in one line
+(`foreign_files` lets a command refuse before any compute). Every output folder gets
 `.spdinv-manifest.json` (each file's size and SHA-256), written last. Staging folders of runs
 that were killed (their process is gone) are cleaned by the next run writing to the same `out`:
 a commit that had begun is finished, anything else removed.
@@ -21,8 +24,10 @@ a commit that had begun is finished, anything else removed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -36,6 +41,7 @@ from typing import IO, Iterator
 from .errors import SpdinvError
 
 MANIFEST = ".spdinv-manifest.json"
+_RETRIES = 5
 _SCRATCH = ".spdinv-"  # staging / set-aside folder names: .spdinv-TAG.KIND.PID.HOST.TOKEN
 _INSIDE = "in"  # the tag of a staging folder inside `out`
 _REPLACED = ".spdinv-replaced"  # inside a merge's staging folder: what the commit replaced or removed
@@ -48,18 +54,27 @@ def check_output_dir(out: str | Path, what: str = "output") -> Path:
     """`out` as a Path, once it is known that it can be written: not a file nor inside one, names
     within the file system's limit, and a folder can be created where it goes (tried, then removed)."""
     out = Path(out)
-    existing = _nearest_existing(out)
-    _check_name_lengths(out, existing, what)
-    if existing == out and not out.is_dir():
-        raise SpdinvError(f"{what} path is a file, not a folder: {out}")
-    if existing != out and not existing.is_dir():
-        raise SpdinvError(f"{what} path is inside a file: {existing}")
-    try:
-        os.rmdir(_scratch_folder(existing, "probe"))
-    except OSError as error:
-        where = out if existing == out else existing
-        raise SpdinvError(f"cannot write to {out}: {where} is not writable ({error.strerror})") from None
-    return out
+    with _commit_lock(out):  # not while another writer swaps `out` (it is absent for a moment)
+        return _check_writable(out, what)
+
+
+def _check_writable(out: Path, what: str) -> Path:
+    for _ in range(_RETRIES):  # a folder that vanishes while checked is being replaced by a writer we cannot lock out
+        existing = _nearest_existing(out)
+        _check_name_lengths(out, existing, what)
+        if existing == out and out.is_file():
+            raise SpdinvError(f"{what} path is a file, not a folder: {out}")
+        if existing != out and existing.is_file():
+            raise SpdinvError(f"{what} path is inside a file: {existing}")
+        try:
+            os.rmdir(_scratch_folder(existing, "probe"))
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            where = out if existing == out else existing
+            raise SpdinvError(f"cannot write to {out}: {where} is not writable ({error.strerror})") from None
+        return out
+    raise SpdinvError(f"cannot write to {out}: it keeps vanishing (another process replacing it?)")
 
 
 def _exists(path: Path) -> bool:
@@ -96,19 +111,24 @@ def staged_output(out: str | Path) -> Iterator[Path]:
     docstring); on any failure `out` is as it was and the staging folder is gone (an OSError, such
     as a full disk, becomes a one-line SpdinvError)."""
     out = check_output_dir(out)
-    created = _make_parents(out)
     try:
-        clean_abandoned(out)
-    except OSError:  # what a killed run left is in the way of nothing: this run's commit replaces it
-        pass
-    stage, swap = _new_stage(out)
+        created = _make_parents(out)
+        with _commit_lock(out):
+            try:
+                clean_abandoned(out)
+            except OSError:  # what a killed run left is in the way of nothing: this run's commit replaces it
+                pass
+        stage, swap = _new_stage(out)
+    except OSError as error:  # a full disk before anything was written
+        raise SpdinvError(f"could not write {out} ({error.strerror or error}); it is unchanged") from None
     try:
         yield stage
         write_manifest(stage)
-        if swap:
-            _swap(stage, out)
-        else:
-            _merge(stage, out)
+        with _commit_lock(out):  # concurrent writers commit one after the other: the last one's output stays whole
+            if swap and _swappable(out):
+                _swap(stage, out)
+            else:
+                _merge(stage, out)
     except BaseException as error:
         shutil.rmtree(stage, ignore_errors=True)
         for folder in created:  # deepest first; only the ones this call made, and only when empty
@@ -120,6 +140,25 @@ def staged_output(out: str | Path) -> Iterator[Path]:
             where = f": {error.filename}" if error.filename else ""
             raise SpdinvError(f"could not write {out} ({error.strerror or error}{where}); it is unchanged") from None
         raise
+
+
+@contextmanager
+def _commit_lock(out: Path) -> Iterator[None]:
+    """An exclusive flock on the parent folder of `out` while inside (none where the parent cannot
+    be opened or locked: then commits are not serialised, as before)."""
+    try:
+        handle = os.open(out.parent, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
 
 
 def _make_parents(out: Path) -> list[Path]:
@@ -145,8 +184,8 @@ def _swappable(out: Path) -> bool:
         return True
     if out.is_symlink() or os.path.ismount(out) or out.stat().st_dev != out.parent.stat().st_dev:
         return False
-    listed = set(manifest_files(out)) | {MANIFEST}
-    return all(p.is_dir() or str(p.relative_to(out)) in listed for p in out.rglob("*"))  # stops at a foreign file
+    owned = set(owned_files(out)) | {MANIFEST}  # a listed file the user changed since is theirs
+    return all(p.is_dir() and not p.is_symlink() or str(p.relative_to(out)) in owned for p in out.rglob("*"))
 
 
 def _swap(stage: Path, out: Path) -> None:
@@ -167,11 +206,14 @@ def _swap(stage: Path, out: Path) -> None:
 
 def _merge(stage: Path, out: Path) -> None:
     """Move the staged files into `out`, manifest last; undone on failure. Safe to call again on a
-    staging folder whose merge was interrupted (it continues where it stopped)."""
+    staging folder whose merge was interrupted (it continues where it stopped). Refused (nothing
+    moved) when a staged file would replace a file spdinv did not write."""
     replaced = stage / _REPLACED
     new = [f for f in manifest_files(stage) if f != MANIFEST]
-    old = manifest_files(out) or manifest_files(replaced)
-    stale = [f for f in old if f not in new]
+    manifest_home = out if (out / MANIFEST).is_file() else replaced
+    owned = set(owned_files(out, manifest_home))
+    refuse_foreign(out, [f for f in new if (stage / f).exists() and f not in owned])
+    stale = [f for f in owned if f not in new]
     done: list[tuple[str, str]] = []  # (what, relative path), to undo in reverse
     try:
         for relative in [MANIFEST, *stale]:
@@ -211,6 +253,49 @@ def _move(source: Path, target: Path) -> bool:
 
 
 # ---------------------------------------------------------------- the manifest
+
+
+def owned_files(out: Path, manifest_home: Path | None = None) -> list[str]:
+    """The files under `out` that spdinv wrote: listed in the manifest (in `manifest_home`,
+    default `out`) with the size and checksum they still have."""
+    try:
+        files = json.loads(((manifest_home or out) / MANIFEST).read_text())["files"]
+        records = {str(name): (int(r["bytes"]), str(r["sha256"])) for name, r in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    owned = []
+    for relative, (size, digest) in records.items():
+        path = out / relative
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size == size and _sha256(path) == digest:
+                owned.append(relative)
+        except OSError:
+            continue
+    return owned
+
+
+def foreign_files(out: str | Path, names: list[str]) -> list[str]:
+    """Which of `names` (paths relative to `out`) exist in `out` without being spdinv's own."""
+    out = Path(out)
+    present = [name for name in names if _exists(out / name)]
+    if not present:
+        return []
+    owned = set(owned_files(out))
+    return [name for name in present if name not in owned]
+
+
+def refuse_foreign(out: Path, names: list[str]) -> None:
+    """A one-line SpdinvError naming what in `out` spdinv would replace but did not write."""
+    foreign = [name for name in names if _exists(out / name)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise SpdinvError(f"{out} holds {shown}, not written by spdinv; not replacing it: choose another output "
+                          "folder or move the file(s)")
+
+
+def check_no_foreign(out: str | Path, names: list[str]) -> None:
+    """Refuse, before any compute, an output folder where these files exist and are not spdinv's."""
+    refuse_foreign(Path(out), foreign_files(out, names))
 
 
 def write_manifest(folder: Path) -> None:
@@ -336,9 +421,23 @@ def clean_abandoned(out: str | Path) -> None:
 
 
 def to_json(data, indent: int | None = 2) -> str:
-    """JSON text (newline-terminated) of `data`: tensors and numpy scalars as numbers, paths and
-    anything else unknown as strings."""
-    return json.dumps(data, indent=indent, default=_jsonable) + "\n"
+    """Strict JSON text (newline-terminated) of `data`: tensors and numpy scalars as numbers, NaN
+    and infinities as null (JSON has no such numbers; strict parsers reject Python's `NaN`), paths
+    and anything else unknown as strings."""
+    return json.dumps(_finite(data), indent=indent, default=_jsonable, allow_nan=False) + "\n"
+
+
+def _finite(value):
+    """`value` with every non-finite float (also inside tensors' and numpy's scalars) as None."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a tensor's or numpy's scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_json(path: Path, data, indent: int | None = 2) -> Path:
@@ -380,5 +479,6 @@ def write_atomically(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
-__all__ = ["MANIFEST", "atomic_file", "check_manifest", "check_output_dir", "clean_abandoned", "manifest_files",
+__all__ = ["MANIFEST", "atomic_file", "check_manifest", "check_no_foreign", "check_output_dir", "clean_abandoned",
+           "foreign_files", "manifest_files", "owned_files",
            "staged_output", "to_json", "write_atomically", "write_json", "write_manifest"]

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import SpdinvError
-from ..images import open_image
+from ..images import open_image, require_regular_file
 from ..masks import rle_decode, runs_past_frame
 
 MAPPING_FILE = "mapping_file.json"
@@ -163,12 +163,41 @@ def _read_mapping(root: Path) -> dict:
     if not path.is_file():
         raise SpdinvError(f"no {MAPPING_FILE} in {root}: not a PIE-Bench-format folder")
     try:
-        mapping = json.loads(path.read_text())
+        mapping = json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_ids)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SpdinvError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(mapping, dict) or not all(isinstance(v, dict) for v in mapping.values()):
         raise SpdinvError(f"{path} must map ids to entries")
+    _check_ids(list(mapping), path)
     return mapping
+
+
+def _refuse_duplicate_ids(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a key given twice (JSON keeps the last silently) is an error."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise SpdinvError(f"{MAPPING_FILE} gives id {key!r} twice (an entry would be lost)")
+        seen[key] = value
+    return seen
+
+
+def file_stem(text: str) -> str:
+    """`text` with every character a file name may not portably hold replaced by '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+def _check_ids(ids: list[str], path: Path) -> None:
+    """Ids are one printable line (they key results.csv rows) and stay distinct as file names."""
+    for item_id in ids:
+        if not item_id.strip() or any(not c.isprintable() for c in item_id):
+            raise SpdinvError(f"{path}: id {item_id!r} is empty or holds a newline or control character")
+    stems: dict[str, str] = {}
+    for item_id in ids:
+        other = stems.setdefault(file_stem(item_id), item_id)
+        if other != item_id:
+            raise SpdinvError(f"{path}: ids {other!r} and {item_id!r} give one file name ({file_stem(item_id)}); "
+                              "rename one")
 
 
 def _make_item(root: Path, item_id: str, entry: dict, image_path: Path, size: tuple[int, int]) -> BenchItem:
@@ -178,6 +207,10 @@ def _make_item(root: Path, item_id: str, entry: dict, image_path: Path, size: tu
     for key in ("original_prompt", "editing_prompt", "editing_instruction", "blended_word"):
         if entry.get(key) is not None and not isinstance(entry[key], str):
             raise SpdinvError(f"item {item_id} in {MAPPING_FILE}: {key} must be text, got {entry[key]!r}")
+    category = entry["editing_type_id"]
+    if isinstance(category, bool) or not isinstance(category, (str, int)) or not str(category).strip():
+        raise SpdinvError(f"item {item_id} in {MAPPING_FILE}: editing_type_id must be text or an integer, "
+                          f"got {category!r}"[:200])
     mask_rle = entry["mask"]
     try:
         clipped = runs_past_frame(mask_rle, (size[1], size[0]))
@@ -212,7 +245,9 @@ def _resolve(root: Path, subfolder: str, entry: dict, key: str, item_id: str) ->
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the header, or None when the file is missing or not an image."""
+    """(width, height) from the header, or None when the file is missing or not an image; a path
+    that is not a regular file (a FIFO would block the read forever) is a one-line error."""
+    require_regular_file(path, "dataset image")
     try:
         with Image.open(path) as image:
             return image.size

@@ -10,8 +10,12 @@ inversion's own costs.
 - gt_psnr / gt_ssim: the edit multiplied by the mask against the rendered target multiplied by the
   mask (world export only); edit_accuracy: 1 when the attribute classifier reads the target scene
   from the edit.
-- noise_error, reconstruction_error, network_calls, seconds: the inversion's; edit_seconds: the
-  whole edit's wall time.
+- noise_error, reconstruction_error, network_calls, seconds: the inversion's (network_calls: the
+  UNet rows its method evaluated); diagnostic_calls: the UNet rows its diagnostics evaluated (the
+  residuals the method did not measure and the reconstruction behind reconstruction_error; 0 with
+  --no-diagnostics); edit_calls: the UNet rows of the edit's sampling; edit_seconds: the whole
+  edit's wall time. A row's full cost is network_calls + diagnostic_calls + edit_calls; rows that
+  share an inversion (one image and method, several engines) each carry its cost, paid once.
 
 Evaluation models load from local paths or hub ids with `local_files_only`; one that is absent
 makes its metrics unavailable (reported once, in one line) and everything else still runs.
@@ -39,7 +43,8 @@ METRICS: dict[str, str | None] = {
     "psnr": None, "lpips": "lpips", "mse": None, "ssim": None,
     "clip_whole": "clip", "clip_edited": "clip",
     "gt_psnr": None, "gt_ssim": None, "edit_accuracy": "classifier",
-    "noise_error": None, "reconstruction_error": None, "network_calls": None, "seconds": None, "edit_seconds": None,
+    "noise_error": None, "reconstruction_error": None, "network_calls": None, "diagnostic_calls": None,
+    "edit_calls": None, "seconds": None, "edit_seconds": None,
 }
 TIMING_METRICS = ("seconds", "edit_seconds")  # wall-clock: differ between otherwise identical runs
 DEFAULT_DINO = "facebook/dino-vitb8"
@@ -353,6 +358,7 @@ class Sample:
     target_scene: dict | None = None
     inversion: object | None = None  # spdinv.inversion.Inversion
     edit_seconds: float = math.nan
+    edit_calls: float = math.nan
 
 
 @dataclass
@@ -406,6 +412,7 @@ class Evaluator:
             scores["edit_accuracy"] = self._scorers["classifier"](sample.edited, sample.target_scene)
         scores.update(inversion_costs(sample.inversion))
         scores["edit_seconds"] = sample.edit_seconds
+        scores["edit_calls"] = sample.edit_calls
         return {m: float(scores.get(m, math.nan)) if m in wanted else math.nan for m in self.metrics}
 
 
@@ -416,6 +423,7 @@ def inversion_costs(inversion) -> dict[str, float]:
         "noise_error": _or_nan(inversion.noise_error),
         "reconstruction_error": _or_nan(inversion.reconstruction_error),
         "network_calls": float(inversion.network_calls),
+        "diagnostic_calls": float(getattr(inversion, "diagnostic_calls", math.nan)),
         "seconds": float(inversion.seconds),
     }
 

@@ -19,7 +19,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SpdinvError
+from ..errors import SpdinvError, first_line
+from ..outputs import check_output_dir, staged_output
 from .datasets import CATEGORY_NAMES
 from .results import ERROR_COLUMN, KEY_COLUMNS, RESULTS_FILE
 
@@ -51,6 +52,8 @@ COST_COLUMNS = (
     Column("noise_error", "Noise error ↓", higher_is_better=False, digits=0),
     Column("reconstruction_error", "Reconstruction error ↓", higher_is_better=False, digits=0),
     Column("network_calls", "Network calls ↓", higher_is_better=False, digits=0),
+    Column("diagnostic_calls", "Diagnostic calls", higher_is_better=False, digits=0),
+    Column("edit_calls", "Edit calls", higher_is_better=False, digits=0),
     Column("seconds", "Inversion s ↓", higher_is_better=False),
     Column("edit_seconds", "Edit s ↓", higher_is_better=False),
 )
@@ -125,16 +128,24 @@ def load_results(path: str | Path) -> Results:
     csv_path = path / RESULTS_FILE if path.is_dir() else path
     if not csv_path.is_file():
         raise SpdinvError(f"no results at {path} (expected {RESULTS_FILE} or a bench output folder)")
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        if not set(KEY_COLUMNS) <= set(header):
-            raise SpdinvError(f"{csv_path} is not a spdinv bench results file (columns {', '.join(header)})")
-        rows = list(reader)
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            if not set(KEY_COLUMNS) <= set(header):
+                shown = ", ".join(header)[:120]
+                raise SpdinvError(f"{csv_path} is not a spdinv bench results file (columns {shown})")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise SpdinvError(f"{csv_path} is not a spdinv bench results file (not CSV text: {first_line(error)[:80]})") \
+            from None
     if not rows:
         raise SpdinvError(f"{csv_path} has no rows")
     settings_path = csv_path.parent / "run.json"
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    try:
+        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SpdinvError(f"{settings_path} is not the run.json spdinv wrote ({first_line(error)[:80]})") from None
     metrics = [c for c in header if c not in KEY_COLUMNS and c != ERROR_COLUMN]
     return Results(rows, metrics, settings)
 
@@ -365,11 +376,11 @@ def write_report(results_path: str | Path, out: str | Path | None = None) -> Pat
     results = load_results(results_path)
     source = Path(results_path)
     folder = source if source.is_dir() else source.parent
-    out = Path(out) if out else folder / "report"
-    plots_folder = out / "plots"
-    plots_folder.mkdir(parents=True, exist_ok=True)
-    plots = (example_grid(results, folder, plots_folder) + bar_charts(results, plots_folder)
-             + step_profiles(folder / "diagnostics", plots_folder))
-    path = out / "report.md"
-    path.write_text(markdown(results, plots, base=out))
-    return path
+    out = check_output_dir(Path(out) if out else folder / "report", "report")
+    with staged_output(out) as stage:  # all-or-nothing; a full disk or a file in the way is one line
+        plots_folder = stage / "plots"
+        plots_folder.mkdir()
+        plots = (example_grid(results, folder, plots_folder) + bar_charts(results, plots_folder)
+                 + step_profiles(folder / "diagnostics", plots_folder))
+        (stage / "report.md").write_text(markdown(results, plots, base=stage))
+    return out / "report.md"

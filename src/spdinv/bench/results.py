@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import SpdinvError
+from ..errors import SpdinvError, first_line
 from ..outputs import write_atomically
 
 KEY_COLUMNS = ("id", "category", "inversion", "engine")
@@ -116,10 +116,14 @@ def read_rows(path: Path, header: list[str] | None = None) -> list[dict[str, str
     written with other columns is an error."""
     if not path.is_file():
         return []
-    text = path.read_text()
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    lines = list(csv.reader(io.StringIO(text)))
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+        lines = list(csv.reader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise SpdinvError(f"{path} is not a results file spdinv wrote (not CSV text: {first_line(error)[:80]}); "
+                          "move it or use another --out") from None
     if not lines:
         return []
     found = lines[0]

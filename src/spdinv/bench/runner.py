@@ -8,8 +8,8 @@ are done (see results.py for the durability and ordering rules).
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import SpdinvError, require_finite
 from ..images import centre_square, conform_image
 from ..outputs import write_atomically, write_json
-from .datasets import BenchDataset, BenchItem, load_dataset
+from .datasets import BenchDataset, BenchItem, file_stem, load_dataset
 from .distributed import ProcessGroup, Shard, current_shard
 from .metrics import SSIM_VARIANT, EvaluationModels, Evaluator, Sample, clip_image_processor_class, parse_metrics
 from .protocol import DEFAULT_STRUCTURE_RESIZE, PROTOCOLS, ScoredEdit, check_protocol, default_protocol, saved_name, \
@@ -75,7 +75,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.item.id}__{self.inversion}__{self.engine}")
+        return file_stem(f"{self.item.id}__{self.inversion}__{self.engine}")
 
 
 @dataclass
@@ -100,6 +100,7 @@ class EditOutcome:
     edited: Image.Image
     inversion: object | None = None  # spdinv.inversion.Inversion
     seconds: float | None = None  # inversion + editing time, if the edit function knows it better than wall time
+    edit_calls: int | None = None  # the UNet rows of the edit's sampling, if the edit function counts them
 
 
 EditFunction = Callable[[EditRequest], EditOutcome]
@@ -146,7 +147,8 @@ class SpdinvEdit:
         inversion = result.inversion
         require_finite(inversion.trajectory, f"the {request.inversion} inversion")
         require_finite(result.edited, f"the {request.inversion} + {request.engine} edit")
-        return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"])
+        return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"],
+                           result.network_calls_by["edit"])
 
 
 def method_arguments(method: str, options: dict) -> dict:
@@ -290,6 +292,7 @@ def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, option
     seconds = outcome.seconds if outcome.seconds is not None else time.perf_counter() - started
     sample, scored = scoring_sample(item, source, target, outcome.edited, options.protocol)
     sample.inversion, sample.edit_seconds = outcome.inversion, seconds
+    sample.edit_calls = math.nan if outcome.edit_calls is None else outcome.edit_calls
     row.update({name: format_value(value) for name, value in evaluator.evaluate(sample).items()})
     _save_side_files(job, scored, outcome, options)
     return row

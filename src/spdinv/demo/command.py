@@ -38,6 +38,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from ..errors import SpdinvError
     from .session import DemoSession
 
+    check_address(args.host, args.port)  # before the model loads: the right reason, in one line
     try:
         from .app import launch, readable_folders
     except ImportError as error:
@@ -52,6 +53,34 @@ def run_demo(args: argparse.Namespace) -> None:
     finally:
         session.close()
     print("stopped", file=sys.stderr)
+
+
+def check_address(host: str, port: int) -> None:
+    """A one-line SpdinvError when the server could not listen on host:port, naming why: the host
+    does not resolve, is not this machine's, or the port is taken or reserved."""
+    import errno
+    import socket
+
+    from ..errors import SpdinvError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise SpdinvError(f"cannot resolve the host {host!r} ({error.strerror}); e.g. --host 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise SpdinvError(f"port {port} on {host} is in use by another program; pick another --port") from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise SpdinvError(f"{host} is not an address of this machine; serve on 127.0.0.1 or 0.0.0.0") from None
+            if error.errno == errno.EACCES:
+                raise SpdinvError(f"port {port} needs administrator rights (ports below 1024); pick another --port") \
+                    from None
+            raise SpdinvError(f"cannot listen on {host}:{port} ({error.strerror})") from None
 
 
 def demo_cache(args: argparse.Namespace):

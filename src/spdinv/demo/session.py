@@ -184,10 +184,11 @@ class DemoSession:
 
         check_request(request)
         image, notices = read_upload(request.image, self.allowed, self.model.image_size)
+        notices = notices + request_notices(self.model, request)
         pairs = []
         for method in request.inversions:
             for engine in request.engines:
-                options = dict(_applicable(request, method, engine), guidance_scale=request.guidance)
+                options = {"guidance_scale": request.guidance, **_applicable(request, method, engine)}
                 if engine == "p2p" and request.blend.strip():
                     options["blend"] = request.blend.strip()
                 engine_fields, sampler_fields, method_fields = split_fields(engine, method, options)
@@ -306,6 +307,19 @@ def _sampler_fields() -> set[str]:
     from ..editing.sampler import SamplerOptions
 
     return {f.name for f in dataclasses.fields(SamplerOptions)}
+
+
+def request_notices(model, request: EditRequest) -> list[str]:
+    """What the CLI would warn about (words the model does not know, a prompt past the text
+    encoder's window, characters read as unknown), and an options box that overrides the slider."""
+    from ..commands import prompt_warnings
+
+    found = prompt_warnings(model, request.source.strip(), "source prompt")
+    found += prompt_warnings(model, request.target.strip(), "target prompt")
+    given = request.options.get("guidance_scale")
+    if given is not None and given != request.guidance:
+        found.append(f"guidance_scale {given} from the options box is used, not the slider's {request.guidance}")
+    return found
 
 
 def _without_method_options(options: dict, method: str) -> dict:

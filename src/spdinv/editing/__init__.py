@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
+from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..inversion import Inversion, check_prompt, get_method, invert, make_options
 from ..model import DiffusionModel
 from ..presets import empty_source, engine_settings, inversion_settings
@@ -23,7 +24,7 @@ from .cache import InversionCache
 from .masactrl import MasaCtrlOptions, masactrl_editor
 from .p2p import P2POptions, p2p_editor
 from .pnp import PnPOptions, pnp_editor
-from .sampler import SamplerOptions, sample_edit
+from .sampler import SamplerOptions, edit_rows, sample_edit
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,10 @@ def preset_options(preset: str | None, engine: str, engine_options: object | dic
 class EditResult:
     """An edit. Images are (1, 3, H, W) in [-1, 1]: the edited image and the reconstruction (the
     source branch); `mask` is LocalBlend's (1, 1, h, w) at latent size, when one was used;
-    `latents` (n + 1, 2, C, h, w) are [source, target] in sampling order; `timings` in seconds."""
+    `latents` (n + 1, 2, C, h, w) are [source, target] in sampling order; `timings` in seconds;
+    `network_calls` the UNet rows this edit evaluated: the inversion's (its method's and its
+    diagnostics', when it was computed for this edit; 0 when it came from a cache or was given)
+    and the sampling's (`network_calls_by` splits them)."""
 
     edited: Tensor
     reconstruction: Tensor
@@ -118,6 +122,11 @@ class EditResult:
     latents: Tensor
     timings: dict[str, float] = field(default_factory=dict)
     cache_hit: bool | None = None
+    network_calls_by: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def network_calls(self) -> int:
+        return sum(self.network_calls_by.values())
 
     def pil(self) -> tuple[Image.Image, Image.Image]:
         """(edited, reconstruction) as PIL images."""
@@ -125,6 +134,14 @@ class EditResult:
 
         edited, reconstruction = to_pil(torch.cat([self.edited, self.reconstruction]))
         return edited, reconstruction
+
+
+def check_prompts(model: DiffusionModel, source_prompt: str, target_prompt: str) -> tuple[str, str]:
+    """Both prompts stripped, each refused when empty or when the tokenizer reads nothing in it."""
+    prompts = check_prompt(source_prompt, "source prompt"), check_prompt(target_prompt, "target prompt")
+    for prompt, what in zip(prompts, ("source prompt", "target prompt")):
+        check_prompt_tokens(model.tokenizer, prompt, what)
+    return prompts
 
 
 def check_inversion(model: DiffusionModel, inversion: Inversion, source_prompt: str) -> None:
@@ -198,8 +215,9 @@ def edits(
     and the given ones override them (a dict sets the fields it has, a dataclass all of its
     fields); engines then run one after the other, each inverting its methods (through `cache`),
     since a preset's engines may differ in sampler settings and even in the source prompt."""
-    source_prompt = check_prompt(source_prompt, "source prompt")
-    target_prompt = check_prompt(target_prompt, "target prompt")
+    source_prompt, target_prompt = check_prompts(model, source_prompt, target_prompt)
+    check_seed(seed)
+    image = None if image is None else library_image(image)
     inversion_options, engine_options = inversion_options or {}, engine_options or {}
     common = dict(num_steps=num_steps, seed=seed, progress=progress, cache=cache, diagnose=diagnose)
     if preset is None:
@@ -242,15 +260,20 @@ def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str,
         options = {} if isinstance(inversion, Inversion) else inversion_options.get(inversion, {})
         inverted, hit, inverting = _invert(model, image, source_prompt, inversion, num_steps=num_steps, seed=seed,
                                            progress=progress, cache=cache, diagnose=diagnose, options=options)
+        inverted_here = not isinstance(inversion, Inversion) and not hit
         for engine in engines:
             editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
             images, latents, sampling = run_editor(model, inverted, target_prompt, editor, sampler,
                                                    progress=progress, desc=f"edit ({inverted.method} + {engine})")
+            calls = {"invert": inverted.network_calls if inverted_here else 0,
+                     "diagnostics": inverted.diagnostic_calls if inverted_here else 0,
+                     "edit": edit_rows(model, inverted, target_prompt, sampler, editor, pin_source=editor.pin_source)}
+            inverted_here = False  # the next engine edits from the same inversion
             yield EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
                              engine=engine, options=dataclasses.asdict(chosen[engine]),
                              sampler=dataclasses.asdict(sampler), latents=latents,
                              timings={"invert": inverting, "edit": sampling, "total": inverting + sampling},
-                             cache_hit=hit)
+                             cache_hit=hit, network_calls_by=calls)
 
 
 def edit(
@@ -276,8 +299,7 @@ def edit(
     method (e.g. K, lr); `preset` (`spdinv.presets`: 'spdinv-official', 'pnpinv') starts from a
     published script's settings, which the keyword options override. `diagnose` asks an
     inversion computed here (or by the cache) for its diagnostics."""
-    source_prompt = check_prompt(source_prompt, "source prompt")
-    target_prompt = check_prompt(target_prompt, "target prompt")
+    source_prompt, target_prompt = check_prompts(model, source_prompt, target_prompt)
     given = isinstance(inversion, Inversion)
     if not given:
         get_method(inversion)

@@ -120,8 +120,8 @@ class InversionCache:
         try:
             with staged_output(self.root / key) as staging:
                 save_inversion(inversion, staging)
-        except SpdinvError as error:
-            self.problem = str(error)
+        except (SpdinvError, OSError) as error:  # a full disk, a read-only cache: the edit goes on without it
+            self.problem = str(error).splitlines()[0] if str(error) else type(error).__name__
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
                seed: int = 0, progress: bool = False, diagnose: bool = False, allow_empty_prompt: bool = False,

@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..arguments import flag_name
@@ -127,6 +127,7 @@ class Run:
     timings: dict
     inversion_settings: dict = dataclasses.field(default_factory=dict)
     sampler: dict = dataclasses.field(default_factory=dict)
+    network_calls: dict = dataclasses.field(default_factory=dict)  # UNet rows: {"invert", "diagnostics", "edit"} (the inversion's 0 on a cache hit)
 
 
 def run_edit(args: argparse.Namespace) -> None:
@@ -134,7 +135,7 @@ def run_edit(args: argparse.Namespace) -> None:
                             encoder_choice_from_args, load_model_from_args, prompt_warnings)
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
-    from ..outputs import check_output_dir
+    from ..outputs import check_no_foreign, check_output_dir
     from ..presets import empty_source
     from . import ENGINES
     from .sampler import SamplerOptions
@@ -148,6 +149,7 @@ def run_edit(args: argparse.Namespace) -> None:
     per_method = method_options(args, methods)
     sampler = SamplerOptions(**sampler_fields(args))
     check_output_dir(args.out)
+    check_no_foreign(args.out, output_names(methods, engines))
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     check_model_settings(args)
     prompts = {"source prompt": source, "target prompt": target}
@@ -188,7 +190,7 @@ def run_edit(args: argparse.Namespace) -> None:
                   {"model_load": loaded, "total": time.perf_counter() - wall})
     for run in runs:
         print(f"{run.method} + {run.engine}: reconstruction PSNR {run.psnr:.2f} dB, invert {run.timings['invert']:.1f} s "
-              f"({run.cache}), edit {run.timings['edit']:.1f} s")
+              f"({run.cache}), edit {run.timings['edit']:.1f} s, {sum(run.network_calls.values())} network calls")
     print(f"wrote {args.out} in {time.perf_counter() - wall:.1f} s")
 
 
@@ -226,7 +228,7 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
         status = "not cached" if cache is None else "cache hit" if result.cache_hit else "cache miss"
         runs.append(Run(method, engine, result.edited, result.reconstruction, result.mask, float("nan"), status,
                         {"invert": result.timings["invert"], "edit": result.timings["edit"]},
-                        result.inversion.settings, result.sampler))
+                        result.inversion.settings, result.sampler, result.network_calls_by))
     if cache is not None and cache.dropped:
         print(f"note: removed {cache.dropped} damaged inversion cache entr{'y' if cache.dropped == 1 else 'ies'} "
               "and inverted again", file=sys.stderr)
@@ -240,6 +242,14 @@ def _mask_image(mask, size: int):
 
     array = (mask[0, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
     return Image.fromarray(array, mode="L").resize((size, size), Image.NEAREST)
+
+
+def output_names(methods: list[str], engines: list[str]) -> list[str]:
+    """The files `write_outputs` writes whatever the edits give (mask.png only comes with a mask)."""
+    pairs = [(m, e) for m in methods for e in engines]
+    suffixes = [""] if len(pairs) == 1 else [f"-{m}-{e}" for m, e in pairs]
+    return ["source.png", "grid.png", "config.json",
+            *(f"{kind}{suffix}.png" for suffix in suffixes for kind in ("edit", "reconstruction"))]
 
 
 def write_outputs(args, model, image, source: str, target: str, sampler, per_method: dict, per_engine: dict,
@@ -268,7 +278,8 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             records.append({"inversion": run.method, "engine": run.engine, "inversion_options": per_method[run.method],
                             "inversion_settings": run.inversion_settings, "sampler": run.sampler,
                             "engine_options": dataclasses.asdict(per_engine[run.engine]), "cache": run.cache,
-                            "reconstruction_psnr": run.psnr, "timings": run.timings, "files": files})
+                            "reconstruction_psnr": run.psnr, "timings": run.timings,
+                            "network_calls": run.network_calls, "files": files})
         columns = ["source", "reconstruction", "edit"]
         if any(mask is not None for _, (*_, mask) in rows):
             columns.append("LocalBlend mask")

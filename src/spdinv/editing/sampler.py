@@ -19,7 +19,7 @@ from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from ..inversion.reconstruction import source_branch
-from ..sampling import NO_HOOKS, Branch, StepHooks, loop, step
+from ..sampling import NO_HOOKS, Branch, StepHooks, batch_rows, loop, step
 
 UNCOND_MODES = ("inversion", "source", "empty")
 SOURCE, TARGET = 0, 1  # the edit's branches, [source, target]
@@ -82,5 +82,12 @@ def sample_edit(model: DiffusionModel, inversion: Inversion, target_prompt: str,
     return loop(model, inversion.schedule, inversion.z_T, branches, hooks, progress=progress, desc=desc)
 
 
-__all__ = ["SOURCE", "TARGET", "SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit",
+def edit_rows(model: DiffusionModel, inversion: Inversion, target_prompt: str, options: SamplerOptions,
+              hooks: StepHooks = NO_HOOKS, *, pin_source: bool = False) -> int:
+    """The UNet rows `sample_edit` evaluates: its batch's rows at every step."""
+    branches = edit_branches(model, inversion, target_prompt, options, pin_source)
+    return inversion.schedule.num_steps * len(batch_rows(branches, hooks.every_uncond))
+
+
+__all__ = ["SOURCE", "TARGET", "SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit", "edit_rows",
            "loop", "step"]

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
 from ..images import conform_image, to_tensor
+from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..model import DiffusionModel
 from ..presets import inversion_settings
 from .base import Inversion, StepReport
@@ -25,7 +28,8 @@ from .ddim import DDIMOptions, ddim
 from .direct import DirectOptions, direct
 from .negative_prompt import NegativePromptOptions, negative_prompt
 from .null_text import NullTextOptions, null_text
-from .reconstruction import Reconstruction, reconstruct, reconstruct_latent, reconstruction_error, source_branch
+from .reconstruction import (Reconstruction, measure_reconstruction, reconstruct, reconstruct_latent,
+                             reconstruction_error, source_branch)
 from .spdinv import SPDInvOptions, spdinv
 
 
@@ -81,16 +85,22 @@ def check_steps(num_steps, train_timesteps: int | None = None) -> int:
     return num_steps
 
 
-def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
-    """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
+def image_tensor(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
+    """A PIL image (any mode or size) conformed to the model, as (1, 3, H, W) in [-1, 1]; a tensor as
+    given. Contiguous either way: the VAE's convolutions round a channels-last view differently."""
     if isinstance(image, Image.Image):
         image = to_tensor(conform_image(image, model.image_size)[0])
-    return model.encode_image(image)
+    return image.contiguous()
+
+
+def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
+    """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
+    return model.encode_image(image_tensor(model, image))
 
 
 def invert(
     model: DiffusionModel,
-    image: Image.Image | Tensor,
+    image: Image.Image | Tensor | str | Path | np.ndarray,
     prompt: str,
     method: str = "spdinv",
     num_steps: int = 50,
@@ -102,22 +112,27 @@ def invert(
     allow_empty_prompt: bool = False,
     **options,
 ) -> Inversion:
-    """Invert an image under its source prompt with the named method; with `diagnose` the result
-    carries per-step residuals, the noise error and the (latent) reconstruction error. `preset`
-    (spdinv.presets) sets the options a published script uses; explicit options override it.
-    `allow_empty_prompt` accepts the empty prompt, which some official protocols invert under
-    (PnPInversion's MasaCtrl script)."""
+    """Invert an image (a path, a PIL image, an (H, W, 3) array or a (1, 3, H, W) tensor in [-1, 1])
+    under its source prompt with the named method; with `diagnose` the result carries per-step
+    residuals, the noise error and the (latent) reconstruction error, whose UNet rows are counted in
+    `diagnostic_calls` (`total_calls` = the method's + the diagnostics'). `preset` (spdinv.presets)
+    sets the options a published script uses; explicit options override it. `allow_empty_prompt`
+    accepts the empty prompt, which some official protocols invert under (PnPInversion's MasaCtrl script)."""
     prompt = check_prompt(prompt, allow_empty=allow_empty_prompt)
+    if prompt:
+        check_prompt_tokens(model.tokenizer, prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     options = {**inversion_settings(preset, method), **options}
     entry, opts = get_method(method), make_options(method, **options)
-    torch.manual_seed(seed)
-    z0 = image_latent(model, image)
+    torch.manual_seed(check_seed(seed))
+    source = image_tensor(model, library_image(image))
+    z0 = model.encode_image(source)
     inversion = entry.function(model, z0, model.encode_prompt(prompt), model.schedule(num_steps), opts,
                                diagnose=diagnose, progress=progress)
     inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts)}
+    inversion.source = source.detach()
     if diagnose:
-        inversion.reconstruction_error = reconstruction_error(model, inversion)
+        measure_reconstruction(model, inversion)
     return inversion
 
 

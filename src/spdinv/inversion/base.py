@@ -29,6 +29,7 @@ class StepReport:
     gradient_calls: int = 0
     seconds: float = 0.0
     warning: str = ""
+    diagnostic_calls: int = 0  # UNet rows spent measuring the residuals the solver did not
 
 
 @dataclass
@@ -95,6 +96,9 @@ class Inversion:
     pin_source: bool = False
     noise_error: float | None = None
     reconstruction_error: float | None = None
+    reconstruction_calls: int = 0  # UNet rows of the reconstruction that measured reconstruction_error
+    reconstruction_latent: Tensor | None = field(default=None, repr=False)  # that reconstruction, kept for reuse
+    source: Tensor | None = field(default=None, repr=False)  # the image inverted, (1, 3, H, W) in [-1, 1]
 
     @property
     def z_T(self) -> Tensor:
@@ -107,6 +111,16 @@ class Inversion:
     @property
     def network_calls(self) -> int:
         return sum(s.network_calls for s in self.steps)
+
+    @property
+    def diagnostic_calls(self) -> int:
+        """UNet rows the diagnostics cost on top of the method: residuals and the reconstruction."""
+        return sum(s.diagnostic_calls for s in self.steps) + self.reconstruction_calls
+
+    @property
+    def total_calls(self) -> int:
+        """Every UNet row evaluated to produce this inversion: the method's and the diagnostics'."""
+        return self.network_calls + self.diagnostic_calls
 
     @property
     def gradient_calls(self) -> int:
@@ -124,6 +138,8 @@ class Inversion:
             "noise_error": self.noise_error,
             "reconstruction_error": self.reconstruction_error,
             "network_calls": self.network_calls,
+            "diagnostic_calls": self.diagnostic_calls,
+            "total_calls": self.total_calls,
             "gradient_calls": self.gradient_calls,
             "seconds": self.seconds,
             "warnings": [f"step {s.index}: {s.warning}" for s in self.steps if s.warning],
@@ -196,7 +212,7 @@ def run_inversion(
     progress: bool = True,
 ) -> tuple[Tensor, list[StepReport]]:
     """Walk z_0 -> z_T with `solve_step(z_prev, k)`; time each step and, with `diagnose`, measure
-    residuals the solver did not (extra forwards, neither timed nor counted)."""
+    residuals the solver did not (extra forwards, not timed, counted in `diagnostic_calls`)."""
     latents = [z0.float()]
     reports = []
     for k in tqdm(range(1, schedule.num_steps + 1), desc=f"invert ({method})", disable=not progress, leave=False):
@@ -210,17 +226,28 @@ def run_inversion(
             warning=result.warning,
         )
         if diagnose:
-            after = result.residual_after
-            if after is None:
-                after = fixed_point_residual(model, schedule, k, z_prev, result.latent, embedding)
-            before = result.residual_before
-            if before is None:
-                before = after if result.iterations == 0 else fixed_point_residual(
-                    model, schedule, k, z_prev, ddim_guess(model, schedule, k, z_prev, embedding), embedding)
-            report.residual_before, report.residual_after = before, after
+            measure_residuals(model, schedule, k, z_prev, embedding, result, report)
         reports.append(report)
         latents.append(result.latent.detach().float())
     return torch.cat(latents), reports
+
+
+def measure_residuals(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor, embedding: Tensor,
+                      result: StepResult, report: StepReport) -> None:
+    """Fill the report's residuals, measuring (and counting, one UNet row each) those the solver
+    did not: the result's, and the DDIM guess's (two rows: the guess, then its residual)."""
+    after = result.residual_after
+    if after is None:
+        after = fixed_point_residual(model, schedule, k, z_prev, result.latent, embedding)
+        report.diagnostic_calls += 1
+    before = result.residual_before
+    if before is None and result.iterations == 0:
+        before = after
+    elif before is None:
+        guess = ddim_guess(model, schedule, k, z_prev, embedding)
+        before = fixed_point_residual(model, schedule, k, z_prev, guess, embedding)
+        report.diagnostic_calls += 2
+    report.residual_before, report.residual_after = before, after
 
 
 def fixed_point_inversion(

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..images import psnr
 from ..model import DiffusionModel
-from ..sampling import Branch, loop
+from ..sampling import Branch, batch_rows, loop
 from .base import Inversion
 
 
@@ -47,23 +47,55 @@ def reconstruct_latent(model: DiffusionModel, inversion: Inversion, guidance_sca
     return loop(model, inversion.schedule, inversion.z_T, [branch], progress=progress, desc="reconstruct")[-1]
 
 
+def reconstruction_rows(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None) -> int:
+    """UNet rows one reconstruction evaluates: its batch's rows (1, or 2 with guidance) at every step."""
+    return inversion.schedule.num_steps * len(batch_rows([source_branch(model, inversion, guidance_scale)]))
+
+
 def reconstruction_error(model: DiffusionModel, inversion: Inversion, **kwargs) -> float:
     """Mean squared latent error between z_0 and its reconstruction from z_T (the paper's D_Rec)."""
     return float((reconstruct_latent(model, inversion, **kwargs) - inversion.z_0.to(model.device)).pow(2).mean())
 
 
+def measure_reconstruction(model: DiffusionModel, inversion: Inversion) -> None:
+    """Sample the reconstruction once and keep it on the inversion: its latent (for `reconstruct`
+    to decode without sampling again), its latent error (D_Rec) and the UNet rows it cost."""
+    latent = reconstruct_latent(model, inversion)
+    inversion.reconstruction_latent = latent.detach()
+    inversion.reconstruction_error = float((latent - inversion.z_0.to(model.device)).pow(2).mean())
+    inversion.reconstruction_calls = reconstruction_rows(model, inversion)
+
+
+PSNR_REFERENCE = "the input image, as conformed to the model's size"
+DECODED_REFERENCE = "decode(z_0): the VAE's round trip of the input (its loss not counted)"
+
+
 @dataclass
 class Reconstruction:
-    """The image sampled back from z_T and how far it is from the input (image space, [0, 1])."""
+    """The image sampled back from z_T and how far it is from `reference` (image space, [0, 1]):
+    the input image whenever it is known (the CLI's and the benchmark's definition), else the
+    VAE's decoding of z_0. `network_calls`: the UNet rows this call evaluated (0 when it reused the
+    reconstruction `invert(diagnose=True)` sampled)."""
 
     image: Tensor
     psnr: float
     mse: float
+    reference: str = PSNR_REFERENCE
+    network_calls: int = 0
 
 
-def reconstruct(model: DiffusionModel, inversion: Inversion, source: Tensor | None = None, **kwargs) -> Reconstruction:
-    """Decode the reconstruction; compare with `source` (1, 3, H, W) in [-1, 1], else with decode(z_0)."""
-    image = model.decode(reconstruct_latent(model, inversion, **kwargs))
-    reference = model.decode(inversion.z_0) if source is None else source.to(image)
+def reconstruct(model: DiffusionModel, inversion: Inversion, source: Tensor | None = None,
+                guidance_scale: float | None = None, progress: bool = False) -> Reconstruction:
+    """Decode the reconstruction (reusing the one the diagnostics sampled, if any) and compare it
+    with `source` (1, 3, H, W) in [-1, 1], else with the image the inversion was computed from,
+    else (an inversion loaded from disk) with decode(z_0); `reference` names which."""
+    latent, calls = inversion.reconstruction_latent, 0
+    if latent is None or guidance_scale is not None:
+        latent = reconstruct_latent(model, inversion, guidance_scale, progress)
+        calls = reconstruction_rows(model, inversion, guidance_scale)
+    image = model.decode(latent.to(model.device))
+    source = inversion.source if source is None else source
+    reference, named = (model.decode(inversion.z_0), DECODED_REFERENCE) if source is None else (source, PSNR_REFERENCE)
+    reference = reference.to(image)
     mse = float(((image - reference) / 2).pow(2).mean())
-    return Reconstruction(image=image, psnr=psnr(image, reference), mse=mse)
+    return Reconstruction(image=image, psnr=psnr(image, reference), mse=mse, reference=named, network_calls=calls)

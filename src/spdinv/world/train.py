@@ -62,6 +62,18 @@ def build_unet() -> UNet2DConditionModel:
     )
 
 
+RUN_SETTINGS = ("threads", "device", "checkpoint_every")  # how a run executes: may change on resume
+
+
+def check_same_settings(saved: dict, given: dict, work_dir: Path) -> None:
+    """A resumed run continues the saved one: every training setting must be the one it was started with."""
+    differing = [k for k in given if k not in RUN_SETTINGS and saved.get(k) != given[k]]
+    if differing:
+        key = differing[0]
+        raise SpdinvError(f"{work_dir} holds a run started with other settings ({key}: {saved.get(key)!r} there, "
+                          f"{given[key]!r} now); resume with the same settings or use another --work")
+
+
 def resumed_schedule(optimizer: torch.optim.Optimizer, factor, step: int) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR positioned at `step`, so the next update uses factor(step) (setting last_epoch after
     construction would leave the first resumed update at factor(0)). A fresh optimizer's lr is the base."""
@@ -113,9 +125,19 @@ class Trainer:
             torch.save(payload, handle)
 
     def load_checkpoint(self) -> dict | None:
-        if not self._ckpt_path().exists():
+        """The checkpoint in the work folder (None when there is none), loaded into the networks; a
+        damaged one, or one trained with other settings, is a one-line error."""
+        path = self._ckpt_path()
+        if not path.exists():
             return None
-        payload = torch.load(self._ckpt_path(), weights_only=False, map_location=self.device)
+        try:
+            payload = torch.load(path, weights_only=False, map_location=self.device)
+            check_same_settings(payload["config"], asdict(self.config), self.work_dir)
+        except SpdinvError:
+            raise
+        except Exception as error:  # noqa: BLE001 - truncated, zero bytes, not a checkpoint: all one message
+            raise SpdinvError(f"{path} is damaged or not a world checkpoint ({type(error).__name__}); remove it to "
+                              "start over") from None
         self.state = payload["state"]
         self.vae.load_state_dict(payload["vae"])
         self.text_encoder.load_state_dict(payload["text_encoder"])
