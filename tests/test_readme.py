@@ -22,7 +22,7 @@ def library_snippet() -> str:
 
 def test_the_readme_library_snippet_runs(monkeypatch, capsys):
     code, replaced = re.subn(r"num_steps=50\b", "num_steps=3", library_snippet())
-    assert replaced == 3  # invert, edit and edits each name their steps
+    assert replaced == 4  # invert, edit (plain and with a preset) and edits each name their steps
     monkeypatch.chdir(ROOT)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
