@@ -3,8 +3,8 @@ injection with Reweight, self-attention injection at coarse resolutions, LocalBl
 optional ProxEdit proximal guidance (Han et al., 2023) that the official SPDInv P2P code applies.
 
 Like the official controllers, only the conditional half of the batch is edited, the target row
-takes the source row's maps, and LocalBlend reads the *unedited* cross-attention maps summed over
-the steps so far. Resolutions are relative to the latent, except LocalBlend's default: it reads
+takes the source row's maps, and LocalBlend reads the cross-attention maps as the target used
+them (edited), summed over the steps so far. Resolutions are relative to the latent, except LocalBlend's default: it reads
 the maps with BLEND_SIDE tokens a side (SD's 16x16 maps of its 64x64 latent, the finest maps of the
 embedded model's 16x16 latent), since a mask needs that many cells to follow an object.
 """
@@ -225,7 +225,8 @@ class P2PEditor(Editor):
         reweighted = options.reweight_words if options.reweight_words is not None else (
             options.blend[1] if options.blend else ())
         self.equalizer = equalizer(tokenizer, target_prompt, reweighted, options.reweight)
-        self.maps: dict[str, Tensor] = {}
+        self.maps: dict[str, Tensor] = {}  # per blend layer: (2, Nq), summed over blend tokens, heads, steps
+        self.blend_heads: dict[str, int] = {}
         self.noise_difference: Tensor | None = None  # (1, 1, h, w), summed over steps (blend_map 'noise')
         self._mask: Tensor | None = None
         self.prox: ProximalGuidance | None = None
@@ -249,7 +250,7 @@ class P2PEditor(Editor):
         device = model.device
         self.mapper, self.alphas = self.mapper.to(device), self.alphas.to(device)
         self.equalizer, self.blend_alpha = self.equalizer.to(device), self.blend_alpha.to(device)
-        self.maps, self.noise_difference, self._mask = {}, None, None
+        self.maps, self.blend_heads, self.noise_difference, self._mask = {}, {}, None, None
         if o.prox:
             self.prox = ProximalGuidance(o.prox_quantile, o.prox_timestep, self.trajectory, n)
 
@@ -257,28 +258,40 @@ class P2PEditor(Editor):
         return self.cross_layers + (self.self_layers if self.self_steps > 0 else [])
 
     def wants_probs(self, layer: AttentionLayer) -> bool:
-        i = self.step_index
-        if self.record:
-            return True
-        if layer.cross:
-            return i < self.cross_steps or layer.name in self.blend_names
-        return i < self.self_steps
+        """Cross-attention maps (Nk = 77 tokens: small) while they are injected and at LocalBlend's
+        layers; self-attention injection needs none (`target_reads_source`)."""
+        return layer.cross and (self.step_index < self.cross_steps or layer.name in self.blend_names)
+
+    def target_reads_source(self, layer: AttentionLayer) -> bool:
+        return not layer.cross and self.step_index < self.self_steps
 
     def edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
         """probs (2, heads, Nq, Nk): the conditional source and target maps; the target's are replaced."""
+        edited = self._replace_maps(layer, probs)
+        if layer.name in self.blend_names:
+            self._keep_blend_maps(layer, probs)
+        return edited
+
+    def _replace_maps(self, layer: AttentionLayer, probs: Tensor) -> bool:
         i = self.step_index
-        if layer.name in self.blend_names:  # LocalBlend reads the unedited maps, summed over steps
-            self.maps[layer.name] = self.maps[layer.name] + probs.float() if layer.name in self.maps else probs.float()
         if layer.cross and i < self.cross_steps:
             source, own = probs[SOURCE], probs[TARGET]
             alphas = self.alphas.to(probs.dtype)
             refined = source[..., self.mapper] * alphas + own * (1 - alphas)
             probs[TARGET] = refined * self.equalizer.to(probs.dtype)
             return True
-        if not layer.cross and i < self.self_steps:
+        if self.target_reads_source(layer):
             probs[TARGET] = probs[SOURCE]
             return True
         return False
+
+    def _keep_blend_maps(self, layer: AttentionLayer, probs: Tensor) -> None:
+        """LocalBlend reads the maps as the target used them (edited, as the official controllers
+        store them), summed over steps; only what it reads is kept: the blend words' attention
+        summed over their tokens and over heads, (2, Nq) a layer (not (2, heads, Nq, 77))."""
+        words = torch.einsum("bhqk,bk->bq", probs.float(), self.blend_alpha)
+        self.maps[layer.name] = self.maps[layer.name] + words if layer.name in self.maps else words
+        self.blend_heads[layer.name] = probs.shape[1]
 
     @property
     def blends(self) -> bool:
@@ -301,13 +314,10 @@ class P2PEditor(Editor):
         """(2, 1, h, w): the source's and the target's map the mask is cut from."""
         if self.options.blend_map == "noise":
             return self.noise_difference.expand(2, -1, -1, -1)
-        maps = []
-        for layer in self.blend_layers:
-            summed = self.maps[layer.name]
-            h, w = layer.size(self.latent_hw)
-            maps.append(summed.reshape(2, summed.shape[1], h, w, summed.shape[-1]))
-        maps = torch.cat(maps, dim=1)
-        return (maps * self.blend_alpha[:, None, None, None, :]).sum(-1).mean(1, keepdim=True)
+        h, w = self.blend_layers[0].size(self.latent_hw)  # nearest_scale: all at one resolution
+        summed = sum(self.maps[layer.name] for layer in self.blend_layers)
+        heads = sum(self.blend_heads[layer.name] for layer in self.blend_layers)
+        return (summed / heads).reshape(2, 1, h, w)  # the mean over every layer's heads
 
     def local_blend(self, z: Tensor) -> Tensor:
         """LocalBlend: the blend words' summed cross-attention, averaged over heads and layers (or
