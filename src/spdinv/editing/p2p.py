@@ -26,7 +26,7 @@ from ..prediction import guided
 from .attention import AttentionLayer, nearest_scale
 from .base import Editor, check_fraction
 from .sampler import SOURCE, TARGET
-from .tokens import prompt_tokens, refinement_mapper, replacement_mapper, word_positions
+from .tokens import names_background, prompt_tokens, refinement_mapper, replacement_mapper, word_positions
 
 MODES = ("replace", "refine")
 SOURCES, TARGETS = slice(SOURCE, SOURCE + 1), slice(TARGET, TARGET + 1)  # a branch's latents / eps, keeping the batch dim
@@ -213,6 +213,23 @@ class ProximalGuidance:
         return z
 
 
+def range_rows(source_prompt: str, target_prompt: str, options: P2POptions) -> Tensor:
+    """(2, 1, 1, 1): 1 where LocalBlend subtracts the map's minimum (blend_norm 'range'), per row
+    (source, target). Never for blend words that name the background: their region is the
+    spread-out part of the map, not a peak, and cutting the peak out of it (measured: a 57% mask
+    over the object and the top rows of a drawn triangle on brown) blends the rest of the
+    background from the source branch, so the old and the new background fight. Such a row gets
+    P2P's own scaling (divided by its max) and covers the background it names."""
+    rows = torch.zeros(2, 1, 1, 1)
+    if options.blend_norm != "range":
+        return rows
+    blend = options.blend or ((), ())
+    for row, (words, prompt) in enumerate(zip(blend, (source_prompt, target_prompt))):
+        background = options.blend_map == "attention" and any(names_background(prompt, w) for w in words)
+        rows[row] = 0.0 if background else 1.0
+    return rows
+
+
 class P2PEditor(Editor):
     """Prompt-to-Prompt controller (AttentionReplace / AttentionRefine + AttentionReweight + LocalBlend)."""
 
@@ -225,6 +242,7 @@ class P2PEditor(Editor):
         reweighted = options.reweight_words if options.reweight_words is not None else (
             options.blend[1] if options.blend else ())
         self.equalizer = equalizer(tokenizer, target_prompt, reweighted, options.reweight)
+        self.range_rows = range_rows(source_prompt, target_prompt, options)
         self.maps: dict[str, Tensor] = {}  # per blend layer: (2, Nq), summed over blend tokens, heads, steps
         self.blend_heads: dict[str, int] = {}
         self.noise_difference: Tensor | None = None  # (1, 1, h, w), summed over steps (blend_map 'noise')
@@ -326,8 +344,7 @@ class P2PEditor(Editor):
         x_t = x_src + mask * (x_t - x_src)."""
         words = F.max_pool2d(self.blend_maps(), 3, 1, padding=1)
         mask = F.interpolate(words, size=tuple(z.shape[-2:]))
-        if self.options.blend_norm == "range":
-            mask = mask - mask.amin(dim=(2, 3), keepdim=True)
+        mask = mask - mask.amin(dim=(2, 3), keepdim=True) * self.range_rows.to(mask)
         mask = mask / mask.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         mask = mask > self.options.blend_threshold
         mask = mask[SOURCES] | mask
