@@ -44,6 +44,16 @@ def test_blend_suggestions_from_the_words_that_differ():
     assert blend_suggestions("a red circle", "a red square") == ["circle square"]
 
 
+def test_blend_suggestions_leave_out_words_that_name_the_background():
+    """'brown white' in '... on a brown background' -> '... on a white background' wrecked the edit
+    (issue 27): words naming the background are not suggested, the object's words still are."""
+    source = "a large green triangle in the centre on a brown background"
+    assert blend_suggestions(source, source.replace("brown", "white")) == []
+    assert blend_suggestions(source, source.replace("brown", "white grid")) == []
+    assert blend_suggestions(source, source.replace("green", "red").replace("brown", "white")) == ["green red",
+                                                                                                  "triangle triangle"]
+
+
 def test_options_json():
     assert parse_options("") == {}
     assert parse_options('{"cross_replace": 0.7}') == {"cross_replace": 0.7}

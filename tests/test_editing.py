@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 import spdinv.editing.cache
 import spdinv.sampling
@@ -17,7 +18,7 @@ from spdinv.editing import ENGINES, edit, run_editor
 from spdinv.editing.attention import attention_layers, nearest_scale
 from spdinv.editing.cache import InversionCache
 from spdinv.editing.p2p import P2PEditor, P2POptions, blend_map_scale
-from spdinv.editing.tokens import refinement_mapper, word_positions
+from spdinv.editing.tokens import names_background, refinement_mapper, word_positions
 from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
 from spdinv.inversion.reconstruction import reconstruct_latent
@@ -507,3 +508,33 @@ def test_p2p_fused_self_attention_injection_agrees_with_the_probability_path(tin
     free = run_editor(tiny, inversions["spdinv"], TARGET, P2PEditor(tiny, SOURCE, TARGET, P2POptions(
         self_replace=0.0, blend=blend)))[1]
     assert not same_up_to_rounding(free[-1, 1], latents[True][-1, 1], relative=1e-3)  # the injection mattered
+
+
+def test_names_background():
+    prompt = "a large green triangle in the centre on a brown grid background"
+    assert names_background(prompt, "brown") and names_background(prompt, "grid")
+    assert names_background(prompt, "background") and names_background("a cat", "backdrop")
+    assert not names_background(prompt, "green") and not names_background(prompt, "triangle")
+    assert not names_background(prompt, "centre") and not names_background(prompt, "white")
+
+
+def test_local_blend_words_naming_the_background_are_not_cut_by_range(tiny, inversions):
+    """Issue 27: a background word's map is spread over the frame; 'range' cut a partial mask out of
+    it and blended the rest from the source, so the old and the new background fought. Rows whose
+    words name the background are scaled by their max (P2P's): with a floor of 0.8 of the max, the
+    whole frame; an object word's row keeps 'range' (its peak)."""
+    source, target = SOURCE.replace("white", "brown"), TARGET.replace("white", "black")
+
+    def mask(blend: str, source_word: str, target_word: str) -> Tensor:
+        editor = P2PEditor(tiny, source, target, P2POptions(blend=blend))
+        editor.prepare(tiny, inversions["spdinv"])
+        a, b = word_positions(tiny.tokenizer, source, source_word)[0], word_positions(tiny.tokenizer, target, target_word)[0]
+        for layer in editor.blend_layers:
+            maps = torch.full((2, 4, 64, tiny.tokenizer.model_max_length), 0.8)
+            maps[:, :, 3 * 8 + 3, [a, b]] = 1.0
+            editor._keep_blend_maps(layer, maps)
+        editor.local_blend(torch.zeros(2, 4, 8, 8))
+        return editor.mask[0, 0]
+
+    assert mask("brown black", "brown", "black").sum() == 64
+    assert mask("red blue", "red", "blue").sum() == 9

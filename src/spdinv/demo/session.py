@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import SpdinvError, require_finite
+from ..editing.tokens import names_background
 from ..images import conform_image, open_image, psnr, to_tensor
 from ..model import DiffusionModel
 
@@ -101,11 +102,14 @@ def parse_options(text: str) -> dict:
 def blend_suggestions(source: str, target: str) -> list[str]:
     """LocalBlend word pairs from the words that differ: each replaced word pair ('red blue') and
     the word both prompts share after it ('circle circle'), the object a colour or material
-    word describes."""
+    word describes. Words that name the background ('brown white' in '... on a brown background')
+    are not suggested: a background edit's region is the whole background, which LocalBlend
+    cannot cut better than no blend at all (measured in docs/results.md, "Blend words that name
+    the background")."""
     a, b = source.lower().split(), target.lower().split()
     found: list[str] = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
-        if tag != "replace":
+        if tag != "replace" or names_background(source, a[i1]) or names_background(target, b[j1]):
             continue
         found.append(f"{a[i1]} {b[j1]}")
         if i2 < len(a) and j2 < len(b) and a[i2] == b[j2]:
