@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .errors import require_finite
-from .images import to_pil, to_tensor
+from .images import Framing, to_pil, to_tensor
 from .inversion import Inversion, invert
 from .inversion.base import StepReport
 from .model import DiffusionModel
@@ -64,7 +64,8 @@ def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
 def invert_to_folder(model: DiffusionModel, image: Image.Image, prompt: str, method: str, num_steps: int,
                      options: dict, out: Path, *, seed: int = 0, progress: bool = True, command=None) -> str:
     """The `spdinv invert` job: invert, reconstruct, and write everything to `out` all-or-nothing."""
-    inversion = invert(model, image, prompt, method, num_steps, seed=seed, progress=progress, **options)
+    inversion = invert(model, image, prompt, method, num_steps, seed=seed, progress=progress,
+                       framing=Framing(size=image.size), **options)  # fitted by the caller
     require_finite(inversion.trajectory, f"the {method} inversion")
     recon = reconstruct(model, inversion, to_tensor(image))
     require_finite(recon.image, f"the {method} reconstruction")

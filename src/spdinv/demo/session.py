@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import SpdinvError, require_finite
 from ..editing.tokens import names_background
-from ..images import conform_image, open_image, psnr, to_tensor
+from ..images import Framing, fit_image, open_image, psnr, to_tensor
 from ..model import DiffusionModel
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # the upload limit the server enforces (Gradio's max_file_size)
@@ -117,9 +117,9 @@ def blend_suggestions(source: str, target: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def read_upload(path: str | Path | None, allowed: list[Path], size: int) -> tuple[Image.Image, list[str]]:
-    """The uploaded file as the CLI reads it (decoded, converted to RGB, centre-cropped, resized to
-    `size`), with notices. Only files under `allowed` folders (Gradio's upload folder, the shipped
+def read_upload(path: str | Path | None, allowed: list[Path], size: int, multiple: int) -> tuple[Image.Image, list[str]]:
+    """The uploaded file as the CLI reads it (decoded, converted to RGB, fitted at its own aspect
+    ratio to about `size`^2 pixels, sides multiples of `multiple`: `images.fit_image`), with notices. Only files under `allowed` folders (Gradio's upload folder, the shipped
     examples) are read: never a path a request names elsewhere on the server."""
     if path is None or str(path) == "":
         raise SpdinvError("no image: upload one or pick an example")
@@ -131,7 +131,7 @@ def read_upload(path: str | Path | None, allowed: list[Path], size: int) -> tupl
         raise SpdinvError(f"the upload is {megabytes:.1f} MB; at most {MAX_UPLOAD_BYTES // 2**20} MB")
     _check_pixels(resolved)
     image, notices = open_image(resolved)
-    fitted, more = conform_image(image, size)
+    fitted, more = fit_image(image, size, multiple)
     return fitted, notices + more
 
 
@@ -185,7 +185,7 @@ class DemoSession:
         from ..editing import split_options
 
         check_request(request)
-        image, notices = read_upload(request.image, self.allowed, self.model.image_size)
+        image, notices = read_upload(request.image, self.allowed, self.model.image_size, self.model.size_multiple)
         pairs = []
         for method in request.inversions:
             for engine in request.engines:
@@ -229,7 +229,7 @@ class DemoSession:
             options = pair.options if given is None else _without_method_options(pair.options, pair.method)
             result = edit(self.model, image, request.source, request.target, given or pair.method, pair.engine,
                           num_steps=request.steps, seed=request.seed, progress=progress, diagnose=True,
-                          cache=None if given else self.cache, **options)
+                          cache=None if given else self.cache, framing=Framing(size=image.size), **options)
             require_finite(result.edited, f"the {pair.method} + {pair.engine} result")
             if given is None:
                 inverted[pair.method] = result.inversion

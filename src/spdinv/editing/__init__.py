@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
+from ..images import Framing
 from ..inversion import Inversion, check_prompt, get_method, invert, make_options
 from ..model import DiffusionModel
 from .base import Editor, NoEditor, no_editor
@@ -130,7 +131,8 @@ InversionSource = str | Inversion  # a method name, or an inversion already comp
 
 
 def _invert(model: DiffusionModel, image, source_prompt: str, inversion: InversionSource, *, num_steps: int,
-            seed: int, progress: bool, cache, diagnose: bool, options: dict) -> tuple[Inversion, bool | None, float]:
+            seed: int, progress: bool, cache, diagnose: bool, options: dict,
+            framing: Framing | None) -> tuple[Inversion, bool | None, float]:
     """(the inversion, whether `cache` had it (None without a cache or when given), seconds)."""
     start = time.perf_counter()
     if isinstance(inversion, Inversion):
@@ -138,10 +140,10 @@ def _invert(model: DiffusionModel, image, source_prompt: str, inversion: Inversi
         return inversion, None, time.perf_counter() - start
     if cache is not None:
         inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
-                                     diagnose=diagnose, **options)
+                                     diagnose=diagnose, framing=framing, **options)
         return inverted, hit, time.perf_counter() - start
     inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=diagnose,
-                      progress=progress, **options)
+                      progress=progress, framing=framing, **options)
     return inverted, None, time.perf_counter() - start
 
 
@@ -161,12 +163,16 @@ def edits(
     inversion_options: dict[str, dict] | None = None,
     engine_options: dict[str, object] | None = None,
     sampler: SamplerOptions = SamplerOptions(),
+    framing: Framing | None = None,
 ) -> Iterator[EditResult]:
     """Every inversion x engine edit of `image`, inversions in the outer loop: each method inverts
     once (through `cache`, anything with InversionCache's `invert`, when given) and every engine
     edits from that inversion. `inversion_options` maps a method name to its options,
     `engine_options` an engine name to its options dataclass (or a dict of its fields). Every
-    engine's options and words are checked before anything is inverted."""
+    engine's options and words are checked before anything is inverted. A PIL image is fitted to
+    the model as `framing` says (`images.Framing`: by default at its own aspect ratio, about the
+    model's native area; `Framing(crop=True)`: the centre square; `Framing(size=(W, H))`); the
+    edit comes out at that size."""
     source_prompt = check_prompt(source_prompt, "source prompt")
     target_prompt = check_prompt(target_prompt, "target prompt")
     inversion_options, engine_options = inversion_options or {}, engine_options or {}
@@ -183,7 +189,8 @@ def edits(
     for inversion in inversions:
         options = {} if isinstance(inversion, Inversion) else inversion_options.get(inversion, {})
         inverted, hit, inverting = _invert(model, image, source_prompt, inversion, num_steps=num_steps, seed=seed,
-                                           progress=progress, cache=cache, diagnose=diagnose, options=options)
+                                           progress=progress, cache=cache, diagnose=diagnose, options=options,
+                                           framing=framing)
         for engine in engines:
             editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
             images, latents, sampling = run_editor(model, inverted, target_prompt, editor, sampler,
@@ -208,13 +215,15 @@ def edit(
     progress: bool = False,
     cache=None,
     diagnose: bool = False,
+    framing: Framing | None = None,
     **options,
 ) -> EditResult:
     """Edit `image` from `source_prompt` to `target_prompt`: invert it with the named method (or
     use the given Inversion), then sample [source, target] from z_T with the named engine; the
     one-pair case of `edits`. Keyword options go to the engine (e.g. blend, cross_replace), the
     sampler (guidance_scale, source_guidance_scale, uncond) or the inversion method (e.g. K, lr);
-    `diagnose` asks an inversion computed here (or by the cache) for its diagnostics."""
+    `diagnose` asks an inversion computed here (or by the cache) for its diagnostics; `framing` as
+    in `edits`."""
     source_prompt = check_prompt(source_prompt, "source prompt")
     target_prompt = check_prompt(target_prompt, "target prompt")
     given = isinstance(inversion, Inversion)
@@ -226,7 +235,7 @@ def edit(
     results = edits(model, image, source_prompt, target_prompt, [inversion], [engine], num_steps=num_steps,
                     seed=seed, progress=progress, cache=cache, diagnose=diagnose,
                     inversion_options={} if given else {inversion: method_options},
-                    engine_options={engine: engine_options}, sampler=sampler_options)
+                    engine_options={engine: engine_options}, sampler=sampler_options, framing=framing)
     return next(results)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..arguments import flag_name
 from ..commands import method_options
 from ..errors import SpdinvError, require_finite
+from ..images import Framing
 
 _FLOAT16_HINT = {"torch.float16": " (float16 overflows easily: try --dtype float32)"}
 
@@ -27,7 +28,7 @@ def engine_classes() -> dict[str, type]:
 
 def add_edit_parser(sub) -> None:
     """Register `spdinv edit` on the CLI's subparsers."""
-    from ..arguments import add_model_arguments, add_option_arguments, number
+    from ..arguments import add_framing_arguments, add_model_arguments, add_option_arguments, number
     from ..commands import add_concept_arguments, add_concept_encoder_arguments, add_inversion_arguments
     from ..inversion import METHODS
     from . import ENGINES
@@ -50,6 +51,7 @@ def add_edit_parser(sub) -> None:
                           help="unconditional embedding: what the inversion prescribes (default), the source prompt, or ''")
     add_option_arguments(edit, engine_classes())
     add_model_arguments(edit)
+    add_framing_arguments(edit)
     edit.add_argument("--out", type=Path, default=Path("spdinv-edit"), help="output folder (default ./spdinv-edit)")
     edit.add_argument("--cache", type=Path, default=None,
                       help="inversion cache folder (default $SPDINV_CACHE or ~/.cache/spdinv/inversions)")
@@ -98,7 +100,8 @@ class Run:
 def run_edit(args: argparse.Namespace) -> None:
     from ..commands import (check_concept_word, check_model_settings, concept_from_args, encode_with,
                             encoder_choice_from_args, load_model_from_args, prompt_warnings)
-    from ..images import conform_image, open_image, psnr, to_pil, to_tensor
+    from ..arguments import framing_from_args
+    from ..images import open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_output_dir
     from . import ENGINES
@@ -137,7 +140,7 @@ def run_edit(args: argparse.Namespace) -> None:
               file=sys.stderr)
         args.no_cache = True
     loaded = time.perf_counter() - wall
-    image, notices = conform_image(raw_image, model.image_size)
+    image, notices = model.fit(raw_image, framing_from_args(args))
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
         ENGINES[engine].editor(model, source, target, per_engine[engine])
     for notice in opened + notices:
@@ -181,7 +184,7 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
     runs = []
     results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
                     progress=not args.quiet, cache=cache, inversion_options=per_method, engine_options=per_engine,
-                    sampler=sampler)
+                    sampler=sampler, framing=Framing(size=image.size))  # fitted by the caller
     for (method, engine), result in zip(((m, e) for m in methods for e in engines), results):
         require_finite(result.inversion.trajectory, f"the {method} inversion" + hint)
         for images in (result.reconstruction, result.edited):
@@ -197,11 +200,12 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
     return runs
 
 
-def _mask_image(mask, size: int):
+def _mask_image(mask, size: tuple[int, int]):
+    """LocalBlend's latent-size mask at image size (width, height), nearest."""
     from PIL import Image
 
     array = (mask[0, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
-    return Image.fromarray(array, mode="L").resize((size, size), Image.NEAREST)
+    return Image.fromarray(array, mode="L").resize(size, Image.NEAREST)
 
 
 def write_outputs(args, model, image, source: str, target: str, sampler, per_method: dict, per_engine: dict,
@@ -223,7 +227,7 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             run.reconstruction.save(stage / files["reconstruction"])
             mask = None
             if run.mask is not None:
-                mask = _mask_image(run.mask, image.size[0])
+                mask = _mask_image(run.mask, image.size)
                 files["mask"] = f"mask{suffix}.png"
                 mask.save(stage / files["mask"])
             rows.append((f"{run.method} + {run.engine}", [image, run.reconstruction, run.edited, mask]))

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
-from ..images import conform_image, to_tensor
+from ..images import Framing, to_tensor
 from ..model import DiffusionModel
 from .base import Inversion, StepReport
 from .aidi import AIDIOptions, aidi
@@ -80,10 +80,11 @@ def check_steps(num_steps, train_timesteps: int | None = None) -> int:
     return num_steps
 
 
-def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
-    """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
+def image_latent(model: DiffusionModel, image: Image.Image | Tensor, framing: Framing | None = None) -> Tensor:
+    """Encode a PIL image (any mode or size; fitted to the model as `framing` says, by default at its
+    own aspect ratio) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
     if isinstance(image, Image.Image):
-        image = to_tensor(conform_image(image, model.image_size)[0])
+        image = to_tensor(model.fit(image, framing)[0])
     return model.encode_image(image)
 
 
@@ -97,15 +98,18 @@ def invert(
     seed: int = 0,
     diagnose: bool = True,
     progress: bool = True,
+    framing: Framing | None = None,
     **options,
 ) -> Inversion:
     """Invert an image under its source prompt with the named method; with `diagnose` the result
-    carries per-step residuals, the noise error and the (latent) reconstruction error."""
+    carries per-step residuals, the noise error and the (latent) reconstruction error. A PIL image
+    is fitted to the model as `framing` says (`images.Framing`; default: its own aspect ratio at
+    about the model's native area)."""
     prompt = check_prompt(prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     entry, opts = get_method(method), make_options(method, **options)
     torch.manual_seed(seed)
-    z0 = image_latent(model, image)
+    z0 = image_latent(model, image, framing)
     inversion = entry.function(model, z0, model.encode_prompt(prompt), model.schedule(num_steps), opts,
                                diagnose=diagnose, progress=progress)
     inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts)}
