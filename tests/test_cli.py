@@ -97,15 +97,29 @@ def test_failure_leaves_existing_outputs_untouched(tmp_path, tiny_dir, red_circl
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("mode, size, note", [("RGBA", (64, 64), "transparency"), ("L", (64, 64), "mode L"),
-                                              ("RGB", (90, 50), "centre-cropped")])
-def test_odd_images_are_converted_with_a_notice(tmp_path, tiny_dir, capsys, mode, size, note):
+@pytest.mark.parametrize("mode, size, flags, note, fitted", [
+    ("RGBA", (64, 64), [], "transparency", (32, 32)), ("L", (64, 64), [], "mode L", (32, 32)),
+    # the tiny model: 32 px native, sides multiples of 8 (VAE 4 x one UNet downsampling); 90x50 keeps its
+    # aspect ratio: 40x24 (5:3, the nearest to 9:5 of the sizes round 42.9x23.9), 83x50 of it centre-cropped
+    ("RGB", (90, 50), [], "centre-cropped 90x50 to 83x50", (40, 24)),
+    ("RGB", (90, 50), ["--crop"], "centre-cropped 90x50 to 50x50", (32, 32)),
+    ("RGB", (90, 50), ["--size", "48x32"], "resized 75x50 to 48x32", (48, 32))])
+def test_odd_images_are_converted_with_a_notice(tmp_path, tiny_dir, capsys, mode, size, flags, note, fitted):
     array = np.random.default_rng(0).integers(0, 255, (size[1], size[0], len(mode)), dtype=np.uint8)
     path = tmp_path / "odd.png"
     Image.fromarray(array.squeeze(), mode).save(path)
-    code, _, err = run(invert_args(path, tmp_path / "out", tiny_dir, "--method", "ddim"), capsys)
+    code, _, err = run(invert_args(path, tmp_path / "out", tiny_dir, "--method", "ddim", *flags), capsys)
     assert code == 0 and note in err
-    assert Image.open(tmp_path / "out" / "source.png").size == (32, 32)
+    for name in ("source.png", "reconstruction.png"):
+        assert Image.open(tmp_path / "out" / name).size == fitted
+
+
+@pytest.mark.parametrize("flags, message", [(["--size", "50x32"], "multiples of 8 px for this model (e.g. 48x32)"),
+                                            (["--size", "wide"], "WIDTHxHEIGHT"),
+                                            (["--size", "48x32", "--crop"], "not allowed with")])
+def test_bad_sizes_are_one_line_errors(tmp_path, tiny_dir, red_circle, capsys, flags, message):
+    code, _, err = run(invert_args(red_circle, tmp_path / "out", tiny_dir, "--method", "ddim", *flags), capsys)
+    assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_the_executable_pauses_the_collector_only_to_parse_and_exits_with_mains_status(monkeypatch):

@@ -44,6 +44,16 @@ def test_blend_suggestions_from_the_words_that_differ():
     assert blend_suggestions("a red circle", "a red square") == ["circle square"]
 
 
+def test_blend_suggestions_leave_out_words_that_name_the_background():
+    """'brown white' in '... on a brown background' -> '... on a white background' wrecked the edit
+    (issue 27): words naming the background are not suggested, the object's words still are."""
+    source = "a large green triangle in the centre on a brown background"
+    assert blend_suggestions(source, source.replace("brown", "white")) == []
+    assert blend_suggestions(source, source.replace("brown", "white grid")) == []
+    assert blend_suggestions(source, source.replace("green", "red").replace("brown", "white")) == ["green red",
+                                                                                                  "triangle triangle"]
+
+
 def test_options_json():
     assert parse_options("") == {}
     assert parse_options('{"cross_replace": 0.7}') == {"cross_replace": 0.7}
@@ -55,12 +65,12 @@ def test_options_json():
 
 def test_uploads_are_read_only_from_the_allowed_folders(tmp_path, red_circle):
     with pytest.raises(SpdinvError, match="no image"):
-        read_upload(None, [tmp_path], 32)
+        read_upload(None, [tmp_path], 32, 8)
     with pytest.raises(SpdinvError, match="reads no other path"):
-        read_upload(red_circle, [tmp_path / "elsewhere"], 32)
+        read_upload(red_circle, [tmp_path / "elsewhere"], 32, 8)
     with pytest.raises(SpdinvError, match="reads no other path"):
-        read_upload(tmp_path / ".." / red_circle.parent.name / red_circle.name, [tmp_path], 32)
-    image, notices = read_upload(red_circle, [red_circle.parent], 32)
+        read_upload(tmp_path / ".." / red_circle.parent.name / red_circle.name, [tmp_path], 32, 8)
+    image, notices = read_upload(red_circle, [red_circle.parent], 32, 8)
     assert image.size == (32, 32) and notices == ["resized 64x64 to 32x32"]
 
 
@@ -68,11 +78,11 @@ def test_unreadable_and_oversized_uploads(tmp_path):
     garbage = tmp_path / "photo.png"
     garbage.write_bytes(b"not an image at all")
     with pytest.raises(SpdinvError, match="not a readable image"):
-        read_upload(garbage, [tmp_path], 32)
+        read_upload(garbage, [tmp_path], 32, 8)
     huge = tmp_path / "huge.png"
     Image.new("1", (8000, MAX_UPLOAD_PIXELS // 8000 + 1)).save(huge)  # a few kB on disk, too many pixels
     with pytest.raises(SpdinvError, match="megapixels"):
-        read_upload(huge, [tmp_path], 32)
+        read_upload(huge, [tmp_path], 32, 8)
 
 
 @pytest.mark.parametrize("change, message", [

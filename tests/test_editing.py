@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 import spdinv.editing.cache
 import spdinv.sampling
@@ -17,7 +18,7 @@ from spdinv.editing import ENGINES, edit, run_editor
 from spdinv.editing.attention import attention_layers, nearest_scale
 from spdinv.editing.cache import InversionCache
 from spdinv.editing.p2p import P2PEditor, P2POptions, blend_map_scale
-from spdinv.editing.tokens import refinement_mapper, word_positions
+from spdinv.editing.tokens import names_background, refinement_mapper, word_positions
 from spdinv.errors import SpdinvError
 from spdinv.inversion import METHODS, invert
 from spdinv.inversion.reconstruction import reconstruct_latent
@@ -155,7 +156,7 @@ def test_local_blend_localises_a_synthetic_word_map(tiny, inversions):
         maps = torch.full((2, 4, 64, tiny.tokenizer.model_max_length), 1e-3)
         maps[0, :, 2 * 8 + 5, red] = 1.0
         maps[1, :, 6 * 8 + 1, blue] = 1.0
-        editor.maps[layer.name] = maps
+        editor._keep_blend_maps(layer, maps)  # what it keeps of them: the blend words' rows, summed
     z = torch.stack([torch.zeros(4, 8, 8), torch.ones(4, 8, 8)])
     blended = editor.local_blend(z)
     expected = torch.zeros(8, 8)
@@ -253,7 +254,7 @@ def test_local_blend_range_norm_removes_the_maps_floor(tiny, inversions):
         for layer in editor.blend_layers:
             maps = torch.full((2, 4, 64, tiny.tokenizer.model_max_length), 0.8)
             maps[:, :, 3 * 8 + 3, [red, blue]] = 1.0
-            editor.maps[layer.name] = maps
+            editor._keep_blend_maps(layer, maps)
         editor.local_blend(torch.zeros(2, 4, 8, 8))
         masks[norm] = editor.mask[0, 0]
     assert masks["max"].sum() == 64 and masks["range"].sum() == 9 and masks["range"][2:5, 2:5].all()
@@ -485,3 +486,51 @@ def test_cli_edit_goes_through_the_library(tmp_path, tiny_dir, red_circle, monke
     code = main(edit_args(red_circle, tmp_path / "out", tiny_dir, tmp_path / "cache", "--inversion", "ddim",
                           "--engine", "all", "--no-cache"))
     assert code == 0 and seen == [(["ddim"], list(ENGINES))]
+
+
+@pytest.mark.parametrize("blend", [None, "red blue"])
+def test_p2p_fused_self_attention_injection_agrees_with_the_probability_path(tiny, inversions, blend):
+    """The target's self-attention injection by the fused kernel (softmax(q_src k_src^T) v_tgt, no
+    maps materialised) against the same edit with every injected map materialised: same batch
+    shapes, so only the kernels' rounding differs (measured: 3-6e-6 of the latents' largest magnitude on the
+    tiny and the embedded model, 10 steps); a
+    wrong row or a missed injection differs by 1e-2 or more. Tolerance: same_up_to_rounding (1e-4)."""
+    latents = {}
+    for fused in (True, False):
+        editor = P2PEditor(tiny, SOURCE, TARGET, P2POptions(self_replace=1.0, self_replace_scale=1.0, blend=blend))
+        editor.fused = fused
+        latents[fused] = run_editor(tiny, inversions["spdinv"], TARGET, editor)[1]
+    assert same_up_to_rounding(latents[True], latents[False])
+    free = run_editor(tiny, inversions["spdinv"], TARGET, P2PEditor(tiny, SOURCE, TARGET, P2POptions(
+        self_replace=0.0, blend=blend)))[1]
+    assert not same_up_to_rounding(free[-1, 1], latents[True][-1, 1], relative=1e-3)  # the injection mattered
+
+
+def test_names_background():
+    prompt = "a large green triangle in the centre on a brown grid background"
+    assert names_background(prompt, "brown") and names_background(prompt, "grid")
+    assert names_background(prompt, "background") and names_background("a cat", "backdrop")
+    assert not names_background(prompt, "green") and not names_background(prompt, "triangle")
+    assert not names_background(prompt, "centre") and not names_background(prompt, "white")
+
+
+def test_local_blend_words_naming_the_background_are_not_cut_by_range(tiny, inversions):
+    """Issue 27: a background word's map is spread over the frame; 'range' cut a partial mask out of
+    it and blended the rest from the source, so the old and the new background fought. Rows whose
+    words name the background are scaled by their max (P2P's): with a floor of 0.8 of the max, the
+    whole frame; an object word's row keeps 'range' (its peak)."""
+    source, target = SOURCE.replace("white", "brown"), TARGET.replace("white", "black")
+
+    def mask(blend: str, source_word: str, target_word: str) -> Tensor:
+        editor = P2PEditor(tiny, source, target, P2POptions(blend=blend))
+        editor.prepare(tiny, inversions["spdinv"])
+        a, b = word_positions(tiny.tokenizer, source, source_word)[0], word_positions(tiny.tokenizer, target, target_word)[0]
+        for layer in editor.blend_layers:
+            maps = torch.full((2, 4, 64, tiny.tokenizer.model_max_length), 0.8)
+            maps[:, :, 3 * 8 + 3, [a, b]] = 1.0
+            editor._keep_blend_maps(layer, maps)
+        editor.local_blend(torch.zeros(2, 4, 8, 8))
+        return editor.mask[0, 0]
+
+    assert mask("brown black", "brown", "black").sum() == 64
+    assert mask("red blue", "red", "blue").sum() == 9

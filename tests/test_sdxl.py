@@ -186,3 +186,44 @@ def test_the_inversion_cache_keeps_sdxl_entries(xl, image, tmp_path):
     again, hit_again = cache.invert(xl, image, "a red circle", "ddim", 3)
     assert (hit, hit_again, cache.dropped) == (False, True, 0)
     assert torch.equal(again.trajectory, first.trajectory.cpu())
+
+
+@pytest.mark.parametrize("pipeline", ["sd", "sdxl"])
+def test_a_non_square_image_keeps_its_shape_through_every_engine(xl, tiny, pipeline, tmp_path):
+    """A 48x32 drawing on the tiny models (32 px native, sides multiples of 8): fitted to 40x24 (area
+    about 32^2, aspect ratio 5:3, the nearest to 3:2 on that grid), inverted once, edited by every
+    engine at 40x24 (LocalBlend's mask at the 10x6 latent); SDXL's added time ids carry that size;
+    the cache keys the fitted image and hits on the second call; `Framing(crop=True)` is the old
+    centre square and `Framing(size=...)` an exact size."""
+    from PIL import ImageDraw
+
+    from spdinv.editing.cache import InversionCache
+    from spdinv.images import Framing
+
+    model = xl if pipeline == "sdxl" else tiny
+    image = Image.new("RGB", (48, 32), (245, 245, 245))
+    ImageDraw.Draw(image).ellipse((16, 8, 32, 24), fill=(220, 40, 40))
+    assert model.fit(image)[0].size == (40, 24) and model.size_multiple == 8
+    inversion = invert(model, image, SOURCE, "ddim", STEPS, progress=False, diagnose=False)
+    assert inversion.z_T.shape[-2:] == (6, 10)
+    seen = []
+    hook = model.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("added_cond_kwargs")), with_kwargs=True)
+    try:
+        for engine in ENGINES:
+            options = dict(blend="red blue") if engine == "p2p" else {}
+            result = edit(model, None, SOURCE, TARGET, inversion, engine, **options)
+            assert result.edited.shape == (1, 3, 24, 40) and torch.isfinite(result.edited).all()
+            if engine == "p2p":
+                assert result.mask.shape == (1, 1, 6, 10)
+    finally:
+        hook.remove()
+    if pipeline == "sdxl":
+        assert all(added["time_ids"][0].tolist() == [24, 40, 0, 0, 24, 40] for added in seen)
+    cache = InversionCache(tmp_path / "cache")
+    for hit in (False, True):
+        assert edit(model, image, SOURCE, TARGET, "ddim", "none", num_steps=2, cache=cache).cache_hit is hit
+    cropped = edit(model, image, SOURCE, TARGET, "ddim", "none", num_steps=2, cache=cache, framing=Framing(crop=True))
+    assert cropped.cache_hit is False and cropped.edited.shape == (1, 3, 32, 32)
+    sized = edit(model, image, SOURCE, TARGET, "ddim", "none", num_steps=2, framing=Framing(size=(48, 32)))
+    assert sized.edited.shape == (1, 3, 32, 48)

@@ -16,6 +16,8 @@ import re
 import typing
 from typing import Any, Callable, Mapping, Sequence
 
+from .errors import SpdinvError
+
 # argparse's own pattern takes "-1e-6" or "-inf" for an option ("expected one argument")
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
@@ -116,6 +118,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=parse_seed, default=0, help="random seed, 0 to 2**63 - 1 (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", action="store_true", help="let diffusers/transformers log and warn on the terminal")
+
+
+def add_framing_arguments(parser: argparse.ArgumentParser) -> None:
+    """--size / --crop: how the image is fitted to the model (images.Framing)."""
+    group = parser.add_argument_group("image size (default: the image's own aspect ratio at about the model's "
+                                      "native area, sides multiples of what the VAE and UNet need)")
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument("--size", type=_size, default=None, metavar="WxH",
+                        help="exact size in pixels, e.g. 768x512 (centre-cropped to its aspect ratio first, never stretched)")
+    choice.add_argument("--crop", action="store_true", help="the centre square at the model's native size")
+
+
+def framing_from_args(args: argparse.Namespace):
+    """The images.Framing the flags ask for."""
+    from .images import Framing  # images imports torch: not at parse time
+
+    return Framing(crop=bool(getattr(args, "crop", False)), size=getattr(args, "size", None))
+
+
+def _size(text: str) -> tuple[int, int]:
+    from .images import parse_size
+
+    try:
+        return parse_size(text)
+    except SpdinvError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_steps_argument(parser: argparse.ArgumentParser) -> None:

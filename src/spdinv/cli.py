@@ -16,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from . import commands  # noqa: E402
-from .arguments import Parser, add_model_arguments  # noqa: E402
+from .arguments import Parser, add_framing_arguments, add_model_arguments, framing_from_args  # noqa: E402
 from .errors import SpdinvError  # noqa: E402
 
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "--help)")
     commands.add_concept_arguments(invert)
     add_model_arguments(invert)
+    add_framing_arguments(invert)
     invert.add_argument("--out", type=Path, default=Path("spdinv-out"), help="output folder (default ./spdinv-out)")
     invert.set_defaults(run=run_invert)
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_invert(args: argparse.Namespace) -> None:
-    from .images import conform_image, open_image
+    from .images import open_image
     from .inversion import check_prompt, get_method
     from .export import INVERT_FILES
     from .outputs import check_no_foreign, check_output_dir
@@ -87,11 +88,12 @@ def run_invert(args: argparse.Namespace) -> None:
     check_no_foreign(args.out, list(INVERT_FILES))
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
     commands.check_model_settings(args)
+    framing = framing_from_args(args)
     concept = commands.concept_from_args(args, {"prompt": prompt})
     from .export import invert_to_folder
 
     model = commands.load_model_from_args(args).with_concept(concept)
-    image, notices = conform_image(raw_image, model.image_size)
+    image, notices = model.fit(raw_image, framing)
     for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
     for warning in commands.prompt_warnings(model, prompt):

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .errors import require_finite
-from .images import to_pil
+from .images import Framing, to_pil
 from .inversion import Inversion, invert
 from .inversion.base import StepReport
 from .model import DiffusionModel
@@ -72,7 +72,8 @@ def _step_report(record: dict) -> StepReport:
 def invert_to_folder(model: DiffusionModel, image: Image.Image, prompt: str, method: str, num_steps: int,
                      options: dict, out: Path, *, seed: int = 0, progress: bool = True, command=None) -> str:
     """The `spdinv invert` job: invert, reconstruct, and write everything to `out` all-or-nothing."""
-    inversion = invert(model, image, prompt, method, num_steps, seed=seed, progress=progress, **options)
+    inversion = invert(model, image, prompt, method, num_steps, seed=seed, progress=progress,
+                       framing=Framing(size=image.size), **options)  # fitted by the caller
     require_finite(inversion.trajectory, f"the {method} inversion")
     recon = reconstruct(model, inversion)  # the one the diagnostics sampled, against the input image
     require_finite(recon.image, f"the {method} reconstruction")

@@ -1,10 +1,12 @@
-"""Reading user images into the model's size, and converting between PIL and tensors."""
+"""Reading user images into a model's size (keeping their aspect ratio, a centre square, or a given
+size), and converting between PIL and tensors."""
 
 from __future__ import annotations
 
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,87 @@ def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return left, top, left + side, top + side
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How an image is fitted to a model. By default its aspect ratio is kept and it is resized to
+    about the model's native area (`aspect_size`); `crop`: the centre square at the native size
+    (PIE-Bench's protocol, and spdinv's behaviour before); `size` (W, H): exactly that size, centre-
+    cropped to its aspect ratio first (never stretched). Sides are multiples of the model's
+    `size_multiple` (VAE factor x 2^UNet downsamplings)."""
+
+    crop: bool = False
+    size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop and self.size is not None:
+            raise SpdinvError("--crop and --size exclude each other")
+        if self.size is not None:
+            ok = len(self.size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.size)
+            if not ok:
+                raise SpdinvError(f"size must be two positive integers (width, height), got {self.size!r}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H), positive integers."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise SpdinvError(f"size must be WIDTHxHEIGHT in pixels, e.g. 768x512, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def aspect_size(width: int, height: int, side: int, multiple: int) -> tuple[int, int]:
+    """The size an image of `width` x `height` is resized to: the area of a `side`^2 square, both
+    sides multiples of `multiple`. Of the four sizes whose sides round the exactly scaled sides down
+    or up, the one nearest the image's aspect ratio (then nearest the area); the image is centre-
+    cropped to that aspect ratio first, which removes at most the rounding."""
+    scale = side / math.sqrt(width * height)
+    widths = {max(multiple, math.floor(width * scale / multiple) * multiple), math.ceil(width * scale / multiple) * multiple}
+    heights = {max(multiple, math.floor(height * scale / multiple) * multiple), math.ceil(height * scale / multiple) * multiple}
+    aspect = math.log(width / height)
+    return min(((w, h) for w in widths for h in heights),
+               key=lambda wh: (round(abs(math.log(wh[0] / wh[1]) - aspect), 9), abs(wh[0] * wh[1] - side * side), wh))
+
+
+def centre_box(width: int, height: int, aspect: float) -> tuple[int, int, int, int]:
+    """The largest centred (left, top, right, bottom) box of aspect ratio `aspect` (width / height)."""
+    if width / height > aspect:
+        new = max(1, round(height * aspect))
+        left = (width - new) // 2
+        return left, 0, left + new, height
+    new = max(1, round(width / aspect))
+    top = (height - new) // 2
+    return 0, top, width, top + new
+
+
+def fit_image(image: Image.Image, side: int, multiple: int, framing: Framing | None = None
+              ) -> tuple[Image.Image, list[str]]:
+    """Convert to 8-bit RGB and fit to a model whose native images are `side` px square and whose
+    sides must be multiples of `multiple`, as `framing` says (default: keep the aspect ratio at
+    about the native area), noting each change."""
+    framing = framing or Framing()
+    if framing.crop:
+        return conform_image(image, side)
+    if framing.size is not None and any(v % multiple for v in framing.size):
+        w, h = framing.size
+        near = "x".join(str(max(multiple, round(v / multiple) * multiple)) for v in (w, h))
+        raise SpdinvError(f"size {w}x{h}: both sides must be multiples of {multiple} px for this model "
+                          f"(e.g. {near})")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, notices = to_rgb(image)
+        w, h = image.size
+        size = framing.size or aspect_size(w, h, side, multiple)
+        box = centre_box(w, h, size[0] / size[1])
+        if box != (0, 0, w, h):
+            image = image.crop(box)
+            notices.append(f"centre-cropped {w}x{h} to {image.size[0]}x{image.size[1]} (the aspect ratio of "
+                           f"{size[0]}x{size[1]})")
+        if image.size != size:
+            notices.append(f"resized {image.size[0]}x{image.size[1]} to {size[0]}x{size[1]}")
+            image = image.resize(size, Image.LANCZOS)
+    return image, notices + _notices(caught)
 
 
 def conform_image(image: Image.Image, size: int) -> tuple[Image.Image, list[str]]:

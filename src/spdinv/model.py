@@ -9,12 +9,14 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from .concepts import Concept, ConceptTokenizer, check_width, injected
 from .conditioning import pack, sdxl_text_states, time_ids, unpack
 from .errors import SpdinvError
 from .families import SD, SDXL, ModelFamily
+from .images import Framing, fit_image
 from .loading import SINGLE_FILE_SUFFIXES
 from .prediction import PREDICTION_TYPES, eps_from_output, guided
 from .schedule import DDIMSchedule, DDIMSettings, training_ddim_scheduler
@@ -55,6 +57,17 @@ class DiffusionModel:
     @property
     def image_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """What both sides of an input image must be multiples of: the VAE's factor times 2 per
+        UNet downsampling (SD 1.x/2.x: 8 x 8 = 64 px; SDXL: 8 x 4 = 32 px)."""
+        downsamplings = sum(1 for block in self.unet.down_blocks if getattr(block, "downsamplers", None))
+        return self.vae_scale_factor * 2**downsamplings
+
+    def fit(self, image: Image.Image, framing: Framing | None = None) -> tuple[Image.Image, list[str]]:
+        """`images.fit_image` for this model: (the image at the size it is inverted and edited at, notices)."""
+        return fit_image(image, self.image_size, self.size_multiple, framing)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -170,7 +170,7 @@ def build_app(session: DemoSession) -> gr.Blocks:
             result = session.edit(request, progress=True)
         except SpdinvError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        first, size = result.runs[0], result.image.size[0]
+        first, size = result.runs[0], result.image.size
         gallery = [(r.edited, f"{r.method} + {r.engine}") for r in result.runs]
         return (first.edited, first.reconstruction, None if first.mask is None else _mask_image(first.mask, size),
                 None if first.residuals is None else str(first.residuals),
@@ -181,7 +181,8 @@ def build_app(session: DemoSession) -> gr.Blocks:
         if _path(image) is None:
             return gr.update(value="")
         try:
-            _, notices = read_upload(_path(image), session.allowed, session.model.image_size)
+            _, notices = read_upload(_path(image), session.allowed, session.model.image_size,
+                                     session.model.size_multiple)
         except SpdinvError as error:
             raise gr.Error(str(error), print_exception=False) from None
         return gr.update(value="; ".join(notices) or "used as it is")
@@ -192,7 +193,8 @@ def build_app(session: DemoSession) -> gr.Blocks:
 
     name = session.model.name.rstrip("/").split("/")[-1]
     limits = (f"Uploads: any format PIL reads, at most {MAX_UPLOAD_BYTES // 2**20} MB and "
-              f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels; centre-cropped and resized to {session.model.image_size} px "
+              f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels; resized at their own aspect ratio to about "
+              f"{session.model.image_size}x{session.model.image_size} px "
               "as `spdinv edit` does.")
     examples = load_examples()
     with gr.Blocks(title="spdinv demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:

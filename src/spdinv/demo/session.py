@@ -19,7 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import SpdinvError, require_finite
-from ..images import conform_image, open_image, psnr, to_tensor
+from ..editing.tokens import names_background
+from ..images import Framing, fit_image, open_image, psnr, to_tensor
 from ..model import DiffusionModel
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # the upload limit the server enforces (Gradio's max_file_size)
@@ -102,11 +103,14 @@ def parse_options(text: str) -> dict:
 def blend_suggestions(source: str, target: str) -> list[str]:
     """LocalBlend word pairs from the words that differ: each replaced word pair ('red blue') and
     the word both prompts share after it ('circle circle'), the object a colour or material
-    word describes."""
+    word describes. Words that name the background ('brown white' in '... on a brown background')
+    are not suggested: a background edit's region is the whole background, which LocalBlend
+    cannot cut better than no blend at all (measured in docs/results.md, "Blend words that name
+    the background")."""
     a, b = source.lower().split(), target.lower().split()
     found: list[str] = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
-        if tag != "replace":
+        if tag != "replace" or names_background(source, a[i1]) or names_background(target, b[j1]):
             continue
         found.append(f"{a[i1]} {b[j1]}")
         if i2 < len(a) and j2 < len(b) and a[i2] == b[j2]:
@@ -114,9 +118,9 @@ def blend_suggestions(source: str, target: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def read_upload(path: str | Path | None, allowed: list[Path], size: int) -> tuple[Image.Image, list[str]]:
-    """The uploaded file as the CLI reads it (decoded, converted to RGB, centre-cropped, resized to
-    `size`), with notices. Only files under `allowed` folders (Gradio's upload folder, the shipped
+def read_upload(path: str | Path | None, allowed: list[Path], size: int, multiple: int) -> tuple[Image.Image, list[str]]:
+    """The uploaded file as the CLI reads it (decoded, converted to RGB, fitted at its own aspect
+    ratio to about `size`^2 pixels, sides multiples of `multiple`: `images.fit_image`), with notices. Only files under `allowed` folders (Gradio's upload folder, the shipped
     examples) are read: never a path a request names elsewhere on the server."""
     if path is None or str(path) == "":
         raise SpdinvError("no image: upload one or pick an example")
@@ -128,7 +132,7 @@ def read_upload(path: str | Path | None, allowed: list[Path], size: int) -> tupl
         raise SpdinvError(f"the upload is {megabytes:.1f} MB; at most {MAX_UPLOAD_BYTES // 2**20} MB")
     _check_pixels(resolved)
     image, notices = open_image(resolved)
-    fitted, more = conform_image(image, size)
+    fitted, more = fit_image(image, size, multiple)
     return fitted, notices + more
 
 
@@ -183,7 +187,7 @@ class DemoSession:
         from ..presets import inversion_settings
 
         check_request(request)
-        image, notices = read_upload(request.image, self.allowed, self.model.image_size)
+        image, notices = read_upload(request.image, self.allowed, self.model.image_size, self.model.size_multiple)
         notices = notices + request_notices(self.model, request)
         pairs = []
         for method in request.inversions:
@@ -233,7 +237,8 @@ class DemoSession:
             options = pair.options if given is None else _without_method_options(pair.options, pair.method)
             result = edit(self.model, image, request.source, request.target, given or pair.method, pair.engine,
                           num_steps=request.steps, seed=request.seed, progress=progress, diagnose=True,
-                          cache=None if given else self.cache, preset=request.preset, **options)
+                          cache=None if given else self.cache, preset=request.preset,
+                          framing=Framing(size=image.size), **options)
             require_finite(result.edited, f"the {pair.method} + {pair.engine} result")
             if given is None:
                 if not own_source:

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
+from ..images import Framing
 from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..inversion import Inversion, check_prompt, get_method, invert, make_options
 from ..model import DiffusionModel
@@ -169,7 +170,8 @@ InversionSource = str | Inversion  # a method name, or an inversion already comp
 
 
 def _invert(model: DiffusionModel, image, source_prompt: str, inversion: InversionSource, *, num_steps: int,
-            seed: int, progress: bool, cache, diagnose: bool, options: dict) -> tuple[Inversion, bool | None, float]:
+            seed: int, progress: bool, cache, diagnose: bool, options: dict,
+            framing: Framing | None) -> tuple[Inversion, bool | None, float]:
     """(the inversion, whether `cache` had it (None without a cache or when given), seconds)."""
     start = time.perf_counter()
     if isinstance(inversion, Inversion):
@@ -179,10 +181,10 @@ def _invert(model: DiffusionModel, image, source_prompt: str, inversion: Inversi
         options = {**options, "allow_empty_prompt": True}
     if cache is not None:
         inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
-                                     diagnose=diagnose, **options)
+                                     diagnose=diagnose, framing=framing, **options)
         return inverted, hit, time.perf_counter() - start
     inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=diagnose,
-                      progress=progress, **options)
+                      progress=progress, framing=framing, **options)
     return inverted, None, time.perf_counter() - start
 
 
@@ -203,13 +205,16 @@ def edits(
     engine_options: dict[str, object] | None = None,
     sampler: SamplerOptions | dict | None = None,
     preset: str | None = None,
+    framing: Framing | None = None,
 ) -> Iterator[EditResult]:
     """Every inversion x engine edit of `image`, inversions in the outer loop: each method inverts
     once (through `cache`, anything with InversionCache's `invert`, when given) and every engine
     edits from that inversion. `inversion_options` maps a method name to its options,
     `engine_options` an engine name to its options dataclass (or a dict of its fields), `sampler`
     is SamplerOptions (or a dict of its fields). Every engine's options and words are checked
-    before anything is inverted.
+    before anything is inverted. A PIL image is fitted to the model as `framing` says
+    (`images.Framing`: by default at its own aspect ratio, about the model's native area;
+    `Framing(crop=True)`: the centre square; `Framing(size=(W, H))`); the edit comes out at that size.
 
     With `preset` (`spdinv.presets`) every method's and engine's options start from the preset's
     and the given ones override them (a dict sets the fields it has, a dataclass all of its
@@ -219,7 +224,7 @@ def edits(
     check_seed(seed)
     image = None if image is None else library_image(image)
     inversion_options, engine_options = inversion_options or {}, engine_options or {}
-    common = dict(num_steps=num_steps, seed=seed, progress=progress, cache=cache, diagnose=diagnose)
+    common = dict(num_steps=num_steps, seed=seed, progress=progress, cache=cache, diagnose=diagnose, framing=framing)
     if preset is None:
         sampler = SamplerOptions(**sampler) if isinstance(sampler, dict) else sampler or SamplerOptions()
         yield from _edits(model, image, source_prompt, target_prompt, inversions, engines, inversion_options,
@@ -244,7 +249,7 @@ def _source_for(preset: str | None, engine: str, source_prompt: str) -> str:
 def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str, inversions: list[InversionSource],
            engines: list[str], inversion_options: dict[str, dict], engine_options: dict[str, object],
            sampler: SamplerOptions, *, num_steps: int, seed: int, progress: bool, cache,
-           diagnose: bool) -> Iterator[EditResult]:
+           diagnose: bool, framing: Framing | None) -> Iterator[EditResult]:
     """`edits` once the prompts are checked and the options resolved."""
     for inversion in inversions:
         if not isinstance(inversion, Inversion):
@@ -259,7 +264,8 @@ def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str,
     for inversion in inversions:
         options = {} if isinstance(inversion, Inversion) else inversion_options.get(inversion, {})
         inverted, hit, inverting = _invert(model, image, source_prompt, inversion, num_steps=num_steps, seed=seed,
-                                           progress=progress, cache=cache, diagnose=diagnose, options=options)
+                                           progress=progress, cache=cache, diagnose=diagnose, options=options,
+                                           framing=framing)
         inverted_here = not isinstance(inversion, Inversion) and not hit
         for engine in engines:
             editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
@@ -290,6 +296,7 @@ def edit(
     cache=None,
     diagnose: bool = False,
     preset: str | None = None,
+    framing: Framing | None = None,
     **options,
 ) -> EditResult:
     """Edit `image` from `source_prompt` to `target_prompt`: invert it with the named method (or
@@ -298,7 +305,8 @@ def edit(
     sampler (guidance_scale, source_guidance_scale, uncond, negative_prompt) or the inversion
     method (e.g. K, lr); `preset` (`spdinv.presets`: 'spdinv-official', 'pnpinv') starts from a
     published script's settings, which the keyword options override. `diagnose` asks an
-    inversion computed here (or by the cache) for its diagnostics."""
+    inversion computed here (or by the cache) for its diagnostics; `framing`
+    as in `edits`."""
     source_prompt, target_prompt = check_prompts(model, source_prompt, target_prompt)
     given = isinstance(inversion, Inversion)
     if not given:
@@ -309,7 +317,8 @@ def edit(
     results = edits(model, image, source_prompt, target_prompt, [inversion], [engine], num_steps=num_steps,
                     seed=seed, progress=progress, cache=cache, diagnose=diagnose,
                     inversion_options={} if given else {inversion: method_fields},
-                    engine_options={engine: engine_fields}, sampler=sampler_fields, preset=preset)
+                    engine_options={engine: engine_fields}, sampler=sampler_fields, preset=preset,
+                    framing=framing)
     return next(results)
 
 

@@ -105,9 +105,16 @@ class AttentionEditor:
     """What an engine does inside attention: rewrite q, k, v (B, heads, N, d), and/or the softmax
     maps of the conditional [source, target] rows (2, heads, Nq, Nk). `rows` names the batch's
     rows (`spdinv.sampling.BatchRows`, updated every step). With `record`, the conditional maps
-    each probability-editing layer used last are kept in `recorded`."""
+    each probability-editing layer used last are kept in `recorded`.
+
+    Maps are materialised only where `wants_probs` says so; an edit that gives the target the
+    source's maps unchanged (P2P's self-attention injection) says `target_reads_source` instead
+    and is computed by the fused kernel, softmax(q_src k_src^T) v_tgt, without materialising them
+    (a 64x64 self-attention layer of SDXL at 1024 px would hold 2 x 10 x 4096^2 floats, 1.25 GiB).
+    `fused = False` sends those through the probability path too (tests compare the two)."""
 
     record: bool = False
+    fused: bool = True
 
     def __init__(self) -> None:
         self.recorded: dict[str, Tensor] = {}
@@ -122,6 +129,17 @@ class AttentionEditor:
     def edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
         """Edit the target's row of `probs` in place; True when it changed."""
         return False
+
+    def target_reads_source(self, layer: AttentionLayer) -> bool:
+        """Whether the conditional target row takes the conditional source row's maps unchanged
+        (then `edit_probs` must do the same on the probability path)."""
+        return False
+
+    def needs_probs(self, layer: AttentionLayer) -> bool:
+        """Whether this layer's maps are materialised at this step."""
+        if self.record or self.wants_probs(layer):
+            return True
+        return not self.fused and self.target_reads_source(layer)
 
 
 class EditingProcessor:
@@ -164,19 +182,10 @@ class EditingProcessor:
         # As AttnProcessor2_0: the kernel's default scale unless the layer has another one.
         scale = None if math.isclose(attn.scale, q.shape[-1] ** -0.5) else attn.scale
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
-        if self.editor.wants_probs(self.layer):
-            # Only the conditional [source, target] rows are materialised, and only an edited
-            # target row is recomputed from its maps: every other row keeps the fused kernel's
-            # numerics, so the source branch matches an unedited pass bit for bit.
-            rows = self.editor.rows
-            pair, target = rows.pair(SOURCE, TARGET), rows.cond(TARGET)
-            mask = None if attention_mask is None else attention_mask[pair]
-            probs = _attention_probs(attn, q[pair], k[pair], mask)
-            if self.editor.edit_probs(self.layer, probs):
-                out = out.clone()
-                out[target] = (probs[TARGET] @ v[target]).to(out.dtype)
-            if self.editor.record:
-                self.editor.recorded[self.layer.name] = probs.detach().float().cpu()
+        if self.editor.needs_probs(self.layer):
+            out = self._edited_by_probs(attn, q, k, v, out, attention_mask)
+        elif self.editor.target_reads_source(self.layer):
+            out = self._target_reads_source(q, k, v, out, attention_mask, scale)
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(q.dtype)
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -185,6 +194,34 @@ class EditingProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _target_reads_source(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: Tensor | None,
+                             scale: float | None) -> Tensor:
+        """out with the conditional target row recomputed as softmax(q_src k_src^T) v_tgt by the fused kernel."""
+        rows = self.editor.rows
+        source, target = rows.cond(SOURCE), rows.cond(TARGET)
+        keep = slice(source, source + 1)
+        mask = None if mask is None else mask[keep]
+        out = out.clone()
+        out[target] = F.scaled_dot_product_attention(q[keep], k[keep], v[target : target + 1], attn_mask=mask,
+                                                     scale=scale)[0].to(out.dtype)
+        return out
+
+    def _edited_by_probs(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                         attention_mask: Tensor | None) -> Tensor:
+        """Only the conditional [source, target] rows are materialised, and only an edited target
+        row is recomputed from its maps: every other row keeps the fused kernel's numerics, so the
+        source branch matches an unedited pass bit for bit."""
+        rows = self.editor.rows
+        pair, target = rows.pair(SOURCE, TARGET), rows.cond(TARGET)
+        mask = None if attention_mask is None else attention_mask[pair]
+        probs = _attention_probs(attn, q[pair], k[pair], mask)
+        if self.editor.edit_probs(self.layer, probs):
+            out = out.clone()
+            out[target] = (probs[TARGET] @ v[target]).to(out.dtype)
+        if self.editor.record:
+            self.editor.recorded[self.layer.name] = probs.detach().float().cpu()
+        return out
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
-from ..images import conform_image
+from ..images import Framing
 from ..inversion import Inversion, check_steps, invert, make_options
 from ..model import DiffusionModel
 from ..outputs import check_manifest, check_output_dir, staged_output
@@ -48,9 +48,9 @@ def model_fingerprint(model: DiffusionModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def _image_bytes(model: DiffusionModel, image: Image.Image | Tensor) -> bytes:
+def _image_bytes(model: DiffusionModel, image: Image.Image | Tensor, framing: Framing | None) -> bytes:
     if isinstance(image, Image.Image):
-        conformed = conform_image(image, model.image_size)[0]
+        conformed = model.fit(image, framing)[0]
         return f"{conformed.size}".encode() + conformed.tobytes()
     return f"{tuple(image.shape)}".encode() + image.detach().float().cpu().contiguous().numpy().tobytes()
 
@@ -66,7 +66,7 @@ class InversionCache:
     problem: str | None = None  # why the last store failed
 
     def key(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int,
-            seed: int, options: dict) -> str:
+            seed: int, options: dict, framing: Framing | None = None) -> str:
         settings = dataclasses.asdict(make_options(method, **options))
         schedule = model.schedule(check_steps(steps))
         payload = {"version": CACHE_VERSION, "model": model.name, "weights": model_fingerprint(model),
@@ -77,10 +77,11 @@ class InversionCache:
         if model.concept is not None:
             payload["concept"] = model.concept.fingerprint
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
-        digest.update(_image_bytes(model, image))
+        digest.update(_image_bytes(model, image, framing))
         return f"{method}-{digest.hexdigest()[:32]}"
 
-    def load(self, key: str, model: DiffusionModel, steps: int) -> Inversion | None:
+    def load(self, key: str, model: DiffusionModel, steps: int, latent_hw: tuple[int, int] | None = None
+             ) -> Inversion | None:
         """The cached inversion, or None when absent. An entry whose files differ from their
         checksums, or whose tensors are not finite or not of the model's shapes, is removed (a miss:
         it is computed and stored again)."""
@@ -94,7 +95,7 @@ class InversionCache:
             if problems:
                 raise ValueError(problems[0])
             inversion = load_inversion(folder, model)
-            check_entry(inversion, model, steps)
+            check_entry(inversion, model, steps, latent_hw)
         except Exception:  # noqa: BLE001 - whatever is wrong with an entry, it is dropped
             shutil.rmtree(folder, ignore_errors=True)
             self.dropped += 1
@@ -125,17 +126,20 @@ class InversionCache:
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
                seed: int = 0, progress: bool = False, diagnose: bool = False, allow_empty_prompt: bool = False,
-               **options) -> tuple[Inversion, bool]:
+               framing: Framing | None = None, **options) -> tuple[Inversion, bool]:
         """(inversion, whether it came from the cache); `diagnose` and `allow_empty_prompt` as invert()
-        (not part of the key)."""
-        key = self.key(model, image, prompt, method, steps, seed, options)
-        cached = self.load(key, model, steps)
+        (not part of the key); a PIL image is fitted as `framing` says (`images.Framing`) and keyed at
+        that size."""
+        image, framing = fitted(model, image, framing)
+        key = self.key(model, image, prompt, method, steps, seed, options, framing)
+        cached = self.load(key, model, steps, latent_hw(model, image))
         if cached is not None:
             self.hits += 1
             return cached, True
         self.misses += 1
         inversion = invert(model, image, prompt, method, steps, seed=seed, diagnose=diagnose, progress=progress,
-                           allow_empty_prompt=allow_empty_prompt, **options)
+                           allow_empty_prompt=allow_empty_prompt,
+                           framing=framing, **options)
         self.store(key, inversion)
         return inversion, False
 
@@ -153,11 +157,13 @@ class LastInversion:
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
                seed: int = 0, progress: bool = False, diagnose: bool = False, allow_empty_prompt: bool = False,
+               framing: Framing | None = None,
                **options) -> tuple[Inversion, bool]:
         """(inversion, whether it was the last one computed)."""
         diagnose = diagnose or self.diagnose
+        image, framing = fitted(model, image, framing)
         key = (id(model), None if model.concept is None else model.concept.fingerprint,
-               hashlib.sha256(_image_bytes(model, image)).hexdigest(), prompt, method, steps, seed,
+               hashlib.sha256(_image_bytes(model, image, framing)).hexdigest(), prompt, method, steps, seed,
                json.dumps(options, sort_keys=True, default=str), diagnose)
         if self._last is not None and self._last[0] == key:
             self.hits += 1
@@ -166,7 +172,8 @@ class LastInversion:
 
         self.misses += 1
         inversion = methods.invert(model, image, prompt, method, steps, seed=seed, diagnose=diagnose,
-                                   progress=progress, allow_empty_prompt=allow_empty_prompt, **options)
+                                   progress=progress, allow_empty_prompt=allow_empty_prompt,
+                                   framing=framing, **options)
         self._last = key, inversion
         return inversion, False
 
@@ -176,11 +183,26 @@ def _tensors(inversion: Inversion) -> list[Tensor]:
     return [inversion.trajectory, inversion.prompt_embedding, *([] if side is None else [side])]
 
 
-def check_entry(inversion: Inversion, model: DiffusionModel, steps: int) -> None:
-    """ValueError unless a loaded inversion has the model's latent and embedding shapes, `steps`
-    steps, and finite values."""
+def fitted(model: DiffusionModel, image: Image.Image | Tensor, framing: Framing | None
+           ) -> tuple[Image.Image | Tensor, Framing | None]:
+    """A PIL image fitted to the model once, with the framing that keeps it as it is."""
+    if not isinstance(image, Image.Image):
+        return image, framing
+    image = model.fit(image, framing)[0]
+    return image, Framing(size=image.size)
+
+
+def latent_hw(model: DiffusionModel, image: Image.Image | Tensor) -> tuple[int, int]:
+    height, width = (image.size[1], image.size[0]) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
+    return height // model.vae_scale_factor, width // model.vae_scale_factor
+
+
+def check_entry(inversion: Inversion, model: DiffusionModel, steps: int,
+                latent_hw: tuple[int, int] | None = None) -> None:
+    """ValueError unless a loaded inversion has the model's latent and embedding shapes (latents of
+    `latent_hw`, default the model's native size), `steps` steps, and finite values."""
     config = model.unet.config
-    latent = (steps + 1, config.in_channels, config.sample_size, config.sample_size)
+    latent = (steps + 1, config.in_channels, *(latent_hw or (config.sample_size, config.sample_size)))
     if tuple(inversion.trajectory.shape) != latent:
         raise ValueError(f"trajectory {tuple(inversion.trajectory.shape)}, expected {latent}")
     if inversion.prompt_embedding.shape[-1] != config.cross_attention_dim:  # SDXL: both encoders' width

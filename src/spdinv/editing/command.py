@@ -8,12 +8,13 @@ import argparse
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..arguments import flag_name
 from ..commands import method_options
 from ..errors import SpdinvError, require_finite
+from ..images import Framing
 
 _FLOAT16_HINT = {"torch.float16": " (float16 overflows easily: try --dtype float32)"}
 
@@ -27,7 +28,7 @@ def engine_classes() -> dict[str, type]:
 
 def add_edit_parser(sub) -> None:
     """Register `spdinv edit` on the CLI's subparsers."""
-    from ..arguments import add_model_arguments, add_option_arguments, number
+    from ..arguments import add_framing_arguments, add_model_arguments, add_option_arguments, number
     from ..commands import add_concept_arguments, add_concept_encoder_arguments, add_inversion_arguments
     from ..inversion import METHODS
     from . import ENGINES
@@ -53,6 +54,7 @@ def add_edit_parser(sub) -> None:
     add_preset_argument(edit)
     add_option_arguments(edit, engine_classes())
     add_model_arguments(edit)
+    add_framing_arguments(edit)
     edit.add_argument("--out", type=Path, default=Path("spdinv-edit"), help="output folder (default ./spdinv-edit)")
     edit.add_argument("--cache", type=Path, default=None,
                       help="inversion cache folder (default $SPDINV_CACHE or ~/.cache/spdinv/inversions)")
@@ -133,7 +135,8 @@ class Run:
 def run_edit(args: argparse.Namespace) -> None:
     from ..commands import (check_concept_word, check_model_settings, concept_from_args, encode_with,
                             encoder_choice_from_args, load_model_from_args, prompt_warnings)
-    from ..images import conform_image, open_image, psnr, to_pil, to_tensor
+    from ..arguments import framing_from_args
+    from ..images import open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, check_prompt
     from ..outputs import check_no_foreign, check_output_dir
     from ..presets import empty_source
@@ -173,7 +176,7 @@ def run_edit(args: argparse.Namespace) -> None:
               file=sys.stderr)
         args.no_cache = True
     loaded = time.perf_counter() - wall
-    image, notices = conform_image(raw_image, model.image_size)
+    image, notices = model.fit(raw_image, framing_from_args(args))
     for engine in engines:  # word checks (blend, reweight, replace) before any inversion
         ENGINES[engine].editor(model, "" if empty_source(args.preset, engine) else source, target, per_engine[engine])
     for notice in opened + notices:
@@ -219,7 +222,8 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
     results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
                     progress=not args.quiet, cache=cache, inversion_options=per_method,
                     engine_options=per_engine if preset is None else engine_fields(args, engines),
-                    sampler=sampler if preset is None else sampler_fields(args), preset=preset)
+                    sampler=sampler if preset is None else sampler_fields(args), preset=preset,
+                    framing=Framing(size=image.size))  # fitted by the caller
     for result in results:
         method, engine = result.inversion.settings.get("method", result.inversion.method), result.engine
         require_finite(result.inversion.trajectory, f"the {method} inversion" + hint)
@@ -237,11 +241,12 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
     return runs
 
 
-def _mask_image(mask, size: int):
+def _mask_image(mask, size: tuple[int, int]):
+    """LocalBlend's latent-size mask at image size (width, height), nearest."""
     from PIL import Image
 
     array = (mask[0, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
-    return Image.fromarray(array, mode="L").resize((size, size), Image.NEAREST)
+    return Image.fromarray(array, mode="L").resize(size, Image.NEAREST)
 
 
 def output_names(methods: list[str], engines: list[str]) -> list[str]:
@@ -271,7 +276,7 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             run.reconstruction.save(stage / files["reconstruction"])
             mask = None
             if run.mask is not None:
-                mask = _mask_image(run.mask, image.size[0])
+                mask = _mask_image(run.mask, image.size)
                 files["mask"] = f"mask{suffix}.png"
                 mask.save(stage / files["mask"])
             rows.append((f"{run.method} + {run.engine}", [image, run.reconstruction, run.edited, mask]))

@@ -5,8 +5,9 @@ optional ProxEdit proximal guidance (Han et al., 2023) that the official SPDInv 
 Like the official controllers (google/prompt-to-prompt's and SPDInv's `AttentionStore` /
 `AttentionControlEdit`), only the conditional half of the batch is edited, the target row takes the
 source row's maps, and LocalBlend reads the cross-attention maps *as edited* (the target row refined
-and reweighted while cross-replacement lasts, its own maps after), summed over the steps so far:
-the official store keeps a view of each map, which the edit then overwrites in place. Resolutions are relative to the latent, except LocalBlend's default: it reads
+and reweighted while cross-replacement lasts, its own maps after), summed over the steps so far
+(the official store keeps a view of each map, which the edit then overwrites in place); only the
+blend words' share of each map is kept. Resolutions are relative to the latent, except LocalBlend's default: it reads
 the maps with BLEND_SIDE tokens a side (SD's 16x16 maps of its 64x64 latent, the finest maps of the
 embedded model's 16x16 latent), since a mask needs that many cells to follow an object.
 """
@@ -28,7 +29,7 @@ from ..prediction import guided
 from .attention import AttentionLayer, nearest_scale
 from .base import Editor, check_fraction
 from .sampler import SOURCE, TARGET
-from .tokens import prompt_tokens, refinement_mapper, replacement_mapper, word_positions
+from .tokens import names_background, prompt_tokens, refinement_mapper, replacement_mapper, word_positions
 
 MODES = ("replace", "refine")
 SOURCES, TARGETS = slice(SOURCE, SOURCE + 1), slice(TARGET, TARGET + 1)  # a branch's latents / eps, keeping the batch dim
@@ -226,6 +227,23 @@ class ProximalGuidance:
         return z
 
 
+def range_rows(source_prompt: str, target_prompt: str, options: P2POptions) -> Tensor:
+    """(2, 1, 1, 1): 1 where LocalBlend subtracts the map's minimum (blend_norm 'range'), per row
+    (source, target). Never for blend words that name the background: their region is the
+    spread-out part of the map, not a peak, and cutting the peak out of it (measured: a 57% mask
+    over the object and the top rows of a drawn triangle on brown) blends the rest of the
+    background from the source branch, so the old and the new background fight. Such a row gets
+    P2P's own scaling (divided by its max) and covers the background it names."""
+    rows = torch.zeros(2, 1, 1, 1)
+    if options.blend_norm != "range":
+        return rows
+    blend = options.blend or ((), ())
+    for row, (words, prompt) in enumerate(zip(blend, (source_prompt, target_prompt))):
+        background = options.blend_map == "attention" and any(names_background(prompt, w) for w in words)
+        rows[row] = 0.0 if background else 1.0
+    return rows
+
+
 class P2PEditor(Editor):
     """Prompt-to-Prompt controller (AttentionReplace / AttentionRefine + AttentionReweight + LocalBlend)."""
 
@@ -238,7 +256,9 @@ class P2PEditor(Editor):
         reweighted = options.reweight_words if options.reweight_words is not None else (
             options.blend[1] if options.blend else ())
         self.equalizer = equalizer(tokenizer, target_prompt, reweighted, options.reweight)
-        self.maps: dict[str, Tensor] = {}
+        self.range_rows = range_rows(source_prompt, target_prompt, options)
+        self.maps: dict[str, Tensor] = {}  # per blend layer: (2, Nq), summed over blend tokens, heads, steps
+        self.blend_heads: dict[str, int] = {}
         self.noise_difference: Tensor | None = None  # (1, 1, h, w), summed over steps (blend_map 'noise')
         self._mask: Tensor | None = None
         self.prox: ProximalGuidance | None = None
@@ -262,7 +282,7 @@ class P2PEditor(Editor):
         device = model.device
         self.mapper, self.alphas = self.mapper.to(device), self.alphas.to(device)
         self.equalizer, self.blend_alpha = self.equalizer.to(device), self.blend_alpha.to(device)
-        self.maps, self.noise_difference, self._mask = {}, None, None
+        self.maps, self.blend_heads, self.noise_difference, self._mask = {}, {}, None, None
         if o.prox:
             self.prox = ProximalGuidance(o.prox_quantile, o.prox_timestep, self.trajectory, n, o.prox_pull)
 
@@ -270,21 +290,21 @@ class P2PEditor(Editor):
         return self.cross_layers + (self.self_layers if self.self_steps > 0 else [])
 
     def wants_probs(self, layer: AttentionLayer) -> bool:
-        i = self.step_index
-        if self.record:
-            return True
-        if layer.cross:
-            return i < self.cross_steps or layer.name in self.blend_names
-        return i < self.self_steps
+        """Cross-attention maps (Nk = 77 tokens: small) while they are injected and at LocalBlend's
+        layers; self-attention injection needs none (`target_reads_source`)."""
+        return layer.cross and (self.step_index < self.cross_steps or layer.name in self.blend_names)
+
+    def target_reads_source(self, layer: AttentionLayer) -> bool:
+        return not layer.cross and self.step_index < self.self_steps
 
     def edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
         """probs (2, heads, Nq, Nk): the conditional source and target maps; the target's are replaced."""
-        edited = self._edit_probs(layer, probs)
+        edited = self._replace_maps(layer, probs)
         if layer.name in self.blend_names:
-            self._store_blend_map(layer.name, probs)
+            self._keep_blend_maps(layer, probs)
         return edited
 
-    def _edit_probs(self, layer: AttentionLayer, probs: Tensor) -> bool:
+    def _replace_maps(self, layer: AttentionLayer, probs: Tensor) -> bool:
         i = self.step_index
         if layer.cross and i < self.cross_steps:
             source, own = probs[SOURCE], probs[TARGET]
@@ -292,17 +312,18 @@ class P2PEditor(Editor):
             refined = source[..., self.mapper] * alphas + own * (1 - alphas)
             probs[TARGET] = refined * self.equalizer.to(probs.dtype)
             return True
-        if not layer.cross and i < self.self_steps:
+        if self.target_reads_source(layer):
             probs[TARGET] = probs[SOURCE]
             return True
         return False
 
-    def _store_blend_map(self, name: str, probs: Tensor) -> None:
-        """Add this step's maps, as edited (the target row refined and reweighted while cross_replace
-        lasts), to LocalBlend's sum, in float32 and always as a copy: the official AttentionStore keeps
-        a view of the map the edit then writes in place, so it sums the edited maps at every step."""
-        copy = probs.to(torch.float32, copy=True)
-        self.maps[name] = self.maps[name] + copy if name in self.maps else copy
+    def _keep_blend_maps(self, layer: AttentionLayer, probs: Tensor) -> None:
+        """LocalBlend reads the maps as the target used them (edited, as the official controllers
+        store them), summed over steps; only what it reads is kept: the blend words' attention
+        summed over their tokens and over heads, (2, Nq) a layer (not (2, heads, Nq, 77))."""
+        words = torch.einsum("bhqk,bk->bq", probs.float(), self.blend_alpha)
+        self.maps[layer.name] = self.maps[layer.name] + words if layer.name in self.maps else words
+        self.blend_heads[layer.name] = probs.shape[1]
 
     @property
     def blends(self) -> bool:
@@ -325,13 +346,10 @@ class P2PEditor(Editor):
         """(2, 1, h, w): the source's and the target's map the mask is cut from."""
         if self.options.blend_map == "noise":
             return self.noise_difference.expand(2, -1, -1, -1)
-        maps = []
-        for layer in self.blend_layers:
-            summed = self.maps[layer.name]
-            h, w = layer.size(self.latent_hw)
-            maps.append(summed.reshape(2, summed.shape[1], h, w, summed.shape[-1]))
-        maps = torch.cat(maps, dim=1)
-        return (maps * self.blend_alpha[:, None, None, None, :]).sum(-1).mean(1, keepdim=True)
+        h, w = self.blend_layers[0].size(self.latent_hw)  # nearest_scale: all at one resolution
+        summed = sum(self.maps[layer.name] for layer in self.blend_layers)
+        heads = sum(self.blend_heads[layer.name] for layer in self.blend_layers)
+        return (summed / heads).reshape(2, 1, h, w)  # the mean over every layer's heads
 
     def local_blend(self, z: Tensor) -> Tensor:
         """LocalBlend: the blend words' summed cross-attention, averaged over heads and layers (or
@@ -340,8 +358,7 @@ class P2PEditor(Editor):
         x_t = x_src + mask * (x_t - x_src)."""
         words = F.max_pool2d(self.blend_maps(), 3, 1, padding=1)
         mask = F.interpolate(words, size=tuple(z.shape[-2:]))
-        if self.options.blend_norm == "range":
-            mask = mask - mask.amin(dim=(2, 3), keepdim=True)
+        mask = mask - mask.amin(dim=(2, 3), keepdim=True) * self.range_rows.to(mask)
         mask = mask / mask.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
         mask = mask > self.options.blend_threshold
         mask = mask[SOURCES] | mask

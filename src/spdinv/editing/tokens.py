@@ -75,3 +75,22 @@ def refinement_mapper(source: list[int], target: list[int], length: int) -> tupl
     for offset, position in enumerate(range(m + 1, length)):
         mapper[position], alphas[position] = min(n + 1 + offset, length - 1), 1
     return mapper, alphas
+
+
+BACKGROUND_NOUNS = ("background", "backdrop", "backgrounds", "backdrops")
+
+
+def names_background(prompt: str, word: str) -> bool:
+    """Whether `word` names the background in `prompt`: it is a background noun, or one of the two
+    words before one ('a brown background', 'a brown grid background'), at any of its occurrences."""
+    words = [_normal(w) for w in prompt.split()]
+    query = [_normal(w) for w in word.split()]
+    if not query:
+        return False
+    if all(w in BACKGROUND_NOUNS for w in query):
+        return True
+    n = len(query)
+    for start in range(len(words) - n + 1):
+        if words[start : start + n] == query and set(words[start + n : start + n + 2]) & set(BACKGROUND_NOUNS):
+            return True
+    return False

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
-from ..images import conform_image, to_tensor
+from ..images import Framing, to_tensor
 from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..model import DiffusionModel
 from ..presets import inversion_settings
@@ -85,17 +85,18 @@ def check_steps(num_steps, train_timesteps: int | None = None) -> int:
     return num_steps
 
 
-def image_tensor(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
-    """A PIL image (any mode or size) conformed to the model, as (1, 3, H, W) in [-1, 1]; a tensor as
-    given. Contiguous either way: the VAE's convolutions round a channels-last view differently."""
+def image_tensor(model: DiffusionModel, image: Image.Image | Tensor, framing: Framing | None = None) -> Tensor:
+    """A PIL image (any mode or size; fitted to the model as `framing` says, by default at its own
+    aspect ratio at about the model's native area) as (1, 3, H, W) in [-1, 1]; a tensor as given.
+    Contiguous either way: the VAE's convolutions round a channels-last view differently."""
     if isinstance(image, Image.Image):
-        image = to_tensor(conform_image(image, model.image_size)[0])
+        image = to_tensor(model.fit(image, framing)[0])
     return image.contiguous()
 
 
-def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
-    """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
-    return model.encode_image(image_tensor(model, image))
+def image_latent(model: DiffusionModel, image: Image.Image | Tensor, framing: Framing | None = None) -> Tensor:
+    """Encode a PIL image (fitted as `image_tensor` says) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
+    return model.encode_image(image_tensor(model, image, framing))
 
 
 def invert(
@@ -110,12 +111,15 @@ def invert(
     progress: bool = True,
     preset: str | None = None,
     allow_empty_prompt: bool = False,
+    framing: Framing | None = None,
     **options,
 ) -> Inversion:
     """Invert an image (a path, a PIL image, an (H, W, 3) array or a (1, 3, H, W) tensor in [-1, 1])
     under its source prompt with the named method; with `diagnose` the result carries per-step
     residuals, the noise error and the (latent) reconstruction error, whose UNet rows are counted in
-    `diagnostic_calls` (`total_calls` = the method's + the diagnostics'). `preset` (spdinv.presets)
+    `diagnostic_calls` (`total_calls` = the method's + the diagnostics'). A PIL image is fitted to
+    the model as `framing` says (`images.Framing`; default: its own aspect ratio at about the model's
+    native area). `preset` (spdinv.presets)
     sets the options a published script uses; explicit options override it. `allow_empty_prompt`
     accepts the empty prompt, which some official protocols invert under (PnPInversion's MasaCtrl script)."""
     prompt = check_prompt(prompt, allow_empty=allow_empty_prompt)
@@ -125,7 +129,7 @@ def invert(
     options = {**inversion_settings(preset, method), **options}
     entry, opts = get_method(method), make_options(method, **options)
     torch.manual_seed(check_seed(seed))
-    source = image_tensor(model, library_image(image))
+    source = image_tensor(model, library_image(image), framing)
     z0 = model.encode_image(source)
     inversion = entry.function(model, z0, model.encode_prompt(prompt), model.schedule(num_steps), opts,
                                diagnose=diagnose, progress=progress)
