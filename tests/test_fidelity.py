@@ -47,16 +47,19 @@ def test_local_blend_sums_the_edited_maps_at_every_step(tiny, ddim):
     run_editor(tiny, ddim, TARGET, editor)
     assert editor.cross_steps >= 2
     (sum0, used0), (sum1, used1) = editor.snapshots[:2]
+    def words(used):  # what LocalBlend keeps of a map: the blend words' attention summed over tokens and heads
+        return torch.einsum("bhqk,bk->bq", used.float(), editor.blend_alpha)
+
     for name in editor.blend_names:
-        assert torch.equal(sum0[name], used0[name])
-        assert torch.allclose(sum1[name], used0[name] + used1[name], atol=1e-6)  # float32 sums of maps <= 1
+        assert torch.allclose(sum0[name], words(used0[name]), atol=1e-6)  # float32 sums of a few maps <= 2
+        assert torch.allclose(sum1[name], words(used0[name]) + words(used1[name]), atol=1e-6)
         assert not torch.allclose(used1[name][1], used1[name][0])  # the target row was reweighted (x2 on 'blue')
 
 
 def test_local_blend_stores_the_same_maps_in_float16_as_in_float32(tiny, ddim):
-    """The store copies the edited maps to float32 whatever the model's dtype. Maps are in [0, 1]
-    and the reweight doubles one word, so float16 rounding (half an ulp at 2: 2^-10) bounds the
-    difference by 1e-3."""
+    """The store sums the edited maps in float32 whatever the model's dtype. Maps are in [0, 1] and
+    the reweight doubles one word, so float16 rounding (half an ulp at 2: 2^-10) bounds each
+    element's error by 1e-3; the store sums the blend words' elements over 4 heads, 8 at most."""
     torch.manual_seed(0)
     stored = {}
     for dtype in (torch.float32, torch.float16):
@@ -70,7 +73,7 @@ def test_local_blend_stores_the_same_maps_in_float16_as_in_float32(tiny, ddim):
         stored[dtype] = editor.maps
     for name, maps in stored[torch.float32].items():
         assert stored[torch.float16][name].dtype == torch.float32
-        assert torch.allclose(stored[torch.float16][name], maps, atol=1e-3, rtol=0)
+        assert torch.allclose(stored[torch.float16][name], maps, atol=8e-3, rtol=0)
 
 
 # ---------------------------------------------------------------- stop rules
