@@ -332,7 +332,7 @@ def test_cli_invert_takes_a_preset(tmp_path, tiny_dir, red_circle):
 
 
 @pytest.mark.parametrize("threshold, partial", [(0.3, False), (0.995, True)])
-def test_spdinv_official_preset_edits_as_the_ported_official_script(tiny, image, threshold, partial):
+def test_spdinv_official_preset_edits_as_the_ported_official_script(tiny, ddim, threshold, partial):
     """benchmarks/official_p2p.py ports the official SPDInv P2P edit (its controller, LocalBlend on the
     edited maps, the ProxEdit step pulling both rows); from the same trajectory the preset gives its
     output up to the rounding of differently shaped batches (the port runs 4 rows, spdinv 3 or 4)."""
@@ -344,7 +344,7 @@ def test_spdinv_official_preset_edits_as_the_ported_official_script(tiny, image,
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from official_p2p import official_p2p
 
-    inv = invert(tiny, image, SOURCE, "spdinv", STEPS, progress=False, preset="spdinv-official", K=3)
+    inv = ddim  # any trajectory: the port edits from the one it is given
     scheduler = type(tiny.scheduler).from_config(tiny.scheduler.config)
     scheduler.set_timesteps(STEPS)
     ours = edit(tiny, None, SOURCE, TARGET, inv, "p2p", preset="spdinv-official", blend="red blue",
