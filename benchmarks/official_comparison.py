@@ -23,6 +23,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -35,6 +37,7 @@ from spdinv.inversion import image_latent, invert
 from spdinv.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # official_p2p.py beside this script
 IMAGE = ROOT / "examples" / "red-circle.png"
 SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"
@@ -128,6 +131,24 @@ def _preset_engine_fields() -> dict:
     return {k: v for k, v in PRESETS["spdinv-official"].engines["p2p"].items() if k in names}
 
 
+def official_edits(model, ours, trajectory, timesteps: list[int], steps: int) -> dict:
+    """The official P2P edit (benchmarks/official_p2p.py) against the preset's, at LocalBlend
+    threshold 0.3 and 0.85: end to end (each from its own inversion) and from the same trajectory."""
+    from official_p2p import official_p2p
+
+    found = {}
+    for threshold in (0.3, 0.85):
+        preset = edit(model, None, SOURCE, TARGET, ours, "p2p", num_steps=steps, preset="spdinv-official",
+                      blend=BLEND, blend_threshold=threshold)
+        words = tuple((w,) for w in BLEND.split())
+        for name, x_stars in (("end_to_end", trajectory), ("same_trajectory", ours.trajectory)):
+            latents = official_p2p(model, x_stars, [SOURCE, TARGET], timesteps, blend=words, threshold=threshold)
+            edited = model.decode(latents[1:])
+            found[f"{name}@{threshold}"] = {"edit_psnr": float(psnr(preset.edited, edited)),
+                                            "latent": difference(preset.latents[-1, 1], latents[1])}
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
@@ -156,6 +177,8 @@ def main() -> None:
     report["official_port"]["edit_psnr"] = edit_psnr(preset, from_port)
     report["official_port"]["edit_latent"] = difference(preset.latents[-1, 1], from_port.latents[-1, 1])
 
+    report["official_p2p"] = official_edits(model, ours, trajectory, [int(t) for t in scheduler.timesteps], args.steps)
+    print(json.dumps(report["official_p2p"]), flush=True)
     report["stop_rules"] = stop_rules(model, image, args.steps)
     target_pull = edit(model, None, SOURCE, TARGET, ours, "p2p", num_steps=args.steps, preset="spdinv-official",
                        blend=BLEND, prox_pull="target")
