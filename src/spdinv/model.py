@@ -21,6 +21,9 @@ from .prediction import PREDICTION_TYPES, eps_from_output, guided
 from .schedule import DDIMSchedule, DDIMSettings, FlowSchedule, Schedule, training_ddim_scheduler
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-world"
+# Models shipped with the package, by name: `--model shapes-world-flow` (a name wins over a folder of that name).
+NAMED_MODELS = {"shapes-world": EMBEDDED_MODEL,
+                "shapes-world-flow": Path(__file__).parent / "assets" / "shapes-world-flow"}
 
 
 @dataclass
@@ -309,12 +312,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(name_or_path: str | Path | None) -> str:
-    """The embedded model's folder, an existing model folder, a single-file checkpoint, or a hub
-    id; a path that does not exist is a one-line error here (not diffusers' hub-cache wording)."""
-    if name_or_path is None:
-        if not (EMBEDDED_MODEL / "model_index.json").exists():
-            raise SpdinvError(f"the embedded model is missing from {EMBEDDED_MODEL}; reinstall spdinv or pass --model")
-        return str(EMBEDDED_MODEL)
+    """The embedded model's folder (None, or a name in NAMED_MODELS), an existing model folder, a
+    single-file checkpoint, or a hub id; a path that does not exist is a one-line error here (not
+    diffusers' hub-cache wording)."""
+    if name_or_path is None or str(name_or_path) in NAMED_MODELS:
+        name = "shapes-world" if name_or_path is None else str(name_or_path)
+        folder = NAMED_MODELS[name]
+        if not (folder / "model_index.json").exists():
+            raise SpdinvError(f"the {name} model is missing from {folder}; reinstall spdinv or pass --model")
+        return str(folder)
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
