@@ -203,3 +203,9 @@ def test_a_saved_flux_inversion_loads_back_with_its_schedule(models, image, tmp_
     save_inversion(inversion, tmp_path)
     loaded = load_inversion(tmp_path, model)
     assert loaded.schedule == inversion.schedule and torch.equal(loaded.trajectory, inversion.trajectory)
+
+
+def test_an_image_of_broken_patches_is_refused_in_one_line(models):
+    """FLUX packs 2x2 latent patches: a side that is not a whole number of them is a one-line error."""
+    with pytest.raises(SpdinvError, match=r"multiples of 8 pixels, got 36x32"):
+        invert(models["flux-dev"], torch.zeros(1, 3, 32, 36), SOURCE, "ddim", STEPS, progress=False)

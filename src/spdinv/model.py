@@ -110,9 +110,15 @@ class DiffusionModel:
         if not self.is_flow:
             return DDIMSchedule.from_training(self.scheduler.config, num_steps, self.ddim)
         h, w = latent_size or (self.image_size // self.vae_scale_factor,) * 2
-        patch = 2 if self.family is FLUX else int(self.transformer.config.patch_size)  # FLUX packs 2x2
-        return FlowSchedule.like_pipeline(self.scheduler, num_steps, (h // patch) * (w // patch),
+        return FlowSchedule.like_pipeline(self.scheduler, num_steps, (h // self.patch) * (w // self.patch),
                                           flux=self.family is FLUX)
+
+    @property
+    def patch(self) -> int:
+        """A flow transformer's patch side in latent pixels (FLUX packs 2x2; SD3: its patch_size); 1 for a UNet."""
+        if not self.is_flow:
+            return 1
+        return 2 if self.family is FLUX else int(self.transformer.config.patch_size)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         return self.tokenizer(
@@ -187,7 +193,12 @@ class DiffusionModel:
     @torch.no_grad()
     def encode_image(self, image: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> latents: VAE posterior mean, normalised as the pipeline
-        does (scaling factor; SDXL-style latents_mean/std when the VAE config has them)."""
+        does (scaling factor; SDXL-style latents_mean/std when the VAE config has them; SD3 / FLUX: the
+        shift factor). A flow transformer's patches (FLUX: 2x2 packing) need sides of whole patches."""
+        multiple = self.patch * self.vae_scale_factor
+        if self.is_flow and (image.shape[-1] % multiple or image.shape[-2] % multiple):
+            raise SpdinvError(f"a {self.family.name} model needs image sides that are multiples of {multiple} "
+                                  f"pixels, got {image.shape[-1]}x{image.shape[-2]}")
         mean = self.vae.encode(self._vae_input(image)).latent_dist.mean.float()
         shift, spread = self._latent_statistics(mean)
         return (mean - shift) * self.latent_scale / spread
