@@ -209,3 +209,33 @@ def test_an_image_of_broken_patches_is_refused_in_one_line(models):
     """FLUX packs 2x2 latent patches: a side that is not a whole number of them is a one-line error."""
     with pytest.raises(SpdinvError, match=r"multiples of 8 pixels, got 36x32"):
         invert(models["flux-dev"], torch.zeros(1, 3, 32, 36), SOURCE, "ddim", STEPS, progress=False)
+
+
+def test_shapes_world_flow_is_a_name(folders, monkeypatch, tmp_path):
+    """`--model shapes-world-flow` resolves to the package's asset folder; absent, one line says so."""
+    from spdinv import model as model_module
+
+    monkeypatch.setitem(model_module.NAMED_MODELS, "shapes-world-flow", tmp_path / "absent")
+    with pytest.raises(SpdinvError, match="shapes-world-flow model is missing") as error:
+        load_model("shapes-world-flow")
+    assert "\n" not in str(error.value)
+    monkeypatch.setitem(model_module.NAMED_MODELS, "shapes-world-flow", folders / "sd3")
+    assert load_model("shapes-world-flow").family.name.startswith("Stable Diffusion 3")
+
+
+def test_the_command_line_inverts_and_edits_a_drawn_image_on_a_flow_model(folders, tmp_path, capsys):
+    from spdinv.cli import main
+
+    png = tmp_path / "square.png"
+    hand_drawn_square().save(png)
+    common = ["--model", str(folders / "sd3"), "--steps", "3", "--quiet"]
+    assert main(["invert", str(png), "--prompt", SOURCE, "--method", "spdinv", "--solver", "anderson",
+                 "--out", str(tmp_path / "inverted"), *common]) == 0
+    assert (tmp_path / "inverted" / "reconstruction.png").is_file()
+    edit_args = ["edit", str(png), "--source", SOURCE, "--target", TARGET, "--inversion", "ddim", "--no-cache", *common]
+    assert main([*edit_args, "--engine", "none", "--out", str(tmp_path / "edited")]) == 0
+    capsys.readouterr()
+    assert main([*edit_args, "--engine", "p2p", "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "engine p2p does not support rectified-flow transformers" in err
+    assert not (tmp_path / "refused").exists()
