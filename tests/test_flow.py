@@ -239,3 +239,35 @@ def test_the_command_line_inverts_and_edits_a_drawn_image_on_a_flow_model(folder
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "engine p2p does not support rectified-flow transformers" in err
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_demo_offers_engine_none_on_a_flow_model(models, tmp_path):
+    """The page of a flow model lists only `none` (and the examples that use it); an edit runs."""
+    from spdinv.demo.app import build_app
+    from spdinv.demo.session import DemoSession, EditRequest
+    from spdinv.editing.cache import InversionCache
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    hand_drawn_square().save(uploads / "square.png")
+    session = DemoSession(models["sd3"], InversionCache(tmp_path / "cache"), [uploads], workdir=tmp_path / "work")
+    try:
+        app = build_app(session)
+        dropdown = next(block for block in app.blocks.values() if getattr(block, "elem_id", None) == "engine")
+        assert [choice[1] for choice in dropdown.choices] == ["none"] and dropdown.value == "none"
+        result = session.edit(EditRequest(uploads / "square.png", SOURCE, TARGET, ["ddim"], ["none"], steps=2))
+        assert result.runs[0].engine == "none"
+    finally:
+        session.close()
+
+
+def test_latents_carry_the_vae_shift_and_scale(models):
+    """SD3 / FLUX latents: z = (x - shift_factor) * scaling_factor, decoded as the pipelines do."""
+    model = models["sd3"]
+    vae, z = model.vae, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample.clamp(-1, 1)
+        torch.testing.assert_close(model.decode(z), expected, atol=1e-6, rtol=0)
+        mean = vae.encode(expected).latent_dist.mean
+    torch.testing.assert_close(model.encode_image(expected), (mean - vae.config.shift_factor) * vae.config.scaling_factor,
+                               atol=1e-6, rtol=0)
