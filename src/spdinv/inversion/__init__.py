@@ -38,15 +38,16 @@ class Method:
     function: Callable[..., Inversion]
     options: type
     summary: str
+    classifier_free: bool = False  # needs unconditional rows: refused on FLUX (distilled guidance, no such rows)
 
 
 METHODS: dict[str, Method] = {
-    "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion (1 call/step)"),
+    "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion; explicit Euler on a rectified flow (1 call/step)"),
     "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search by gradient descent (ECCV 2024)"),
     "null_text": Method(null_text, NullTextOptions,
-                        "null-text inversion, per-step Adam on the null embedding (CVPR 2023)"),
+                        "null-text inversion, per-step Adam on the null embedding (CVPR 2023)", True),
     "negative_prompt": Method(negative_prompt, NegativePromptOptions,
-                              "negative-prompt inversion, source prompt as the unconditional one (2023)"),
+                              "negative-prompt inversion, source prompt as the unconditional one (2023)", True),
     "direct": Method(direct, DirectOptions, "DirectInversion, source branch pinned to the trajectory (ICLR 2024)"),
     "aidi": Method(aidi, AIDIOptions, "AIDI fixed-point iteration with Anderson acceleration (ICCV 2023)"),
 }
@@ -83,6 +84,13 @@ def check_steps(num_steps, train_timesteps: int | None = None) -> int:
         raise SpdinvError(f"--steps {num_steps} exceeds the {train_timesteps} timesteps the model's scheduler was "
                           "trained with")
     return num_steps
+
+
+def check_family(model: DiffusionModel, method: str) -> None:
+    """A method that optimises or replaces the unconditional embedding needs classifier-free guidance."""
+    if get_method(method).classifier_free and not model.classifier_free:
+        raise SpdinvError(f"{method} needs classifier-free guidance (an unconditional prompt), which a "
+                          f"{model.family.name} model does not use (its guidance is distilled into the network)")
 
 
 def image_tensor(model: DiffusionModel, image: Image.Image | Tensor, framing: Framing | None = None) -> Tensor:
@@ -128,11 +136,13 @@ def invert(
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     options = {**inversion_settings(preset, method), **options}
     entry, opts = get_method(method), make_options(method, **options)
+    check_family(model, method)
     torch.manual_seed(check_seed(seed))
     source = image_tensor(model, library_image(image), framing)
     z0 = model.encode_image(source)
-    inversion = entry.function(model, z0, model.encode_prompt(prompt), model.schedule(num_steps), opts,
-                               diagnose=diagnose, progress=progress)
+    schedule = model.schedule(num_steps, tuple(z0.shape[-2:]))
+    inversion = entry.function(model, z0, model.encode_prompt(prompt), schedule, opts, diagnose=diagnose,
+                               progress=progress)
     inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts)}
     inversion.source = source.detach()
     if diagnose:
