@@ -68,7 +68,9 @@ def _check_writable(out: Path, what: str) -> Path:
             raise SpdinvError(f"{what} path is inside a file: {existing}")
         try:
             os.rmdir(_scratch_folder(existing, "probe"))
-        except FileNotFoundError:
+        except FileNotFoundError as error:
+            if existing.is_dir():  # still there: a file system that refuses new folders (/proc says ENOENT)
+                raise SpdinvError(f"cannot write to {out}: {existing} is not writable ({error.strerror})") from None
             continue
         except OSError as error:
             where = out if existing == out else existing
