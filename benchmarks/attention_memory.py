@@ -17,7 +17,10 @@ resident set just before sampling (the working memory):
   (`self_replace_scale` 1.0), as shipped: fused kernel for the injection, LocalBlend keeping (2, Nq) a layer;
 - p2p-probs: the same with every injected map materialised (`fused = False`), the pre-fix path.
 
-The inversion (DDIM, `--steps`) runs before the measured sampling in every case.
+The inversion (DDIM, `--steps`) runs before the measured sampling in every case. `--layer` measures one
+SDXL 64x64 self-attention layer instead (10 heads of 64, the edit's 3 batch rows, two calls): diffusers'
+AttnProcessor2_0, spdinv's processor injecting the source's maps by the fused kernel, and the same through
+materialised maps.
 """
 
 from __future__ import annotations
@@ -104,6 +107,53 @@ def run_case(case: str, size: int, steps: int, width: float) -> dict:
             "unet_parameters": sum(p.numel() for p in model.unet.parameters())}
 
 
+class _InjectingEditor:
+    """The attention side of P2P's self-attention injection on one layer (the target reads the source's maps)."""
+
+    def __init__(self, fused: bool) -> None:
+        from spdinv.editing.attention import AttentionEditor
+        from spdinv.sampling import BatchRows
+
+        class Editor(AttentionEditor):
+            def target_reads_source(self, layer) -> bool:
+                return True
+
+            def edit_probs(self, layer, probs) -> bool:
+                probs[1] = probs[0]
+                return True
+
+        self.editor = Editor()
+        self.editor.fused = fused
+        self.editor.rows = BatchRows.of([1], 2)  # [target uncond, source cond, target cond]: the edit's 3 rows
+
+
+def run_layer(case: str, tokens: int, repeats: int = 2) -> dict:
+    """One SDXL self-attention layer at the 1024-px edit's finest attention resolution (64x64 = 4096
+    tokens, 640 channels, 10 heads of 64), the edit's 3 batch rows: diffusers' own processor
+    (`plain`), the P2P injection by the fused kernel (`p2p`), or through materialised maps (`p2p-probs`)."""
+    import torch
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from spdinv.editing.attention import AttentionLayer, EditingProcessor
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    attention = Attention(query_dim=640, heads=10, dim_head=64).eval()
+    if case == "plain":
+        attention.set_processor(AttnProcessor2_0())
+    else:
+        layer = AttentionLayer("attn1", "up", 1, 0, False, 2, 0, 1)
+        attention.set_processor(EditingProcessor(layer, _InjectingEditor(fused=case == "p2p").editor))
+    hidden = torch.randn(3, tokens, 640)
+    before = rss_kib()
+    with torch.no_grad():
+        for _ in range(repeats):
+            out = attention(hidden)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"case": f"layer-{case}", "peak_mib": peak / 1024, "before_sampling_mib": before / 1024,
+            "working_mib": (peak - before) / 1024, "unet_parameters": 0, "checksum": float(out.double().sum())}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
@@ -111,20 +161,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=float, default=0.125)
     parser.add_argument("--cases", default="plain,none,p2p,p2p-probs")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--layer", action="store_true", help="one SDXL 64x64 self-attention layer per case "
+                        "(plain, p2p, p2p-probs) instead of a whole edit")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_case(args.one, args.size, args.steps, args.width)))
+        result = run_layer(args.one, (args.size // 16) ** 2) if args.layer else run_case(args.one, args.size, args.steps,
+                                                                                       args.width)
+        print(json.dumps(result))
         return
+    if args.layer and args.cases == parser.get_default("cases"):
+        args.cases = "plain,p2p,p2p-probs"
     rows = []
     for case in args.cases.split(","):
         out = subprocess.run([sys.executable, __file__, "--one", case, "--size", str(args.size), "--steps",
-                              str(args.steps), "--width", str(args.width)], check=True, capture_output=True, text=True)
+                              str(args.steps), "--width", str(args.width), *(["--layer"] if args.layer else [])],
+                             check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    plain = next((r for r in rows if r["case"] == "plain"), rows[0])
-    print(f"\nSDXL-layout UNet ({rows[0]['unet_parameters'] / 1e6:.0f}M parameters, widths x{args.width}), "
-          f"{args.size} px, {args.steps} steps, one thread; peak resident set per process\n")
+    plain = next((r for r in rows if r["case"].endswith("plain")), rows[0])
+    what = (f"one SDXL self-attention layer at {args.size} px ({(args.size // 16) ** 2} tokens, 10 heads of 64, 3 rows)"
+            if args.layer else f"SDXL-layout UNet ({rows[0]['unet_parameters'] / 1e6:.0f}M parameters, widths "
+            f"x{args.width}), {args.size} px, {args.steps} steps")
+    print(f"\n{what}, one thread; peak resident set per process\n")
     print("| case | peak MiB | x plain's peak | working MiB (peak - before sampling) | x plain's working |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

@@ -4,8 +4,8 @@ optional ProxEdit proximal guidance (Han et al., 2023) that the official SPDInv 
 
 Like the official controllers, only the conditional half of the batch is edited, the target row
 takes the source row's maps, and LocalBlend reads the cross-attention maps as the target used
-them (edited), summed over the steps so far. Resolutions are relative to the latent, except LocalBlend's default: it reads
-the maps with BLEND_SIDE tokens a side (SD's 16x16 maps of its 64x64 latent, the finest maps of the
+them (edited), summed over the steps so far. Resolutions are relative to the latent, except
+LocalBlend's default: it reads the maps with BLEND_SIDE tokens a side (SD's 16x16 maps of its 64x64 latent, the finest maps of the
 embedded model's 16x16 latent), since a mask needs that many cells to follow an object.
 """
 
@@ -216,8 +216,8 @@ class ProximalGuidance:
 def range_rows(source_prompt: str, target_prompt: str, options: P2POptions) -> Tensor:
     """(2, 1, 1, 1): 1 where LocalBlend subtracts the map's minimum (blend_norm 'range'), per row
     (source, target). Never for blend words that name the background: their region is the
-    spread-out part of the map, not a peak, and cutting the peak out of it (measured: a 57% mask
-    over the object and the top rows of a drawn triangle on brown) blends the rest of the
+    spread-out part of the map, not a peak, and cutting the peak out of it (measured: a 54% mask
+    over the object and half the background of a drawn triangle on brown) blends the rest of the
     background from the source branch, so the old and the new background fight. Such a row gets
     P2P's own scaling (divided by its max) and covers the background it names."""
     rows = torch.zeros(2, 1, 1, 1)
