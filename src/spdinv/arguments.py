@@ -107,9 +107,10 @@ def parse_device(text: str) -> str:
 
 
 DTYPE_HELP = ("weights' dtype; auto (default): float16 on CUDA (the VAE kept in float32 where the model asks, "
-              "e.g. SDXL), float32 elsewhere. Measured on a CPU at one thread (SD-1.5-layout UNet, "
-              "benchmarks/dtype_speed.py): float16 MEASURED_FP16, bfloat16 MEASURED_BF16 float32's time; "
-              "float16/bfloat16 halve the weights' memory (SDXL: ~15 GB of RAM in float32)")
+              "e.g. SDXL), float32 elsewhere. On a CPU at one thread (SD-1.5-layout UNet at 1/4 width, "
+              "benchmarks/dtype_speed.py) float16 took 11.7x and bfloat16 12.9x float32's time here (CPUs with "
+              "bfloat16 instructions differ: issue 27 measured bfloat16 1.5x faster); both halve the weights' "
+              "memory (SDXL: ~15 GB of RAM in float32)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
