@@ -1,6 +1,7 @@
 """Model families and what the network predicts: epsilon, v and x0 models give the same DDIM
 trajectories, and the project's DDIM sampling equals diffusers' own pipelines."""
 
+import argparse
 from types import SimpleNamespace
 
 import pytest
@@ -287,3 +288,21 @@ def test_cache_key_checks_the_steps_first(tiny, tmp_path, red_circle):
     for steps in (0, -1, 2.5):
         with pytest.raises(SpdinvError, match="steps must be a positive integer"):
             InversionCache(tmp_path).invert(tiny, Image.open(red_circle), "a red circle", "ddim", steps)
+
+
+def test_dtype_auto_is_float16_on_cuda_and_float32_elsewhere():
+    """--dtype auto (the default): float16 on CUDA, float32 on the CPU, where float16 has no fast
+    kernels (benchmarks/dtype_speed.py); names and torch dtypes pass through, others are refused."""
+    from spdinv.arguments import add_model_arguments
+    from spdinv.errors import SpdinvError
+    from spdinv.model import resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") == torch.float16 and resolve_dtype("auto", "cuda:1") == torch.float16
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16 and resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(SpdinvError, match="unknown dtype"):
+        resolve_dtype("float8", "cpu")
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    assert parser.parse_args([]).dtype == "auto"
+    assert "float16" in parser.format_help() and "MEASURED" not in parser.format_help()

@@ -363,20 +363,34 @@ def resolve_model(name_or_path: str | Path | None) -> str:
     return text
 
 
+def resolve_dtype(dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype:
+    """'auto': float16 on CUDA, float32 elsewhere (float16 has no fast kernels on the CPU); a name
+    ('float32', 'bfloat16', ...) or a torch.dtype as it is."""
+    if dtype == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise SpdinvError(f"unknown dtype {dtype!r}; valid: auto, float32, float16, bfloat16")
+        return getattr(torch, dtype)
+    return dtype
+
+
 def load_model(
     name_or_path: str | Path | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "auto",
     *,
     variant: str | None = None,
     config: str | Path | None = None,
 ) -> DiffusionModel:
     """Load a model offline: a diffusers folder or cached hub id (`variant`: its weight variant, e.g.
     fp16), or a single-file checkpoint (`config`: a local diffusers folder of the same family);
-    None = the embedded model. Weights are loaded in `dtype`. Unsupported families are refused."""
+    None = the embedded model. Weights are loaded in `dtype` ('auto': float16 on CUDA, float32
+    elsewhere; a VAE that asks for it, SDXL's force_upcast, stays in float32). Unsupported families
+    are refused."""
     from .loading import load_folder, load_single_file, local_path
 
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = resolve_dtype(dtype, device)
     source = resolve_model(name_or_path)
     single_file = Path(source).is_file()
     if single_file and variant is not None:

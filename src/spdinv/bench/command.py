@@ -81,6 +81,7 @@ def _model_or_none(name: str | None) -> str | None:
 
 def bench_options(args: argparse.Namespace):
     from ..commands import inversion_options
+    from ..model import resolve_dtype
     from .metrics import EvaluationModels, parse_metrics
     from .runner import BenchOptions
 
@@ -88,7 +89,7 @@ def bench_options(args: argparse.Namespace):
         data=args.data, inversions=_names(args.inversion), engines=_names(args.engine),
         out=args.out, categories=_names(args.categories) if args.categories else None, limit=args.limit,
         model=str(args.model) if args.model else None, variant=args.variant, config=args.config,
-        device=args.device, dtype=args.dtype, steps=args.steps,
+        device=args.device, dtype=str(resolve_dtype(args.dtype, args.device)).removeprefix("torch."), steps=args.steps,
         seed=args.seed, metrics=parse_metrics(args.metrics),
         evaluation=EvaluationModels(dino=_model_or_none(args.dino), clip=_model_or_none(args.clip),
                                     lpips_backbone=args.lpips_backbone, classifier=args.classifier),

@@ -230,8 +230,8 @@ class ProximalGuidance:
 def range_rows(source_prompt: str, target_prompt: str, options: P2POptions) -> Tensor:
     """(2, 1, 1, 1): 1 where LocalBlend subtracts the map's minimum (blend_norm 'range'), per row
     (source, target). Never for blend words that name the background: their region is the
-    spread-out part of the map, not a peak, and cutting the peak out of it (measured: a 57% mask
-    over the object and the top rows of a drawn triangle on brown) blends the rest of the
+    spread-out part of the map, not a peak, and cutting the peak out of it (measured: a 54% mask
+    over the object and half the background of a drawn triangle on brown) blends the rest of the
     background from the source branch, so the old and the new background fight. Such a row gets
     P2P's own scaling (divided by its max) and covers the background it names."""
     rows = torch.zeros(2, 1, 1, 1)
