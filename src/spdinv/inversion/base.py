@@ -237,7 +237,7 @@ def run_inversion(
     return torch.cat(latents), reports
 
 
-def measure_residuals(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor, embedding: Tensor,
+def measure_residuals(model: DiffusionModel, schedule: Schedule, k: int, z_prev: Tensor, embedding: Tensor,
                       result: StepResult, report: StepReport) -> None:
     """Fill the report's residuals, measuring (and counting, one UNet row each) those the solver
     did not: the result's, and the DDIM guess's (two rows: the guess, then its residual)."""
