@@ -21,9 +21,14 @@ def add_world_parser(sub) -> None:
     train.add_argument("--work", type=Path, required=True, help="checkpoints and caches")
     train.add_argument("--out", type=Path, required=True, help="where the diffusers folder is written")
     train.add_argument("--export-only", action="store_true", help="write the latest checkpoint (EMA weights) to --out and stop")
-    from .config import TrainConfig
+    train.add_argument("--flow", action="store_true",
+                       help="train shapes-world-flow instead: a rectified-flow MMDiT (StableDiffusion3Pipeline folder) "
+                            "on the shipped model's frozen VAE and text encoder; the --flow-* options and the shared "
+                            "ones apply, the --vae-* / --unet-* ones do not")
+    from .config import FlowTrainConfig, TrainConfig
 
-    for name, value in asdict(TrainConfig()).items():
+    settings = {**asdict(TrainConfig()), **asdict(FlowTrainConfig())}  # shared names have the same defaults
+    for name, value in settings.items():
         train.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     train.set_defaults(run=run_train)
 
@@ -77,6 +82,28 @@ def check_config(config) -> None:
         raise SpdinvError(f"--device {error}") from None
 
 
+def check_flow_config(config) -> None:
+    from ..arguments import MAX_SEED, parse_device
+    from ..errors import SpdinvError
+
+    positive = ("n_scenes", "flow_steps", "flow_batch", "flow_lr", "flow_warmup", "flow_layers", "flow_heads",
+                "flow_head_dim", "flow_shift", "checkpoint_every", "threads")
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise SpdinvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
+    if config.flow_export_every < 0:
+        raise SpdinvError(f"--flow-export-every must be >= 0, got {config.flow_export_every}")
+    for name in ("ema_decay", "caption_dropout"):
+        if not 0 <= getattr(config, name) < 1:
+            raise SpdinvError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
+    if not 0 <= config.seed <= MAX_SEED // 6_000_000:  # the trainer derives per-step seeds seed * 5_000_011 + step
+        raise SpdinvError(f"--seed must be in [0, {MAX_SEED // 6_000_000}], got {config.seed}")
+    try:
+        parse_device(config.device)
+    except argparse.ArgumentTypeError as error:
+        raise SpdinvError(f"--device {error}") from None
+
+
 def run_train(args: argparse.Namespace) -> None:
     import logging
 
@@ -84,6 +111,8 @@ def run_train(args: argparse.Namespace) -> None:
     from ..outputs import check_output_dir
     from .config import TrainConfig
 
+    if args.flow:
+        return run_train_flow(args)
     config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
     check_config(config)
     check_output_dir(args.work, "--work")
@@ -99,6 +128,30 @@ def run_train(args: argparse.Namespace) -> None:
         trainer.export_checkpoint(args.out)
     else:
         trainer.run(args.out)
+
+
+def run_train_flow(args: argparse.Namespace) -> None:
+    import logging
+
+    from ..errors import SpdinvError
+    from ..outputs import check_output_dir
+    from .config import FlowTrainConfig
+
+    config = FlowTrainConfig(**{k: getattr(args, k) for k in asdict(FlowTrainConfig())})
+    check_flow_config(config)
+    check_output_dir(args.work, "--work")
+    check_output_dir(args.out)
+    if args.export_only and not (args.work / "checkpoint.pt").is_file():
+        raise SpdinvError(f"no checkpoint in {args.work} to export; train first (without --export-only)")
+
+    from .flow_train import FlowTrainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    trainer = FlowTrainer(args.work, config)
+    trainer.resume()
+    if not args.export_only:
+        trainer.train(args.out)
+    trainer.save_pipeline(args.out)
 
 
 def check_concept_encoder_config(config) -> None:
