@@ -100,8 +100,11 @@ def stock_pipeline(folder, device: str):
     return pipe.to(device), settings
 
 
-def generation_accuracy(folder, classifier, n: int, n_objects: int, batch: int = 25, device: str = "cpu") -> dict:
+def generation_accuracy(folder, classifier, n: int, n_objects: int, batch: int = 25, device: str = "cpu",
+                        guidance: float | None = None) -> dict:
     pipe, settings = stock_pipeline(folder, device)
+    if guidance is not None:
+        settings["guidance_scale"] = guidance
     scenes = held_out_scenes(n, seed=200 + n_objects, n_objects=n_objects)
     rng = random.Random(7)
     prompts = [caption(s, Phrasing.random(rng)) for s in scenes]
@@ -136,6 +139,7 @@ def main() -> None:
     parser.add_argument("--n-vae", type=int, default=200)
     parser.add_argument("--n-generate", type=int, default=200)
     parser.add_argument("--objects", default="1,2", help="generation: the object counts of the captions")
+    parser.add_argument("--guidance", type=float, default=None, help="generation: instead of the pipeline's default")
     parser.add_argument("--n-invert", type=int, default=8)
     parser.add_argument("--json", default=None)
     parser.add_argument("--parts", default="classifier,vae,generation,inversion", help="which measurements to run")
@@ -158,7 +162,7 @@ def main() -> None:
     if "generation" in parts:
         for k in map(int, args.objects.split(",")):
             results[f"generation_{k}_object"] = generation_accuracy(model.name, classifier, args.n_generate, k,
-                                                                    device=args.device)
+                                                                    device=args.device, guidance=args.guidance)
             print(f"generation {k}-object", results[f"generation_{k}_object"], flush=True)
     if "inversion" in parts:
         results["inversion"] = inversion_psnr(model, args.n_invert)
