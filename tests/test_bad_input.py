@@ -142,6 +142,10 @@ def test_a_mistyped_model_path_says_so(tmp_path, red_circle, capsys, model, mess
     (lambda tmp: ["--work", tmp / "a-file"], "--work path is a file"),
     (lambda tmp: ["--work", tmp / "w", "--n-scenes", "0"], "--n-scenes must be > 0, got 0"),
     (lambda tmp: ["--work", tmp / "w", "--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
+    (lambda tmp: ["--flow", "--work", tmp / "empty", "--export-only"], "no checkpoint in"),
+    (lambda tmp: ["--flow", "--work", tmp / "w", "--flow-layers", "0"], "--flow-layers must be > 0, got 0"),
+    (lambda tmp: ["--flow", "--work", tmp / "w", "--flow-export-every", "-1"], "--flow-export-every must be >= 0"),
+    (lambda tmp: ["--flow", "--work", tmp / "w", "--seed", "-1"], "--seed must be in [0, "),
 ])
 def test_world_train_bad_input_is_one_line(tmp_path, capsys, make, message):
     (tmp_path / "empty").mkdir()

@@ -21,9 +21,14 @@ def add_world_parser(sub) -> None:
     train.add_argument("--work", type=Path, required=True, help="checkpoints and caches")
     train.add_argument("--out", type=Path, required=True, help="where the diffusers folder is written")
     train.add_argument("--export-only", action="store_true", help="write the latest checkpoint (EMA weights) to --out and stop")
-    from .config import TrainConfig
+    train.add_argument("--flow", action="store_true",
+                       help="train shapes-world-flow instead: a rectified-flow MMDiT (StableDiffusion3Pipeline folder) "
+                            "on the shipped model's frozen VAE and text encoder; the --flow-* options and the shared "
+                            "ones apply, the --vae-* / --unet-* ones do not")
+    from .config import FlowTrainConfig, TrainConfig
 
-    for name, value in asdict(TrainConfig()).items():
+    settings = {**asdict(TrainConfig()), **asdict(FlowTrainConfig())}  # shared names have the same defaults
+    for name, value in settings.items():
         train.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     train.set_defaults(run=run_train)
 
@@ -52,29 +57,50 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} edit pairs to {args.out}")
 
 
-def check_config(config) -> None:
-    """Every training setting in its range, as a one-line error before anything is built."""
-    from ..arguments import MAX_SEED, parse_device
+def check_shared_settings(config, positive: tuple[str, ...], seed_limit: int) -> None:
+    """The settings every trainer has (and `positive`) in range, as one-line errors. `seed_limit`: the largest
+    seed whose per-step seeds (seed * a constant + step) stay below MAX_SEED."""
+    from ..arguments import parse_device
     from ..errors import SpdinvError
 
-    positive = ("n_scenes", "vae_steps", "vae_batch", "vae_crop", "unet_steps", "unet_batch", "unet_warmup",
-                "checkpoint_every", "threads", "vae_lr", "unet_lr")  # steps: the cosine schedules divide by them
-    for name in positive:
+    for name in positive + ("n_scenes", "checkpoint_every", "threads"):
         if not getattr(config, name) > 0:
             raise SpdinvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
-    if not config.vae_kl_weight >= 0:
-        raise SpdinvError(f"--vae-kl-weight must be >= 0, got {config.vae_kl_weight}")
-    if config.vae_crop > 64 or config.vae_crop % 4:
-        raise SpdinvError(f"--vae-crop must be a multiple of 4 up to 64 (the world's image size), got {config.vae_crop}")
     for name in ("ema_decay", "caption_dropout"):
         if not 0 <= getattr(config, name) < 1:
             raise SpdinvError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
-    if not 0 <= config.seed <= MAX_SEED // 8_000_000:  # the trainer derives per-step seeds seed * 7_000_003 + step
-        raise SpdinvError(f"--seed must be in [0, {MAX_SEED // 8_000_000}], got {config.seed}")
+    if not 0 <= config.seed <= seed_limit:
+        raise SpdinvError(f"--seed must be in [0, {seed_limit}], got {config.seed}")
     try:
         parse_device(config.device)
     except argparse.ArgumentTypeError as error:
         raise SpdinvError(f"--device {error}") from None
+
+
+def check_config(config) -> None:
+    """Every training setting in its range, as a one-line error before anything is built."""
+    from ..arguments import MAX_SEED
+    from ..errors import SpdinvError
+
+    check_shared_settings(config, ("vae_steps", "vae_batch", "vae_crop", "unet_steps", "unet_batch", "unet_warmup",
+                                   "vae_lr", "unet_lr"),  # steps: the cosine schedules divide by them
+                          MAX_SEED // 8_000_000)  # the trainer derives per-step seeds seed * 7_000_003 + step
+    if not config.vae_kl_weight >= 0:
+        raise SpdinvError(f"--vae-kl-weight must be >= 0, got {config.vae_kl_weight}")
+    if config.vae_crop > 64 or config.vae_crop % 4:
+        raise SpdinvError(f"--vae-crop must be a multiple of 4 up to 64 (the world's image size), got {config.vae_crop}")
+
+
+def check_flow_config(config) -> None:
+    """Every `--flow` training setting in its range, as a one-line error before anything is built."""
+    from ..arguments import MAX_SEED
+    from ..errors import SpdinvError
+
+    check_shared_settings(config, ("flow_steps", "flow_batch", "flow_lr", "flow_warmup", "flow_layers", "flow_heads",
+                                   "flow_head_dim", "flow_shift"),
+                          MAX_SEED // 6_000_000)  # per-step seeds seed * 5_000_011 + step
+    if config.flow_export_every < 0:
+        raise SpdinvError(f"--flow-export-every must be >= 0, got {config.flow_export_every}")
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -82,18 +108,29 @@ def run_train(args: argparse.Namespace) -> None:
 
     from ..errors import SpdinvError
     from ..outputs import check_output_dir
-    from .config import TrainConfig
+    from .config import FlowTrainConfig, TrainConfig
 
-    config = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
-    check_config(config)
+    settings, check = (FlowTrainConfig, check_flow_config) if args.flow else (TrainConfig, check_config)
+    config = settings(**{k: getattr(args, k) for k in asdict(settings())})
+    check(config)
     check_output_dir(args.work, "--work")
     check_output_dir(args.out)
     if args.export_only and not (args.work / "checkpoint.pt").is_file():
         raise SpdinvError(f"no checkpoint in {args.work} to export; train first (without --export-only)")
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.flow:
+        from .flow_train import FlowTrainer
+
+        flow = FlowTrainer(args.work, config)
+        flow.resume()
+        if not args.export_only:
+            flow.train(args.out)
+        flow.save_pipeline(args.out)
+        return
+
     from .train import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     trainer = Trainer(args.work, config)
     if args.export_only:
         trainer.export_checkpoint(args.out)

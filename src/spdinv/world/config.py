@@ -27,6 +27,35 @@ class TrainConfig:
 
 
 @dataclass
+class FlowTrainConfig:
+    """Training settings of the rectified-flow shapes-world model (`spdinv world train --flow`). The fields
+    shared with TrainConfig have its names and defaults (one command line lists both); the flow model's
+    own fields start with `flow_`. The VAE, text encoder and tokenizer come frozen from the shipped model."""
+
+    seed: int = 0
+    n_scenes: int = 20000
+    flow_steps: int = 6000
+    flow_batch: int = 32
+    flow_lr: float = 1e-3
+    flow_warmup: int = 200
+    flow_layers: int = 4  # MMDiT blocks (SD3Transformer2DModel num_layers)
+    flow_heads: int = 4
+    flow_head_dim: int = 32
+    flow_shift: float = 1.0  # FlowMatchEulerDiscreteScheduler's shift, used in training and in the scheduler
+    ema_decay: float = 0.998
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 200
+    flow_export_every: int = 0  # also write the EMA weights to --out every N steps (0: only at the end)
+    threads: int = 1
+    device: str = "cpu"
+
+
+# Fields whose change would make a checkpoint another run (the rest may change when a run is resumed).
+FLOW_RUN_FIELDS = ("seed", "n_scenes", "flow_batch", "flow_lr", "flow_warmup", "flow_layers", "flow_heads",
+                   "flow_head_dim", "flow_shift", "ema_decay", "caption_dropout")
+
+
+@dataclass
 class ConceptEncoderConfig:
     """Training settings of the concept encoder (`spdinv world train-concept-encoder`); the defaults are
     the shipped encoder's run."""

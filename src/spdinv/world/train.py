@@ -82,6 +82,35 @@ def resumed_schedule(optimizer: torch.optim.Optimizer, factor, step: int) -> tor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
+def training_scenes(seed: int, n_scenes: int) -> list:
+    rng = random.Random(seed)
+    return [random_scene(rng) for _ in range(n_scenes)]
+
+
+def rendered_images(work_dir: Path, scenes: list, seed: int) -> torch.Tensor:
+    """The scenes rendered, (N, 3, 64, 64) in [-1, 1], cached in `work_dir` (keyed by seed and count)."""
+    cache = Path(work_dir) / f"images_seed{seed}_n{len(scenes)}.npy"
+    if cache.exists():
+        array = np.load(cache)
+    else:
+        t0 = time.time()
+        array = np.stack([render_array(s) for s in scenes])
+        np.save(cache, array)
+        log.info("rendered %d scenes in %.0f s", len(scenes), time.time() - t0)
+    return arrays_to_tensor(array)
+
+
+@torch.no_grad()
+def encode_posteriors(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std of every image (unscaled latents)."""
+    means, stds = [], []
+    for chunk in images.split(256):
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
 class Trainer:
     def __init__(self, work_dir: Path, config: TrainConfig):
         self.work_dir = Path(work_dir)
@@ -100,19 +129,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
     def scenes(self):
-        rng = random.Random(self.config.seed)
-        return [random_scene(rng) for _ in range(self.config.n_scenes)]
+        return training_scenes(self.config.seed, self.config.n_scenes)
 
     def images(self, scenes) -> torch.Tensor:
-        cache = self.work_dir / f"images_seed{self.config.seed}_n{self.config.n_scenes}.npy"
-        if cache.exists():
-            array = np.load(cache)
-        else:
-            t0 = time.time()
-            array = np.stack([render_array(s) for s in scenes])
-            np.save(cache, array)
-            log.info("rendered %d scenes in %.0f s", len(scenes), time.time() - t0)
-        return arrays_to_tensor(array).to(self.device)
+        return rendered_images(self.work_dir, scenes, self.config.seed).to(self.device)
 
     # ---------------------------------------------------------------- checkpoints
     def _ckpt_path(self) -> Path:
@@ -180,14 +200,8 @@ class Trainer:
                 self.save_checkpoint({"vae_opt": opt.state_dict()})
         self.vae.eval()
 
-    @torch.no_grad()
     def encode_all(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        means, stds = [], []
-        for chunk in images.split(256):
-            dist = self.vae.encode(chunk).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-        return torch.cat(means), torch.cat(stds)
+        return encode_posteriors(self.vae, images)
 
     # ---------------------------------------------------------------- UNet + text encoder
     def tokenize(self, texts: list[str]) -> torch.Tensor:
