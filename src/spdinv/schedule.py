@@ -104,3 +104,6 @@ class DDIMSchedule:
     def coefficients(self, k: int) -> tuple[Tensor, Tensor]:
         """(C1, C2) of inversion step k (1-based): latent k-1 -> latent k."""
         return inversion_coefficients(self.abar(k - 1), self.abar(k))
+
+
+Schedule = DDIMSchedule  # placeholder until the flow schedule is merged

@@ -69,7 +69,8 @@ def sample_edit(model: DiffusionModel, inversion: Inversion, target_prompt: str,
                 desc: str = "edit") -> Tensor:
     """Latents (n + 1, 2, C, H, W) of [source, target] in sampling order."""
     branches = edit_branches(model, inversion, target_prompt, options, pin_source)
-    return loop(model, inversion.schedule, inversion.z_T, branches, hooks, progress=progress, desc=desc)
+    return loop(model, inversion.schedule, inversion.z_T, branches, hooks, progress=progress, desc=desc,
+                sampler=inversion.sampler)
 
 
 __all__ = ["SOURCE", "TARGET", "SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit",

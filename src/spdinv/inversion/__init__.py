@@ -22,8 +22,11 @@ from .base import Inversion, StepReport
 from .aidi import AIDIOptions, aidi
 from .ddim import DDIMOptions, ddim
 from .direct import DirectOptions, direct
+from .fireflow import FireFlowOptions, fireflow, fireflow_sampler
 from .negative_prompt import NegativePromptOptions, negative_prompt
 from .null_text import NullTextOptions, null_text
+from .rf_solver import RFSolverOptions, rf_solver, rf_solver_sampler
+from .uni_inv import UniInvOptions, uni_inv
 from .reconstruction import Reconstruction, reconstruct, reconstruct_latent, reconstruction_error, source_branch
 from .spdinv import SPDInvOptions, spdinv
 
@@ -33,6 +36,7 @@ class Method:
     function: Callable[..., Inversion]
     options: type
     summary: str
+    sampler: Callable | None = None  # the sampling rule its reconstruction and edits use (None: the schedule's step)
 
 
 METHODS: dict[str, Method] = {
@@ -44,6 +48,12 @@ METHODS: dict[str, Method] = {
                               "negative-prompt inversion, source prompt as the unconditional one (2023)"),
     "direct": Method(direct, DirectOptions, "DirectInversion, source branch pinned to the trajectory (ICLR 2024)"),
     "aidi": Method(aidi, AIDIOptions, "AIDI fixed-point iteration with Anderson acceleration (ICCV 2023)"),
+    "rf_solver": Method(rf_solver, RFSolverOptions, "RF-Solver second-order step, flow models only (2 calls/step; "
+                        "samples with its own rule) (ICML 2025)", rf_solver_sampler),
+    "fireflow": Method(fireflow, FireFlowOptions, "FireFlow midpoint reusing the last velocity, flow models only "
+                       "(N+1 calls; samples with its own rule) (ICML 2025)", fireflow_sampler),
+    "uni_inv": Method(uni_inv, UniInvOptions, "Uni-Inv, previous-velocity guess + one re-evaluation, flow models only "
+                      "(N+1 calls) (UniEdit-Flow, ICLR 2026)"),
 }
 
 
