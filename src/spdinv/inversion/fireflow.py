@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..model import DiffusionModel
 from ..sampling import Output, SamplingStep
 from ..schedule import Schedule
-from .base import Inversion, StepResult, noise_error, run_inversion
-from .flow import Velocity, require_flow, sigmas_of_sampling_step, timestep_scale, velocity_field
+from .base import Inversion, StepResult
+from .flow import Velocity, flow_inversion, sigmas_of_sampling_step, timestep_scale
 
 
 def fireflow_step(velocity: Velocity, z: Tensor, sigma: float, sigma_next: float,
@@ -54,18 +53,17 @@ def fireflow(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Sch
              options: FireFlowOptions = FireFlowOptions(), *, diagnose: bool = True,
              progress: bool = True) -> Inversion:
     """FireFlow inversion: N + 1 network calls for N steps."""
-    require_flow(schedule, "fireflow")
-    velocity = velocity_field(model, schedule, embedding)
-    reused: list[Tensor] = []  # the previous step's midpoint velocity
 
-    @torch.no_grad()
-    def solve(z_prev: Tensor, k: int) -> StepResult:
-        latent, v_mid, calls = fireflow_step(velocity, z_prev, schedule.sigma(k - 1), schedule.sigma(k),
-                                             reused[0] if reused else None)
-        reused[:] = [v_mid]
-        return StepResult(latent=latent, network_calls=calls)
+    def make_solve(velocity: Velocity):
+        reused: list[Tensor] = []  # the previous step's midpoint velocity
 
-    trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method="fireflow", diagnose=diagnose,
-                                      progress=progress)
-    return Inversion("fireflow", trajectory, schedule, embedding, steps, sampler=fireflow_sampler,
-                     noise_error=noise_error(steps) if diagnose else None)
+        def solve(z_prev: Tensor, k: int) -> StepResult:
+            latent, v_mid, calls = fireflow_step(velocity, z_prev, schedule.sigma(k - 1), schedule.sigma(k),
+                                                 reused[0] if reused else None)
+            reused[:] = [v_mid]
+            return StepResult(latent=latent, network_calls=calls)
+
+        return solve
+
+    return flow_inversion(model, z0, embedding, schedule, "fireflow", make_solve, sampler=fireflow_sampler,
+                          diagnose=diagnose, progress=progress)

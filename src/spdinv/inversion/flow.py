@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from ..errors import SpdinvError
 from ..model import DiffusionModel
+from ..sampling import Sampler
 from ..schedule import Schedule
+from .base import Inversion, StepResult, noise_error, run_inversion
 
 Velocity = Callable[[Tensor, float], Tensor]  # v(z, sigma) of the flow ODE dz/dsigma = v
 
@@ -41,3 +44,17 @@ def velocity_field(model: DiffusionModel, schedule: Schedule, embedding: Tensor)
 def sigmas_of_sampling_step(schedule: Schedule, k: int) -> tuple[float, float]:
     """(sigma_k, sigma_{k-1}): sampling takes latent k to latent k-1."""
     return schedule.sigma(k), schedule.sigma(k - 1)
+
+
+def flow_inversion(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule, method: str,
+                   make_solve: Callable[[Velocity], Callable[[Tensor, int], StepResult]], *,
+                   sampler: Sampler | None = None, diagnose: bool = True, progress: bool = True) -> Inversion:
+    """The loop of a flow inversion whose step is an explicit rule: `make_solve(velocity)` gives the
+    per-step `solve(z_prev, k) -> StepResult` (its calls counted), run without gradients; the
+    Inversion carries the `sampler` its reconstruction and edits use (None: Euler)."""
+    require_flow(schedule, method)
+    solve = torch.no_grad()(make_solve(velocity_field(model, schedule, embedding)))
+    trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method=method, diagnose=diagnose,
+                                      progress=progress)
+    return Inversion(method, trajectory, schedule, embedding, steps, sampler=sampler,
+                     noise_error=noise_error(steps) if diagnose else None)

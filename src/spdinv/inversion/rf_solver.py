@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..model import DiffusionModel
 from ..sampling import Output, SamplingStep
 from ..schedule import Schedule
-from .base import Inversion, StepResult, noise_error, run_inversion
-from .flow import Velocity, require_flow, sigmas_of_sampling_step, timestep_scale, velocity_field
+from .base import Inversion, StepResult
+from .flow import Velocity, flow_inversion, sigmas_of_sampling_step, timestep_scale
 
 
 def rf_solver_step(velocity: Velocity, z: Tensor, sigma: float, sigma_next: float) -> Tensor:
@@ -48,15 +47,13 @@ def rf_solver(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Sc
               options: RFSolverOptions = RFSolverOptions(), *, diagnose: bool = True,
               progress: bool = True) -> Inversion:
     """RF-Solver inversion: one second-order step per interval, 2 network calls each."""
-    require_flow(schedule, "rf_solver")
-    velocity = velocity_field(model, schedule, embedding)
 
-    @torch.no_grad()
-    def solve(z_prev: Tensor, k: int) -> StepResult:
-        latent = rf_solver_step(velocity, z_prev, schedule.sigma(k - 1), schedule.sigma(k))
-        return StepResult(latent=latent, network_calls=2)
+    def make_solve(velocity: Velocity):
+        def solve(z_prev: Tensor, k: int) -> StepResult:
+            latent = rf_solver_step(velocity, z_prev, schedule.sigma(k - 1), schedule.sigma(k))
+            return StepResult(latent=latent, network_calls=2)
 
-    trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method="rf_solver", diagnose=diagnose,
-                                      progress=progress)
-    return Inversion("rf_solver", trajectory, schedule, embedding, steps, sampler=rf_solver_sampler,
-                     noise_error=noise_error(steps) if diagnose else None)
+        return solve
+
+    return flow_inversion(model, z0, embedding, schedule, "rf_solver", make_solve, sampler=rf_solver_sampler,
+                          diagnose=diagnose, progress=progress)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..model import DiffusionModel
 from ..schedule import Schedule
-from .base import Inversion, StepResult, noise_error, run_inversion
-from .flow import Velocity, require_flow, velocity_field
+from .base import Inversion, StepResult
+from .flow import Velocity, flow_inversion
 
 
 def uni_inv_step(velocity: Velocity, z_prev: Tensor, sigma_prev: float, sigma: float,
@@ -34,20 +33,19 @@ class UniInvOptions:
 def uni_inv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
             options: UniInvOptions = UniInvOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """Uni-Inv: v(z_0, 0) once, then one call a step (N + 1 in all); reconstructed by Euler sampling."""
-    require_flow(schedule, "uni_inv")
-    velocity = velocity_field(model, schedule, embedding)
-    previous: list[Tensor] = []  # the velocity of the step before
 
-    @torch.no_grad()
-    def solve(z_prev: Tensor, k: int) -> StepResult:
-        calls = 1
-        if not previous:
-            previous.append(velocity(z_prev, schedule.sigma(k - 1)))
-            calls += 1
-        latent, previous[0] = uni_inv_step(velocity, z_prev, schedule.sigma(k - 1), schedule.sigma(k), previous[0])
-        return StepResult(latent=latent, network_calls=calls)
+    def make_solve(velocity: Velocity):
+        previous: list[Tensor] = []  # the velocity of the step before
 
-    trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method="uni_inv", diagnose=diagnose,
-                                      progress=progress)
-    return Inversion("uni_inv", trajectory, schedule, embedding, steps,
-                     noise_error=noise_error(steps) if diagnose else None)
+        def solve(z_prev: Tensor, k: int) -> StepResult:
+            calls = 1
+            if not previous:
+                previous.append(velocity(z_prev, schedule.sigma(k - 1)))
+                calls += 1
+            latent, previous[0] = uni_inv_step(velocity, z_prev, schedule.sigma(k - 1), schedule.sigma(k),
+                                               previous[0])
+            return StepResult(latent=latent, network_calls=calls)
+
+        return solve
+
+    return flow_inversion(model, z0, embedding, schedule, "uni_inv", make_solve, diagnose=diagnose, progress=progress)
