@@ -12,7 +12,8 @@ means `spdinv --solver NAME` at its defaults (delta 5e-6). Per method and step c
 images: the mean final fixed-point residual of the implicit Euler step, the % of steps whose
 residual is below delta (SPDInv's stop), the network calls of the inversion, of its reconstruction
 (the method's own sampler: Euler, RF-Solver's or FireFlow's) and their sum, gradient calls (JVPs /
-backward passes), and the reconstruction PSNR against the input image (image space, [0, 1]).
+backward passes), and the reconstruction PSNR against the input image (image space, [0, 1]) and
+against the VAE round trip decode(z_0) (what the inversion alone loses).
 
 Roots: on `--root-images` images at `--root-steps` steps, the first, middle and last inversion steps
 (from the trajectory of the recommended solver) are solved again from several starting points (the
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 from PIL import Image
 
-from spdinv.images import conform_image, to_tensor
+from spdinv.images import conform_image, psnr, to_tensor
 from spdinv.inversion import METHODS, Inversion, image_latent, make_options
 from spdinv.inversion.base import fixed_point_map
 from spdinv.inversion.reconstruction import reconstruct
@@ -50,7 +51,7 @@ from spdinv.world.scene import BACKGROUNDS, COLOURS, SHAPES, random_scene
 
 RECOMMENDED = "anderson"
 ROOT_TOLERANCE, DISTINCT = 1e-8, 1e-2
-COLUMNS = ("noise_error", "converged", "calls", "sampling_calls", "total_calls", "gradient_calls", "psnr")
+COLUMNS = ("noise_error", "converged", "calls", "sampling_calls", "total_calls", "gradient_calls", "psnr", "psnr_vae")
 
 
 @dataclass
@@ -103,7 +104,8 @@ def measure(model: DiffusionModel, sample: Sample, name: str, steps: int) -> tup
     delta = SPDInvOptions().delta
     residuals = [s.residual_after for s in inversion.steps]
     recon = reconstruct(model, inversion, to_tensor(sample.image))
-    row = {"noise_error": inversion.noise_error, "converged": sum(r < delta for r in residuals) / len(residuals),
+    round_trip = model.decode(inversion.z_0)
+    row = {"psnr_vae": psnr(recon.image, round_trip), "noise_error": inversion.noise_error, "converged": sum(r < delta for r in residuals) / len(residuals),
            "calls": inversion.network_calls, "sampling_calls": sampling_calls(inversion),
            "gradient_calls": inversion.gradient_calls, "psnr": recon.psnr, "residuals": residuals}
     row["total_calls"] = row["calls"] + row["sampling_calls"]
@@ -146,11 +148,12 @@ def distinct_roots(roots: list[Tensor]) -> list[Tensor]:
 
 def race_table(summary: dict) -> str:
     lines = ["| steps | images | method | mean residual | steps meeting delta % | inversion calls | sampling calls | "
-             "total calls | gradient calls | PSNR vs input (dB) |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "total calls | gradient calls | PSNR vs input (dB) | PSNR vs VAE round trip (dB) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (steps, group, name), s in summary.items():
         lines.append(f"| {steps} | {group} | {name} | {s['noise_error']:.2e} | {100 * s['converged']:.1f} | "
                      f"{s['calls']:.1f} | {s['sampling_calls']:.1f} | {s['total_calls']:.1f} | "
-                     f"{s['gradient_calls']:.1f} | {s['psnr']:.2f} |")
+                     f"{s['gradient_calls']:.1f} | {s['psnr']:.2f} | {s['psnr_vae']:.2f} |")
     return "\n".join(lines)
 
 
