@@ -115,3 +115,107 @@ def test_uni_inv_is_one_picard_step_of_implicit_euler_from_the_previous_velocity
     assert torch.allclose(v, field(guess, 0.3), rtol=0, atol=1e-12)
     assert torch.allclose(z, z_prev + 0.1 * field(guess, 0.3), rtol=0, atol=1e-12)
     assert not math.isclose(float((z - z_prev - 0.1 * field(z, 0.3)).norm()), 0.0, abs_tol=1e-9)
+
+
+# --- the methods on tiny flow models ---------------------------------------------------------------------------
+
+PROMPT = "a large red circle in the centre on a white background"
+FLOW_STEPS = 6
+FLOW_METHODS = {"ddim": {}, "spdinv": dict(solver="anderson", K=4), "rf_solver": {}, "fireflow": {}, "uni_inv": {}}
+# Inversion calls and sampling calls for N steps (spdinv's depend on convergence: checked apart).
+CALLS = {"ddim": (lambda n: n, lambda n: n), "rf_solver": (lambda n: 2 * n, lambda n: 2 * n),
+         "fireflow": (lambda n: n + 1, lambda n: n + 1), "uni_inv": (lambda n: n + 1, lambda n: n)}
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    from spdinv.model import from_pipeline
+    from spdinv.testing import tiny_sd3_pipeline
+
+    return from_pipeline(tiny_sd3_pipeline(), name="tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from spdinv.model import from_pipeline
+    from spdinv.testing import tiny_flux_pipeline
+
+    return from_pipeline(tiny_flux_pipeline(), name="tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def circle(red_circle):
+    from PIL import Image
+
+    return Image.open(red_circle)
+
+
+class CountCalls:
+    """Counts the rows-batches the denoiser runs (one forward = one call) while installed."""
+
+    def __init__(self, model):
+        self.module, self.calls, self.handle = model.denoiser, 0, None
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("method", list(FLOW_METHODS))
+def test_every_flow_method_inverts_and_reconstructs_with_finite_diagnostics(family, method, request, circle):
+    from spdinv.images import to_tensor
+    from spdinv.inversion import invert, reconstruct
+
+    model = request.getfixturevalue(family)
+    with CountCalls(model) as inverting:
+        inversion = invert(model, circle, PROMPT, method, FLOW_STEPS, progress=False, diagnose=False,
+                           **FLOW_METHODS[method])
+    assert inversion.trajectory.shape[0] == FLOW_STEPS + 1 and torch.isfinite(inversion.trajectory).all()
+    assert inverting.calls == inversion.network_calls
+    with CountCalls(model) as sampling:
+        recon = reconstruct(model, inversion, to_tensor(circle.resize((model.image_size,) * 2)))
+    if method in CALLS:
+        inversion_calls, sampling_calls = CALLS[method]
+        assert (inversion.network_calls, sampling.calls) == (inversion_calls(FLOW_STEPS), sampling_calls(FLOW_STEPS))
+    diagnosed = invert(model, circle, PROMPT, method, FLOW_STEPS, progress=False, **FLOW_METHODS[method])
+    values = [diagnosed.noise_error, diagnosed.reconstruction_error, recon.psnr]
+    values += [s.residual_after for s in diagnosed.steps] + [s.residual_before for s in diagnosed.steps]
+    assert all(math.isfinite(v) for v in values)
+
+
+def test_second_order_peers_reconstruct_better_with_their_own_sampler(sd3, circle):
+    """Sampled back with their own rule, RF-Solver's and FireFlow's inversions return closer to z_0
+    than with Euler (the mismatch a user would get by reconstructing them with the default sampler)."""
+    from spdinv.inversion import invert, reconstruct_latent
+
+    for method in ("rf_solver", "fireflow"):
+        inversion = invert(sd3, circle, PROMPT, method, FLOW_STEPS, progress=False, diagnose=False)
+        own = float((reconstruct_latent(sd3, inversion) - inversion.z_0).pow(2).mean())
+        inversion.sampler = None
+        euler = float((reconstruct_latent(sd3, inversion) - inversion.z_0).pow(2).mean())
+        assert own < euler / 4, (method, own, euler)
+
+
+def test_a_saved_flow_inversion_keeps_its_sampler(sd3, circle, tmp_path):
+    from spdinv.export import load_inversion, save_inversion
+    from spdinv.inversion import invert, reconstruct_latent
+
+    inversion = invert(sd3, circle, PROMPT, "fireflow", FLOW_STEPS, progress=False, diagnose=False)
+    save_inversion(inversion, tmp_path)
+    loaded = load_inversion(tmp_path, sd3)
+    assert loaded.sampler is inversion.sampler
+    assert torch.allclose(reconstruct_latent(sd3, loaded), reconstruct_latent(sd3, inversion), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["rf_solver", "fireflow", "uni_inv"])
+def test_flow_peers_refuse_diffusion_models_in_one_line(tiny, circle, method):
+    from spdinv.errors import SpdinvError
+    from spdinv.inversion import invert
+
+    with pytest.raises(SpdinvError, match=f"{method} inverts rectified-flow models") as error:
+        invert(tiny, circle, PROMPT, method, 4, progress=False)
+    assert "\n" not in str(error.value)
