@@ -89,8 +89,9 @@ def run_method(model: DiffusionModel, sample: Sample, name: str, steps: int) -> 
     method, options = method_and_options(name)
     torch.manual_seed(0)
     opts = make_options(method, **options)
-    return METHODS[method].function(model, image_latent(model, sample.image), model.encode_prompt(sample.prompt),
-                                    model.schedule(steps), opts, diagnose=True, progress=False)
+    z0 = image_latent(model, sample.image)
+    return METHODS[method].function(model, z0, model.encode_prompt(sample.prompt),
+                                    model.schedule(steps, tuple(z0.shape[-2:])), opts, diagnose=True, progress=False)
 
 
 def sampling_calls(inversion: Inversion) -> int:

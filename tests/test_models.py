@@ -141,7 +141,8 @@ def test_cache_key_follows_the_model_files(tmp_path, red_circle):
 
 
 @pytest.mark.parametrize("class_name, family", [
-    ("StableDiffusion3Pipeline", "Stable Diffusion 3"), ("FluxPipeline", "FLUX"),
+    ("StableDiffusion3InpaintPipeline", "Stable Diffusion 3 inpainting"), ("FluxKontextPipeline", "FLUX.1 fill"),
+    ("AuraFlowPipeline", "AuraFlow"),
     ("KandinskyV22Pipeline", "Kandinsky"), ("PixArtSigmaPipeline", "PixArt"), ("NoSuchPipeline", "NoSuchPipeline"),
 ])
 def test_unsupported_families_are_refused_in_one_line(tmp_path, red_circle, capsys, class_name, family):

@@ -47,7 +47,7 @@ def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
     with safe_open(folder / "trajectory.safetensors", "pt") as handle:
         metadata = handle.metadata()
     diagnostics = json.loads((folder / "diagnostics.json").read_text())
-    schedule = model.schedule(len(tensors["timesteps"]))
+    schedule = model.schedule(len(tensors["timesteps"]), tuple(tensors["trajectory"].shape[-2:]))
     if list(schedule.timesteps) != tensors["timesteps"].tolist():
         raise ValueError("saved inversion timesteps do not match the model's scheduler")
     return Inversion(

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import SpdinvError, first_line
-from .families import SDXL, ModelFamily, family_of
+from .families import FLUX, SD, SD3, SDXL, ModelFamily, family_of
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -33,13 +33,15 @@ class PickleCheckpointWarning(UserWarning):
 
 
 def pipeline_class(family: ModelFamily):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if family is SDXL else StableDiffusionPipeline
+    names = {SD: "StableDiffusionPipeline", SDXL: "StableDiffusionXLPipeline", SD3: "StableDiffusion3Pipeline",
+             FLUX: "FluxPipeline"}
+    return getattr(diffusers, names[family])
 
 
 def _extra_arguments(family: ModelFamily) -> dict:
-    return {} if family is SDXL else {"safety_checker": None, "requires_safety_checker": False}
+    return {"safety_checker": None, "requires_safety_checker": False} if family is SD else {}
 
 
 def folder_family(source: str) -> ModelFamily:

@@ -1,4 +1,5 @@
-"""load_model(): an SD 1.x/2.x or SDXL model seen through what inversion and editing need."""
+"""load_model(): an SD 1.x/2.x, SDXL, SD3 / SD3.5 or FLUX.1 model seen through what inversion and
+editing need: one `eps` (the network's output the schedule steps with), prompts, VAE codes."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from torch import Tensor
 from .concepts import Concept, ConceptTokenizer, check_width, injected
 from .conditioning import pack, sdxl_text_states, time_ids, unpack
 from .errors import SpdinvError
-from .families import SD, SDXL, ModelFamily
+from .families import FLUX, SD, SD3, SDXL, ModelFamily
 from .loading import SINGLE_FILE_SUFFIXES
 from .prediction import PREDICTION_TYPES, eps_from_output, guided
-from .schedule import DDIMSchedule, DDIMSettings, training_ddim_scheduler
+from .schedule import DDIMSchedule, DDIMSettings, FlowSchedule, Schedule, training_ddim_scheduler
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-world"
 
@@ -33,12 +34,18 @@ class DiffusionModel:
 
     SDXL (`text_encoder_2` set): prompts go through both encoders and the pooled embedding rides in
     the embedding tensor (conditioning.py); the empty prompt is all zeros when the pipeline's
-    `force_zeros_for_empty_prompt` says so, as diffusers does for the unconditional branch."""
+    `force_zeros_for_empty_prompt` says so, as diffusers does for the unconditional branch.
+
+    Rectified flow (SD3 / SD3.5, FLUX.1: `transformer` set, `unet` None): `eps` returns the
+    velocity v and `schedule` is a `FlowSchedule` (Euler on the scheduler's shifted sigmas); prompts
+    are the stock pipeline's `encode_prompt` (T5 present or not), the pooled embedding packed as for
+    SDXL; FLUX's 2x2 latent packing happens inside the network call (trajectories stay (B, C, h, w)),
+    and its guidance scale is the network's distilled-guidance input (no unconditional rows)."""
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None  # None for a rectified-flow transformer (`transformer`)
     scheduler: object
     name: str
     device: torch.device
@@ -50,10 +57,28 @@ class DiffusionModel:
     tokenizer_2: object = None
     force_zeros_for_empty_prompt: bool = False
     concept: Concept | None = None  # the placeholder word and its embeddings (concepts.py); set by with_concept
+    transformer: torch.nn.Module | None = None  # SD3 / FLUX
+    pipeline: object = None  # SD3 / FLUX: the stock pipeline, whose encode_prompt and packing helpers are used
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that predicts: the UNet, or the flow transformer."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def is_flow(self) -> bool:
+        return self.family.objective == "flow"
+
+    @property
+    def classifier_free(self) -> bool:
+        """Guided by unconditional rows (SD, SDXL, SD3); FLUX's guidance is an input of the network."""
+        return self.family.classifier_free
+
+    @property
     def image_size(self) -> int:
+        if self.pipeline is not None:  # SD3: the transformer's sample size; FLUX: the pipeline's 128
+            return int(self.pipeline.default_sample_size) * self.vae_scale_factor
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
@@ -66,7 +91,9 @@ class DiffusionModel:
 
     @property
     def prediction_type(self) -> str:
-        """epsilon, v_prediction or sample: what the network outputs (prediction.py)."""
+        """epsilon, v_prediction or sample: what the network outputs (prediction.py); velocity for flow."""
+        if self.is_flow:
+            return "velocity"
         return self.scheduler.config.get("prediction_type", "epsilon") or "epsilon"
 
     @cached_property
@@ -74,8 +101,15 @@ class DiffusionModel:
         """The training schedule's cumulative alphas (float64), indexed by timestep."""
         return training_ddim_scheduler(self.scheduler.config).alphas_cumprod.to(torch.float64)
 
-    def schedule(self, num_steps: int = 50) -> DDIMSchedule:
-        return DDIMSchedule.from_training(self.scheduler.config, num_steps, self.ddim)
+    def schedule(self, num_steps: int = 50, latent_size: tuple[int, int] | None = None) -> Schedule:
+        """DDIM on the training betas, or the flow scheduler's Euler run as the stock pipeline makes it
+        (whose shift may depend on the latent's (h, w); default: the model's image size)."""
+        if not self.is_flow:
+            return DDIMSchedule.from_training(self.scheduler.config, num_steps, self.ddim)
+        h, w = latent_size or (self.image_size // self.vae_scale_factor,) * 2
+        patch = 2 if self.family is FLUX else int(self.transformer.config.patch_size)  # FLUX packs 2x2
+        return FlowSchedule.like_pipeline(self.scheduler, num_steps, (h // patch) * (w // patch),
+                                          flux=self.family is FLUX)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         return self.tokenizer(
@@ -85,7 +119,9 @@ class DiffusionModel:
 
     @property
     def pooled_dim(self) -> int | None:
-        """SDXL: the size of the pooled text embedding; None for SD."""
+        """SDXL, SD3, FLUX: the size of the pooled text embedding; None for SD."""
+        if self.transformer is not None:
+            return int(self.transformer.config.pooled_projection_dim)
         return None if self.text_encoder_2 is None else int(self.text_encoder_2.config.projection_dim)
 
     def with_concept(self, concept: Concept | None) -> DiffusionModel:
@@ -96,9 +132,9 @@ class DiffusionModel:
             if self.concept is None:
                 return self
             return dataclasses.replace(self, tokenizer=base, concept=None, _prompt_cache={})
-        if self.text_encoder_2 is not None:
-            raise SpdinvError("concept words are supported for SD 1.x/2.x models; SDXL's two-encoder "
-                              "textual inversion is not")
+        if self.family is not SD:
+            raise SpdinvError(f"concept words are supported for SD 1.x/2.x models; {self.family.name}'s "
+                              "multi-encoder textual inversion is not")
         check_width(concept, self.text_encoder.get_input_embeddings().embedding_dim)
         tokenizer = ConceptTokenizer(base, concept.word, concept.vectors.shape[0])
         return dataclasses.replace(self, tokenizer=tokenizer, concept=concept, _prompt_cache={})
@@ -123,12 +159,24 @@ class DiffusionModel:
                 return self.text_encoder(self.tokenize(prompts).to(self.device))[0].float()
         if self.text_encoder_2 is None:
             return self.text_encoder(self.tokenize(prompts).to(self.device))[0].float()
+        if self.is_flow:
+            return self._encode_flow(prompts)
         hidden, pooled = sdxl_text_states([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
                                           prompts, self.device)
         embedding = pack(hidden, pooled)
         if self.force_zeros_for_empty_prompt:
             embedding[[i for i, p in enumerate(prompts) if p == ""]] = 0
         return embedding
+
+    def _encode_flow(self, prompts: list[str]) -> Tensor:
+        """The stock pipeline's encode_prompt (SD3: both CLIPs and T5 or its zeros; FLUX: CLIP pooled,
+        T5 tokens), the pooled embedding packed after the token states."""
+        if self.family is SD3:
+            hidden, _, pooled, _ = self.pipeline.encode_prompt(prompts, None, None, device=self.device,
+                                                               do_classifier_free_guidance=False)
+        else:
+            hidden, pooled, _ = self.pipeline.encode_prompt(prompts, None, device=self.device)
+        return pack(hidden.float(), pooled.float())
 
     def _vae_input(self, x: Tensor) -> Tensor:
         return x.to(self.device, self.vae.dtype)
@@ -150,6 +198,9 @@ class DiffusionModel:
         return self.vae.decode(self._vae_input(raw)).sample.float().clamp(-1, 1)
 
     def _latent_statistics(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        shift = getattr(self.vae.config, "shift_factor", None)  # SD3 / FLUX: z = (x - shift) * scaling
+        if shift is not None:
+            return float(shift), 1.0
         mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
         if mean is None or std is None:
             return 0.0, 1.0
@@ -166,9 +217,12 @@ class DiffusionModel:
     ) -> Tensor:
         """Predicted noise at timestep t (one for the batch, or one per row), fp32; with guidance > 1,
         classifier-free guidance against `uncond_embedding` (the empty prompt's when None).
-        Differentiable in z."""
+        Differentiable in z. A flow model's output is its velocity (what its schedule steps with);
+        FLUX takes `guidance_scale` (a number or one per row) as its distilled-guidance input."""
         batch = z.shape[0]
         embedding = embedding.expand(batch, -1, -1) if embedding.shape[0] == 1 else embedding
+        if self.family is FLUX:
+            return self._flux_velocity(z, t, embedding, guidance_scale)
         if guidance_scale == 1.0:
             return self._unet(z, t, embedding)
         if uncond_embedding is None:
@@ -179,7 +233,9 @@ class DiffusionModel:
         return guided(eps_uncond, eps_cond, guidance_scale)
 
     def _unet(self, z: Tensor, t: int | list[int], embedding: Tensor) -> Tensor:
-        """The network's output converted to eps (fp32)."""
+        """The network's output converted to eps (fp32); SD3: its velocity."""
+        if self.family is SD3:
+            return self._sd3_velocity(z, t, embedding)
         timestep = torch.as_tensor(t, device=self.device)
         embedding, added = self._added_conditions(z, embedding.to(self.device, self.dtype))
         out = self.unet(z.to(self.device, self.dtype), timestep, encoder_hidden_states=embedding,
@@ -187,6 +243,40 @@ class DiffusionModel:
         abar = self.alphas_cumprod.to(self.device)[timestep].float().reshape(-1, *[1] * (z.dim() - 1))
         return eps_from_output(out.sample.float(), z.to(self.device).float(), abar, self.prediction_type)
 
+
+    def _timesteps(self, t: float | list[float], batch: int) -> Tensor:
+        """One float timestep per row, as the flow pipelines pass `t.expand(batch)`."""
+        return torch.as_tensor(t, dtype=torch.float32, device=self.device).expand(batch).to(self.dtype)
+
+    def _sd3_velocity(self, z: Tensor, t: float | list[float], embedding: Tensor) -> Tensor:
+        """SD3Transformer2DModel's velocity (fp32); t = sigma * 1000, as StableDiffusion3Pipeline passes it."""
+        hidden, pooled = unpack(embedding.to(self.device, self.dtype), self.pooled_dim)
+        out = self.transformer(hidden_states=z.to(self.device, self.dtype), timestep=self._timesteps(t, z.shape[0]),
+                               encoder_hidden_states=hidden, pooled_projections=pooled, return_dict=False)[0]
+        return out.float()
+
+    def _flux_velocity(self, z: Tensor, t: float | list[float], embedding: Tensor,
+                       guidance: float | Tensor) -> Tensor:
+        """FluxTransformer2DModel's velocity (fp32) on z (B, C, h, w), packed into 2x2 patches and back
+        with FluxPipeline's own helpers; timestep / 1000 and the guidance input as FluxPipeline passes them
+        (schnell: no guidance input)."""
+        from diffusers import FluxPipeline
+
+        batch, channels, h, w = z.shape
+        packed = FluxPipeline._pack_latents(z.to(self.device, self.dtype), batch, channels, h, w)
+        hidden, pooled = unpack(embedding.to(self.device, self.dtype), self.pooled_dim)
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.as_tensor(guidance, dtype=torch.float32, device=self.device).expand(batch)
+        else:
+            guidance = None
+        out = self.transformer(
+            hidden_states=packed, timestep=self._timesteps(t, batch) / 1000, guidance=guidance,
+            pooled_projections=pooled, encoder_hidden_states=hidden,
+            txt_ids=torch.zeros(hidden.shape[1], 3, device=self.device, dtype=self.dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch, h // 2, w // 2, self.device, self.dtype),
+            return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, h * self.vae_scale_factor, w * self.vae_scale_factor,
+                                            self.vae_scale_factor).float()
 
     def _added_conditions(self, z: Tensor, embedding: Tensor) -> tuple[Tensor, dict | None]:
         """(token states, SDXL's added conditions or None)."""
@@ -273,26 +363,49 @@ def load_model(
 
 
 def from_pipeline(pipe, name: str = "in-memory", device: str | torch.device = "cpu", files: str = "") -> DiffusionModel:
-    """Wrap an already built StableDiffusionPipeline or StableDiffusionXLPipeline (tests build tiny
-    ones in memory). A VAE whose config asks for it (SDXL's force_upcast) runs in fp32."""
+    """Wrap an already built pipeline of a supported family (tests build tiny ones in memory). A VAE
+    whose config asks for it (SDXL's force_upcast) runs in fp32."""
+    from .families import family_of
+
     device = torch.device(device)
+    family = family_of(type(pipe).__name__, name)
+    if family.objective == "flow":
+        return _flow_model(pipe, family, name, device, files)
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon") or "epsilon"
     if prediction_type not in PREDICTION_TYPES:
         raise SpdinvError(f"{name}: unknown prediction_type {prediction_type!r} in its scheduler config; "
                           f"supported: {', '.join(PREDICTION_TYPES)}")
-    xl = hasattr(pipe, "text_encoder_2")
+    xl = family is SDXL
     if xl and (pipe.text_encoder is None or pipe.text_encoder_2 is None):
         raise SpdinvError(f"{name}: an SDXL model without both text encoders (the SDXL refiner) is not supported")
     pipe = pipe.to(device)
     if getattr(pipe.vae.config, "force_upcast", False) and pipe.vae.dtype == torch.float16:
         pipe.vae.to(torch.float32)
     encoders = (pipe.text_encoder, pipe.text_encoder_2) if xl else (pipe.text_encoder,)
-    for module in (pipe.vae, *encoders, pipe.unet):
-        module.requires_grad_(False)
-        module.eval()
+    _freeze(pipe.vae, *encoders, pipe.unet)
     extra = dict(family=SDXL, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
                  force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False))) if xl else {}
     return DiffusionModel(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
         scheduler=pipe.scheduler, name=name, device=device, dtype=pipe.unet.dtype, files=files, **extra,
+    )
+
+
+def _freeze(*modules: torch.nn.Module | None) -> None:
+    for module in modules:
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+
+
+def _flow_model(pipe, family: ModelFamily, name: str, device: torch.device, files: str) -> DiffusionModel:
+    """SD3 / SD3.5 (T5 `text_encoder_3` present or None) or FLUX.1 (dev: guidance input; schnell: none)."""
+    if pipe.text_encoder is None or pipe.text_encoder_2 is None:
+        raise SpdinvError(f"{name}: a {family.name} model without its text encoders is not supported")
+    pipe = pipe.to(device)
+    _freeze(pipe.vae, pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None), pipe.transformer)
+    return DiffusionModel(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=None, scheduler=pipe.scheduler,
+        name=name, device=device, dtype=pipe.transformer.dtype, files=files, family=family,
+        text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, transformer=pipe.transformer, pipeline=pipe,
     )

@@ -1,4 +1,5 @@
-"""DDIM sampling from z_T: a batch of branches with per-branch classifier-free guidance and
+"""Sampling from z_T (DDIM, or Euler on a rectified flow: the schedule's step): a batch of
+branches with per-branch classifier-free guidance and
 per-step hooks (guided-diffusion style: `step` does one step, `loop` runs them all). It knows
 nothing of inversions: `spdinv.inversion.reconstruction` samples one back (one branch), editing
 (`spdinv.editing`) samples [source, target]."""
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .model import DiffusionModel
 from .prediction import guided
-from .schedule import DDIMSchedule, ddim_step
+from .schedule import Schedule
 
 
 @dataclass
@@ -135,12 +136,13 @@ SamplingStep = Callable[..., Tensor]
 Sampler = Callable[[], SamplingStep]
 
 
-def batch_rows(branches: list[Branch], every_uncond: bool = False) -> BatchRows:
+def batch_rows(branches: list[Branch], every_uncond: bool = False, classifier_free: bool = True) -> BatchRows:
     """The rows of the UNet batch: the unconditional rows of the branches that need one, then
     every branch's conditional row. A branch at guidance scale 1, or pinned to a
     trajectory, needs no unconditional row (its guided step would be discarded); with
-    `every_uncond`, once any branch needs one all get theirs."""
-    uncond = [b for b, branch in enumerate(branches) if branch.needs_uncond]
+    `every_uncond`, once any branch needs one all get theirs. A model without classifier-free
+    guidance (FLUX: distilled guidance, an input of the network) has no unconditional rows."""
+    uncond = [b for b, branch in enumerate(branches) if branch.needs_uncond and classifier_free]
     if uncond and every_uncond:
         uncond = list(range(len(branches)))
     return BatchRows.of(uncond, len(branches))
@@ -154,6 +156,8 @@ def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i:
     count = len(branches)
     guided_branches = rows.uncond_branches
     cond = torch.cat([b.embedding for b in branches])
+    if not model.classifier_free:  # FLUX.1-dev: each branch's scale is the network's guidance input
+        return None, model.eps(z, t, cond, torch.tensor([b.guidance_scale for b in branches]))
     if not guided_branches:
         return None, model.eps(z, t, cond)
     uncond = torch.cat([branches[b].uncond_at(i) for b in guided_branches])
@@ -165,13 +169,14 @@ def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i:
     return eps_uncond, eps_cond
 
 
-def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branches: list[Branch],
+def step(model: DiffusionModel, schedule: Schedule, i: int, z: Tensor, branches: list[Branch],
          hooks: StepHooks = NO_HOOKS, rule: SamplingStep | None = None) -> Tensor:
-    """DDIM sampling step i (0 = the step from z_T) of every branch: eps, guidance, the DDIM
-    update, pins, then the hooks' end_step."""
+    """Sampling step i (0 = the step from z_T) of every branch: the network's output (eps or v),
+    guidance, the schedule's update (DDIM or Euler; or `rule`, a sampler's own step that may call
+    the guided output more than once), pins, then the hooks' end_step."""
     k = schedule.num_steps - i
     t = schedule.timesteps[k - 1]
-    rows = batch_rows(branches, hooks.every_uncond)
+    rows = batch_rows(branches, hooks.every_uncond, model.classifier_free)
     hooks.begin_step(i, t, z, rows)
     scales = torch.tensor([b.guidance_scale for b in branches], dtype=z.dtype, device=z.device).view(-1, 1, 1, 1)
 
@@ -180,7 +185,7 @@ def step(model: DiffusionModel, schedule: DDIMSchedule, i: int, z: Tensor, branc
         eps = hooks.guide(i, time, eps_uncond, eps_cond, scales)
         return guided(eps_uncond, eps_cond, scales) if eps is None else eps
 
-    z = ddim_step(z, output(z, t), schedule.abar(k), schedule.abar(k - 1)) if rule is None else rule(schedule, k, z, output)
+    z = schedule.sample_step(k, z, output(z, t)) if rule is None else rule(schedule, k, z, output)
     latents = []
     for b, branch in enumerate(branches):
         latents.append(z[b : b + 1] if branch.pin is None else branch.pin[k - 1 : k].to(z))
@@ -203,7 +208,7 @@ def start_latents(model: DiffusionModel, z_T: Tensor, count: int) -> Tensor:
 
 
 @torch.no_grad()
-def loop_progressive(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: list[Branch],
+def loop_progressive(model: DiffusionModel, schedule: Schedule, z_T: Tensor, branches: list[Branch],
                      hooks: StepHooks = NO_HOOKS, *, preview_every: int = 0, progress: bool = False,
                      desc: str = "sample", sampler: Sampler | None = None) -> Iterator[SampleStep]:
     """Every sampling step from z_T for every branch, one at a time (guided-diffusion's
@@ -220,7 +225,7 @@ def loop_progressive(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor,
 
 
 @torch.no_grad()
-def loop(model: DiffusionModel, schedule: DDIMSchedule, z_T: Tensor, branches: list[Branch],
+def loop(model: DiffusionModel, schedule: Schedule, z_T: Tensor, branches: list[Branch],
          hooks: StepHooks = NO_HOOKS, *, progress: bool = False, desc: str = "sample",
          sampler: Sampler | None = None) -> Tensor:
     """Every sampling step from z_T for every branch; returns the latents (n + 1, B, C, H, W) in

@@ -1,15 +1,20 @@
-"""DDIM coefficients and step formulas as pure tensor functions (Song et al. 2021, eq. 12).
+"""The step of each model family in one coefficient form, as pure tensor functions.
 
-Notation of the SPDInv paper: an inversion step takes z_s (timestep s) to z_t (t > s),
-    z_t = C1 * z_s + C2 * eps,   C1 = sqrt(abar_t / abar_s),
-    C2 = sqrt(1 - abar_t) - sqrt(abar_t * (1 - abar_s) / abar_s),
-and the sampling step is its algebraic inverse for the same eps.
+Notation of the SPDInv paper: an inversion step takes latent k-1 to latent k (noisier),
+    z_k = C1 * z_{k-1} + C2 * out(z, t, c),
+and the sampling step is its algebraic inverse for the same network output `out`.
+- Denoising diffusion (`DDIMSchedule`, Song et al. 2021, eq. 12): out = eps, C1 = sqrt(abar_k / abar_{k-1}),
+  C2 = sqrt(1 - abar_k) - sqrt(abar_k * (1 - abar_{k-1}) / abar_{k-1}).
+- Rectified flow (`FlowSchedule`, SD3 / FLUX): out = the velocity v, C1 = 1, C2 = sigma_k - sigma_{k-1}
+  (x_sigma = (1 - sigma) x_0 + sigma eps, v = eps - x_0; sampling is the Euler step).
+Both classes offer the same interface (see `FlowSchedule`), which inversion and sampling use.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -105,5 +110,103 @@ class DDIMSchedule:
         """(C1, C2) of inversion step k (1-based): latent k-1 -> latent k."""
         return inversion_coefficients(self.abar(k - 1), self.abar(k))
 
+    output = "eps"
 
-Schedule = DDIMSchedule  # placeholder until the flow schedule is merged
+    def inverse_step(self, k: int, z_prev: Tensor, eps: Tensor) -> Tensor:
+        """C1 z_{k-1} + C2 eps."""
+        return ddim_inverse_step(z_prev, eps, self.abar(k - 1), self.abar(k))
+
+    def sample_step(self, k: int, z: Tensor, eps: Tensor) -> Tensor:
+        """The DDIM step (eta = 0) from latent k to latent k-1."""
+        return ddim_step(z, eps, self.abar(k), self.abar(k - 1))
+
+    def guess_timestep(self, k: int) -> int:
+        """t_k: DDIM inversion evaluates eps(z_{k-1}, t_k) in place of eps(z_k, t_k)."""
+        return self.timesteps[k - 1]
+
+    def key(self) -> list:
+        return [list(self.timesteps), [float(self.abar(k)) for k in range(self.num_steps + 1)]]
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The sigmas of one rectified-flow Euler run (SD3, SD3.5, FLUX.1): the diffusion schedule's twin.
+
+    The interface both schedules share (what `sampling`, `inversion.base` and the methods use):
+      - `timesteps[k - 1]`: the network's timestep at latent k (k = 1..n; ascending, inversion order);
+        for a flow model sigma_k * num_train_timesteps, as the diffusers scheduler passes it.
+      - `num_steps`; `coefficients(k)` -> (C1, C2) of inversion step k (latent k-1 -> latent k),
+        z_k = C1 z_{k-1} + C2 out(z_k, timesteps[k - 1], c): the implicit equation SPDInv solves.
+      - `inverse_step(k, z_prev, out)` = C1 z_prev + C2 out (the explicit step once `out` is given);
+        `sample_step(k, z_k, out)` -> z_{k-1}, its algebraic inverse (DDIM's step / the Euler step).
+      - `guess_timestep(k)`: where the plain (explicit) inversion evaluates the network, at z_{k-1}:
+        DDIM at t_k (eps(z_{k-1}, t_k) for eps(z_k, t_k)); flow at sigma_{k-1}, the explicit Euler step
+        z_k = z_{k-1} + (sigma_k - sigma_{k-1}) v(z_{k-1}, sigma_{k-1}) (RF-Solver's and FireFlow's
+        "vanilla" inversion).
+      - `output`: what the network's output is read as ("eps" or "velocity"); `key()`: a JSON-able identity.
+    Here latent 0 is clean (sigma 0) and latent k sits at `sigma(k)`; sampling step i (0 = from z_T) takes
+    latent n - i to n - i - 1: z_{k-1} = z_k + (sigma_{k-1} - sigma_k) v(z_k, sigma_k) (Euler, as
+    FlowMatchEulerDiscreteScheduler.step)."""
+
+    timesteps: tuple[float, ...]
+    sigmas: tuple[float, ...]  # latent k's sigma, k = 0..n; sigmas[0] = 0 (the clean latent)
+    output = "velocity"
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_steps: int, *, sigmas: list[float] | None = None,
+                       mu: float | None = None) -> "FlowSchedule":
+        """The run a diffusers FlowMatchEulerDiscreteScheduler makes of `num_steps` steps (its shift
+        included; `sigmas` and `mu` as the pipeline passes them: FLUX's linspace and dynamic shift)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        flow.set_timesteps(None if sigmas is not None else num_steps, sigmas=sigmas, mu=mu)
+        timesteps = tuple(float(t) for t in reversed(flow.timesteps.tolist()))
+        return cls(timesteps, tuple(float(s) for s in reversed(flow.sigmas.tolist())))
+
+    @classmethod
+    def like_pipeline(cls, scheduler, num_steps: int, image_tokens: int, *, flux: bool) -> "FlowSchedule":
+        """The run StableDiffusion3Pipeline (flux False) or FluxPipeline (flux True) makes for an image
+        of `image_tokens` transformer tokens: FLUX's sigmas linspace(1, 1/n, n) and its dynamic shift
+        mu = calculate_shift(tokens) (diffusers' own function); SD3's mu only when its scheduler
+        shifts dynamically (else its static `shift`)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = scheduler.config
+        mu = None
+        if flux or config.get("use_dynamic_shifting"):
+            mu = calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15 if flux else 1.16))
+        linear = flux and not config.get("use_flow_sigmas")
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if linear else None
+        return cls.from_scheduler(scheduler, num_steps, sigmas=sigmas, mu=mu)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def sigma(self, k: int) -> float:
+        return self.sigmas[k]
+
+    def coefficients(self, k: int) -> tuple[Tensor, Tensor]:
+        """(C1, C2) = (1, sigma_k - sigma_{k-1}) of inversion step k (implicit Euler)."""
+        return torch.tensor(1.0, dtype=torch.float64), torch.tensor(self.sigmas[k] - self.sigmas[k - 1],
+                                                                   dtype=torch.float64)
+
+    def inverse_step(self, k: int, z_prev: Tensor, velocity: Tensor) -> Tensor:
+        return z_prev + (self.sigmas[k] - self.sigmas[k - 1]) * velocity
+
+    def sample_step(self, k: int, z: Tensor, velocity: Tensor) -> Tensor:
+        """The Euler step from latent k to latent k-1."""
+        return z + (self.sigmas[k - 1] - self.sigmas[k]) * velocity
+
+    def guess_timestep(self, k: int) -> float:
+        """sigma_{k-1} * num_train_timesteps: explicit Euler evaluates v at the current point and time."""
+        return 0.0 if k == 1 else self.timesteps[k - 2]
+
+    def key(self) -> list:
+        return ["flow", list(self.timesteps), list(self.sigmas)]
+
+
+Schedule = DDIMSchedule | FlowSchedule

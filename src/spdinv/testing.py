@@ -1,20 +1,24 @@
-"""A tiny randomly initialised Stable Diffusion pipeline built in memory (no downloads), the way
-diffusers' own fast tests build theirs. For tests and quick experiments."""
+"""Tiny randomly initialised pipelines built in memory (no downloads), the way diffusers' own fast
+tests build theirs: SD, SDXL, SD3 / SD3.5 (T5 present or not) and FLUX.1 (dev, schnell). For tests
+and quick experiments."""
 
 from __future__ import annotations
 
 import math
 import random
+import string
 import zlib
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from PIL import Image, ImageDraw
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from torch import Tensor
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
+                          T5TokenizerFast)
 
 from .model import DiffusionModel, from_pipeline
 from .world.tokenizer import build_tokenizer
@@ -82,6 +86,79 @@ def tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableD
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
         unet=unet, scheduler=tiny_scheduler(prediction_type), force_zeros_for_empty_prompt=True,
     )
+
+
+def tiny_t5(seed: int = 0, width: int = 32) -> tuple[T5TokenizerFast, T5EncoderModel]:
+    """A Unigram T5 tokenizer over the shapes world's words (letters for anything else) and a
+    2-layer T5 encoder `width` wide."""
+    from .world.captions import vocabulary
+
+    torch.manual_seed(seed)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in vocabulary()]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + "\u2581"]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_ff=37, d_kv=8, num_layers=2,
+                                      num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    return tokenizer, encoder
+
+
+def tiny_flow_vae() -> AutoencoderKL:
+    """The SD3 / FLUX VAE's layout at toy size: 4 latent channels, a shift factor, no quant convs; x4."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1,
+        norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def _clip_config(tokenizer, hidden: int, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, hidden_act="gelu", **extra)
+
+
+def tiny_sd3_pipeline(seed: int = 0, *, t5: bool = False, dual_attention_layers: tuple[int, ...] = (),
+                      shift: float = 3.0) -> StableDiffusion3Pipeline:
+    """A tiny SD3 (SD3.5-medium-like with `dual_attention_layers` and qk RMS norm): two CLIP encoders
+    with projections (16 + 16 wide, pooled 32), T5 (32 wide) or none, a 2-layer MMDiT on 8x8x4
+    latents (patch 2), FlowMatchEulerDiscreteScheduler with `shift`. 32x32 images."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, 16, projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, 16, projection_dim=16))
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16, dual_attention_layers=dual_attention_layers,
+        qk_norm="rms_norm" if dual_attention_layers else None,
+    )
+    tokenizer_3, text_encoder_3 = tiny_t5(seed) if t5 else (None, None)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=tiny_flow_vae(),
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+
+
+def tiny_flux_pipeline(seed: int = 0, *, guidance: bool = True) -> FluxPipeline:
+    """A tiny FLUX.1: dev-like (`guidance`: a distilled-guidance input) or schnell-like (none); a CLIP
+    encoder for the pooled embedding (32), T5 for the tokens (32 wide), one double and one single
+    block on 2x2-packed 8x8x4 latents, FLUX's scheduler (dynamic shift). 32x32 images."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+    tokenizer_2, text_encoder_2 = tiny_t5(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 4, 8),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if guidance else 1.0, use_dynamic_shifting=guidance,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=tiny_flow_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    return pipe
 
 
 def tiny_model(seed: int = 0) -> DiffusionModel:

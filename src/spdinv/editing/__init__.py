@@ -37,10 +37,24 @@ class Engine:
     summary: str
 
 
+def unet_only(name: str, factory: Callable[[DiffusionModel, str, str, object], Editor]):
+    """The editor factory of an engine that controls a UNet's attention: refused on a flow transformer."""
+    def editor(model: DiffusionModel, source_prompt: str, target_prompt: str, options: object) -> Editor:
+        if model.unet is None:
+            raise SpdinvError(f"engine {name} does not support rectified-flow transformers yet ({model.family.name}); "
+                              "use --engine none")
+        return factory(model, source_prompt, target_prompt, options)
+
+    return editor
+
+
 ENGINES: dict[str, Engine] = {
-    "p2p": Engine(P2POptions, p2p_editor, "Prompt-to-Prompt: refine/replace, reweight, LocalBlend (ICLR 2023)"),
-    "masactrl": Engine(MasaCtrlOptions, masactrl_editor, "MasaCtrl mutual self-attention (ICCV 2023)"),
-    "pnp": Engine(PnPOptions, pnp_editor, "Plug-and-Play feature and self-attention injection (CVPR 2023)"),
+    "p2p": Engine(P2POptions, unet_only("p2p", p2p_editor),
+                  "Prompt-to-Prompt: refine/replace, reweight, LocalBlend (ICLR 2023)"),
+    "masactrl": Engine(MasaCtrlOptions, unet_only("masactrl", masactrl_editor),
+                       "MasaCtrl mutual self-attention (ICCV 2023)"),
+    "pnp": Engine(PnPOptions, unet_only("pnp", pnp_editor),
+                  "Plug-and-Play feature and self-attention injection (CVPR 2023)"),
     "none": Engine(NoOptions, no_editor, "plain regeneration from z_T with the target prompt"),
 }
 
@@ -119,7 +133,7 @@ def run_editor(model: DiffusionModel, inversion: Inversion, target_prompt: str, 
     """Sample [source, target] with the editor installed; (decoded images (2, 3, H, W), latents, seconds)."""
     start = time.perf_counter()
     editor.prepare(model, inversion)
-    with editor.installed(model.unet):
+    with editor.installed(model.denoiser):
         latents = sample_edit(model, inversion, target_prompt, sampler, editor, pin_source=editor.pin_source,
                               progress=progress, desc=desc)
     seconds = time.perf_counter() - start

@@ -38,9 +38,13 @@ def default_cache_dir() -> Path:
 def model_fingerprint(model: DiffusionModel) -> str:
     """A hash of a few weight tensors: retraining or swapping a model under the same name changes it."""
     digest = hashlib.sha256()
-    tensors = [model.unet.conv_in.weight, model.unet.conv_out.weight, model.unet.time_embedding.linear_1.weight,
-               model.vae.encoder.conv_in.weight, model.vae.decoder.conv_out.weight,
-               model.text_encoder.get_input_embeddings().weight[:256]]
+    if model.unet is not None:
+        tensors = [model.unet.conv_in.weight, model.unet.conv_out.weight, model.unet.time_embedding.linear_1.weight]
+    else:  # a flow transformer: its first and last parameters (patch embedding, output projection)
+        parameters = list(model.transformer.parameters())
+        tensors = [parameters[0], parameters[-1]]
+    tensors += [model.vae.encoder.conv_in.weight, model.vae.decoder.conv_out.weight,
+                model.text_encoder.get_input_embeddings().weight[:256]]
     if model.text_encoder_2 is not None:  # SDXL's second encoder
         tensors.append(model.text_encoder_2.get_input_embeddings().weight[:256])
     for tensor in tensors:
@@ -71,7 +75,7 @@ class InversionCache:
         schedule = model.schedule(check_steps(steps))
         payload = {"version": CACHE_VERSION, "model": model.name, "weights": model_fingerprint(model),
                    "files": model.files, "prediction_type": model.prediction_type,
-                   "schedule": [schedule.timesteps, [float(schedule.abar(k)) for k in range(steps + 1)]],
+                   "schedule": schedule.key(),
                    "dtype": str(model.dtype), "prompt": prompt, "method": method, "steps": steps, "seed": seed,
                    "settings": settings}
         if model.concept is not None:
@@ -176,11 +180,12 @@ def _tensors(inversion: Inversion) -> list[Tensor]:
 def check_entry(inversion: Inversion, model: DiffusionModel, steps: int) -> None:
     """ValueError unless a loaded inversion has the model's latent and embedding shapes, `steps`
     steps, and finite values."""
-    config = model.unet.config
-    latent = (steps + 1, config.in_channels, config.sample_size, config.sample_size)
+    side = model.image_size // model.vae_scale_factor
+    latent = (steps + 1, int(model.vae.config.latent_channels), side, side)
     if tuple(inversion.trajectory.shape) != latent:
         raise ValueError(f"trajectory {tuple(inversion.trajectory.shape)}, expected {latent}")
-    if inversion.prompt_embedding.shape[-1] != config.cross_attention_dim:  # SDXL: both encoders' width
+    config = model.denoiser.config  # the width of the text states the network attends to (SDXL: both encoders')
+    if inversion.prompt_embedding.shape[-1] != config.get("cross_attention_dim", config.get("joint_attention_dim")):
         raise ValueError("prompt embedding of another width")
     if not all(bool(t.isfinite().all()) for t in _tensors(inversion)):
         raise ValueError("non-finite values")

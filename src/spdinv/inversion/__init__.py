@@ -36,6 +36,7 @@ class Method:
     function: Callable[..., Inversion]
     options: type
     summary: str
+    classifier_free: bool = False  # needs unconditional rows: refused on FLUX (distilled guidance, no such rows)
     sampler: Callable | None = None  # the sampling rule its reconstruction and edits use (None: the schedule's step)
 
 
@@ -43,15 +44,15 @@ METHODS: dict[str, Method] = {
     "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion (1 call/step)"),
     "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search by gradient descent (ECCV 2024)"),
     "null_text": Method(null_text, NullTextOptions,
-                        "null-text inversion, per-step Adam on the null embedding (CVPR 2023)"),
+                        "null-text inversion, per-step Adam on the null embedding (CVPR 2023)", True),
     "negative_prompt": Method(negative_prompt, NegativePromptOptions,
-                              "negative-prompt inversion, source prompt as the unconditional one (2023)"),
+                              "negative-prompt inversion, source prompt as the unconditional one (2023)", True),
     "direct": Method(direct, DirectOptions, "DirectInversion, source branch pinned to the trajectory (ICLR 2024)"),
     "aidi": Method(aidi, AIDIOptions, "AIDI fixed-point iteration with Anderson acceleration (ICCV 2023)"),
     "rf_solver": Method(rf_solver, RFSolverOptions, "RF-Solver second-order step, flow models only (2 calls/step; "
-                        "samples with its own rule) (ICML 2025)", rf_solver_sampler),
+                        "samples with its own rule) (ICML 2025)", sampler=rf_solver_sampler),
     "fireflow": Method(fireflow, FireFlowOptions, "FireFlow midpoint reusing the last velocity, flow models only "
-                       "(N+1 calls; samples with its own rule) (ICML 2025)", fireflow_sampler),
+                       "(N+1 calls; samples with its own rule) (ICML 2025)", sampler=fireflow_sampler),
     "uni_inv": Method(uni_inv, UniInvOptions, "Uni-Inv, previous-velocity guess + one re-evaluation, flow models only "
                       "(N+1 calls) (UniEdit-Flow, ICLR 2026)"),
 }
@@ -90,6 +91,13 @@ def check_steps(num_steps, train_timesteps: int | None = None) -> int:
     return num_steps
 
 
+def check_family(model: DiffusionModel, method: str) -> None:
+    """A method that optimises or replaces the unconditional embedding needs classifier-free guidance."""
+    if get_method(method).classifier_free and not model.classifier_free:
+        raise SpdinvError(f"{method} needs classifier-free guidance (an unconditional prompt), which a "
+                          f"{model.family.name} model does not use (its guidance is distilled into the network)")
+
+
 def image_latent(model: DiffusionModel, image: Image.Image | Tensor) -> Tensor:
     """Encode a PIL image (any mode or size) or a (1, 3, H, W) tensor in [-1, 1] to z_0."""
     if isinstance(image, Image.Image):
@@ -114,10 +122,12 @@ def invert(
     prompt = check_prompt(prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     entry, opts = get_method(method), make_options(method, **options)
+    check_family(model, method)
     torch.manual_seed(seed)
     z0 = image_latent(model, image)
-    inversion = entry.function(model, z0, model.encode_prompt(prompt), model.schedule(num_steps), opts,
-                               diagnose=diagnose, progress=progress)
+    schedule = model.schedule(num_steps, tuple(z0.shape[-2:]))
+    inversion = entry.function(model, z0, model.encode_prompt(prompt), schedule, opts, diagnose=diagnose,
+                               progress=progress)
     inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts)}
     if diagnose:
         inversion.reconstruction_error = reconstruction_error(model, inversion)

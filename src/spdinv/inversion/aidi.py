@@ -16,7 +16,7 @@ from torch import Tensor
 from ..arguments import option, positive_float
 from ..errors import SpdinvError
 from ..model import DiffusionModel
-from ..schedule import DDIMSchedule
+from ..schedule import Schedule
 from .base import Inversion, StepResult, fixed_point_inversion
 from .solvers import anderson_mixing
 
@@ -53,7 +53,7 @@ def solve_anderson(f, z_init: Tensor, options: AIDIOptions, f_init: Tensor | Non
                            damping=options.damping, done=lambda value, first: value < options.tol)
 
 
-def aidi(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
+def aidi(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
          options: AIDIOptions = AIDIOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """AIDI: DDIM guess, then Anderson-accelerated fixed-point iteration z <- f(z) (forwards only)."""
     def solver(f, guess: Tensor, f_guess: Tensor | None) -> StepResult:

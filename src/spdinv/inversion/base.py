@@ -12,7 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..model import DiffusionModel
-from ..schedule import DDIMSchedule, ddim_inverse_step
+from ..schedule import Schedule
 
 
 @dataclass
@@ -21,7 +21,7 @@ class StepReport:
     ||f(z_t) - z_t||^2 / n of the step's initial guess (`before`) and of its result (`after`)."""
 
     index: int
-    timestep: int
+    timestep: float  # the network's timestep of latent `index` (an int for DDIM)
     residual_before: float = math.nan
     residual_after: float = math.nan
     iterations: int = 0
@@ -85,7 +85,7 @@ class Inversion:
 
     method: str
     trajectory: Tensor
-    schedule: DDIMSchedule
+    schedule: Schedule
     prompt_embedding: Tensor
     steps: list[StepReport]
     settings: dict = field(default_factory=dict)
@@ -137,8 +137,8 @@ StepSolver = Callable[[Tensor, int], StepResult]
 
 @dataclass(frozen=True)
 class FixedPointMap:
-    """f(x) = C1 z_{k-1} + C2 eps(x, t_k, c) of inversion step k: the map whose fixed point is the
-    ideal inversion step."""
+    """f(x) = C1 z_{k-1} + C2 out(x, t_k, c) of inversion step k: the map whose fixed point is the
+    ideal inversion step (out = eps for diffusion, the velocity for rectified flow; `schedule`)."""
 
     model: DiffusionModel
     z_prev: Tensor
@@ -155,12 +155,16 @@ class FixedPointMap:
 
     @torch.no_grad()
     def with_next_eps(self, x: Tensor, next_timestep: int) -> tuple[Tensor, Tensor]:
-        """(f(x), eps(x, next_timestep, c)) from one UNet call on a batch of two rows."""
+        """(f(x), eps(x, next_timestep, c)) from one UNet call on a batch of two rows; of one row when
+        the two timesteps are the same (rectified flow: the next plain step evaluates v where f does)."""
+        if next_timestep == self.timestep:
+            eps = self.model.eps(x, self.timestep, self.embedding)
+            return self.of_eps(eps), eps
         eps = self.model.eps(torch.cat([x, x]), [self.timestep, next_timestep], self.embedding)
         return self.of_eps(eps[:1]), eps[1:]
 
 
-def fixed_point_map(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor,
+def fixed_point_map(model: DiffusionModel, schedule: Schedule, k: int, z_prev: Tensor,
                     embedding: Tensor) -> FixedPointMap:
     """The fixed-point map f of inversion step k."""
     c1, c2 = schedule.coefficients(k)
@@ -174,22 +178,23 @@ def fixed_point_residual(model, schedule, k: int, z_prev: Tensor, z: Tensor, emb
     return float((f(z) - z).pow(2).mean())
 
 
-def guess_from_eps(schedule: DDIMSchedule, k: int, z_prev: Tensor, eps: Tensor) -> Tensor:
-    """Plain DDIM inversion step k given eps(z_{k-1}, t_k)."""
-    return ddim_inverse_step(z_prev, eps, schedule.abar(k - 1), schedule.abar(k))
+def guess_from_eps(schedule: Schedule, k: int, z_prev: Tensor, eps: Tensor) -> Tensor:
+    """Plain inversion step k given the network's output at (z_{k-1}, schedule.guess_timestep(k))."""
+    return schedule.inverse_step(k, z_prev, eps)
 
 
 @torch.no_grad()
-def ddim_guess(model: DiffusionModel, schedule: DDIMSchedule, k: int, z_prev: Tensor, embedding: Tensor) -> Tensor:
-    """Plain DDIM inversion step k: eps evaluated at (z_{k-1}, t_k)."""
-    return guess_from_eps(schedule, k, z_prev, model.eps(z_prev, schedule.timesteps[k - 1], embedding))
+def ddim_guess(model: DiffusionModel, schedule: Schedule, k: int, z_prev: Tensor, embedding: Tensor) -> Tensor:
+    """Plain inversion step k: DDIM's eps(z_{k-1}, t_k), or rectified flow's explicit Euler step
+    with v(z_{k-1}, sigma_{k-1}) (`schedule.guess_timestep`)."""
+    return guess_from_eps(schedule, k, z_prev, model.eps(z_prev, schedule.guess_timestep(k), embedding))
 
 
 def run_inversion(
     model: DiffusionModel,
     z0: Tensor,
     embedding: Tensor,
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     solve_step: StepSolver,
     *,
     method: str,
@@ -228,7 +233,7 @@ def fixed_point_inversion(
     model: DiffusionModel,
     z0: Tensor,
     embedding: Tensor,
-    schedule: DDIMSchedule,
+    schedule: Schedule,
     solver: Callable[[FixedPointMap, Tensor, Tensor | None], StepResult],
     *,
     method: str,
@@ -246,27 +251,28 @@ def fixed_point_inversion(
     f(guess): one call of two rows instead of two calls in sequence. With `look_ahead`, a step
     whose predecessor kept its guess does that and hands f(guess) to the solver (`f_guess`,
     evaluated without a graph, not to be evaluated again); after a step that iterated, the next
-    one leaves f(guess) to its solver. The result is the same either way, up to rounding."""
-    ahead: dict[int, Tensor] = {}  # step -> its DDIM guess, found by the step before
+    one leaves f(guess) to its solver. The result is the same either way, up to rounding. On a
+    rectified flow the next plain step evaluates v(z_t, t) itself, f(guess)'s own row: no extra row."""
+    ahead: dict[int, tuple[Tensor, int]] = {}  # step -> its plain guess, found by the step before, and its rows
     kept_previous = True
 
     def solve(z_prev: Tensor, k: int) -> StepResult:
         nonlocal kept_previous
         f = fixed_point_map(model, schedule, k, z_prev, embedding)
-        calls = 1  # the DDIM guess: evaluated here, or as one row of the step before's call
-        guess = ahead.pop(k, None)
+        guess, calls = ahead.pop(k, (None, 1))  # the plain guess: evaluated here, or a row of the step before's call
         if guess is None:
             guess = ddim_guess(model, schedule, k, z_prev, embedding)
         f_guess = next_eps = None
         if look_ahead and kept_previous and k < schedule.num_steps:
-            f_guess, next_eps = f.with_next_eps(guess, schedule.timesteps[k])
+            f_guess, next_eps = f.with_next_eps(guess, schedule.guess_timestep(k + 1))
         result = solver(f, guess, f_guess)  # counts the evaluations of f, f_guess included
         kept_previous = torch.equal(result.latent, guess)
         if next_eps is not None:
+            extra_row = int(f.timestep != schedule.guess_timestep(k + 1))
             if kept_previous:
-                ahead[k + 1] = guess_from_eps(schedule, k + 1, guess, next_eps)
+                ahead[k + 1] = guess_from_eps(schedule, k + 1, guess, next_eps), extra_row
             else:
-                calls += 1  # the next step's row, unused
+                calls += extra_row  # the next step's row, unused
         result.network_calls += calls
         return result
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..model import DiffusionModel
-from ..schedule import DDIMSchedule
+from ..schedule import Schedule
 from .base import Inversion, StepResult, ddim_guess, noise_error, run_inversion
 
 
@@ -16,7 +16,7 @@ class DDIMOptions:
     """DDIM inversion has no options."""
 
 
-def ddim(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
+def ddim(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
          options: DDIMOptions = DDIMOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """DDIM inversion: one network call per step, source prompt, guidance 1."""
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from torch import Tensor
 
 from ..model import DiffusionModel
-from ..schedule import DDIMSchedule
+from ..schedule import Schedule
 from .base import Inversion
 from .ddim import ddim
 
@@ -31,7 +31,7 @@ class DirectOptions:
     whatever its guidance scale."""
 
 
-def direct(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
+def direct(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
            options: DirectOptions = DirectOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """DirectInversion: DDIM inversion whose source branch is pinned to the inverted trajectory."""
     inversion = ddim(model, z0, embedding, schedule, diagnose=diagnose, progress=progress)

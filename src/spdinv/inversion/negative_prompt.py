@@ -12,7 +12,7 @@ from torch import Tensor
 from ..arguments import option
 from ..errors import SpdinvError
 from ..model import DiffusionModel
-from ..schedule import DDIMSchedule
+from ..schedule import Schedule
 from .base import Inversion
 from .ddim import ddim
 
@@ -28,7 +28,7 @@ class NegativePromptOptions:
             raise SpdinvError(f"guidance must be a finite number >= 1, got {self.guidance}")
 
 
-def negative_prompt(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
+def negative_prompt(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
                     options: NegativePromptOptions = NegativePromptOptions(), *, diagnose: bool = True,
                     progress: bool = True) -> Inversion:
     """Negative-prompt inversion: the DDIM trajectory, sampled with the source prompt as the negative one."""

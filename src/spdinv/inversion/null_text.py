@@ -18,7 +18,7 @@ from ..arguments import option, positive_float
 from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..prediction import guided
-from ..schedule import DDIMSchedule, ddim_step
+from ..schedule import Schedule
 from .base import Inversion
 from .ddim import ddim
 
@@ -86,29 +86,29 @@ def fit_null(loss_of: Callable[[Tensor], Tensor], null: Tensor, lr: float, inner
     return NullFit(null.detach(), adam_steps, forwards)
 
 
-def null_step(model: DiffusionModel, schedule: DDIMSchedule, k: int, z: Tensor, target: Tensor,
+def null_step(model: DiffusionModel, schedule: Schedule, k: int, z: Tensor, target: Tensor,
               embedding: Tensor, null: Tensor, i: int, options: NullTextOptions) -> tuple[NullFit, Tensor]:
     """Sampling step i (latent k -> k-1): fit the null embedding so that the guided DDIM step from
     z lands on `target`, then take that step. The conditional eps is computed once, so each Adam
     step costs one forward and one backward of the unconditional half; the step costs two more."""
-    t, abar_t, abar_prev = schedule.timesteps[k - 1], schedule.abar(k), schedule.abar(k - 1)
+    t = schedule.timesteps[k - 1]
     with torch.no_grad():
         eps_cond = model.eps(z, t, embedding)
 
     def landing_error(candidate: Tensor) -> Tensor:
         eps = guided(model.eps(z, t, candidate), eps_cond, options.guidance)
-        return F.mse_loss(ddim_step(z, eps, abar_t, abar_prev), target)
+        return F.mse_loss(schedule.sample_step(k, z, eps), target)
 
     lr = options.lr * (1 - options.lr_decay * i)
     threshold = options.early_stop + i * options.early_stop_growth
     fit = fit_null(landing_error, null, max(lr, 0.0), options.inner_steps if lr > 0 else 0, threshold)
     fit.forwards += 2
     with torch.no_grad():
-        latent = ddim_step(z, guided(model.eps(z, t, fit.embedding), eps_cond, options.guidance), abar_t, abar_prev)
+        latent = schedule.sample_step(k, z, guided(model.eps(z, t, fit.embedding), eps_cond, options.guidance))
     return fit, latent
 
 
-def null_text(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
+def null_text(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
               options: NullTextOptions = NullTextOptions(), *, diagnose: bool = True,
               progress: bool = True) -> Inversion:
     """Null-text inversion: DDIM inversion, then per-step Adam on the null embedding (frozen UNet)."""

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..arguments import option, positive_float, positive_int
 from ..errors import SpdinvError
 from ..model import DiffusionModel
-from ..schedule import DDIMSchedule
+from ..schedule import Schedule
 from .base import Inversion, StepResult, fixed_point_inversion
 from .solvers import OPTIMIZERS, SOLVERS
 
@@ -61,7 +61,7 @@ def solve_fixed_point(f, z_init: Tensor, options: SPDInvOptions, f_init: Tensor 
     return SOLVERS[options.solver](f, z_init, options, f_init)
 
 
-def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: DDIMSchedule,
+def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
            options: SPDInvOptions = SPDInvOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """SPDInv: DDIM guess, then the solver's search for the step's fixed point (frozen UNet)."""
 
