@@ -106,8 +106,9 @@ def parse_device(text: str) -> str:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="SD 1.x/2.x or SDXL: a diffusers folder, a hub id in the local cache, or a single-file "
-                             ".safetensors/.ckpt checkpoint; default: the embedded shapes-world model")
+                        help="SD 1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1: a diffusers folder, a hub id in the local cache, "
+                             "or a single-file .safetensors/.ckpt checkpoint; shapes-world-flow: the shipped "
+                             "rectified-flow world model; default: the embedded shapes-world model")
     parser.add_argument("--variant", default=None, help="weight variant of a diffusers folder, e.g. fp16 (*.fp16.safetensors)")
     parser.add_argument("--config", default=None,
                         help="for a single-file --model: a local diffusers folder of the same family (configs, tokenizers, scheduler)")

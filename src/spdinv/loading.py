@@ -44,25 +44,36 @@ def _extra_arguments(family: ModelFamily) -> dict:
     return {"safety_checker": None, "requires_safety_checker": False} if family is SD else {}
 
 
-def folder_family(source: str) -> ModelFamily:
-    """The family of a diffusers folder or cached hub id, from model_index.json's _class_name."""
+def _index(source: str) -> dict:
     from diffusers import DiffusionPipeline
 
     try:
-        index = DiffusionPipeline.load_config(source, local_files_only=True)
+        return DiffusionPipeline.load_config(source, local_files_only=True)
     except (OSError, ValueError) as error:
         raise SpdinvError(f"cannot load model {source!r}: not a diffusers folder with a model_index.json, a hub id "
                           f"in the local cache, or a {'/'.join(SINGLE_FILE_SUFFIXES[:2])} checkpoint "
                           f"({first_line(error)})") from None
-    return family_of(index.get("_class_name"), source)
+
+
+def folder_family(source: str) -> ModelFamily:
+    """The family of a diffusers folder or cached hub id, from model_index.json's _class_name."""
+    return family_of(_index(source).get("_class_name"), source)
+
+
+def absent_components(index: dict) -> dict:
+    """Components the folder saved as absent ([null, null], e.g. SD3 without T5: text_encoder_3),
+    passed as None, as a user of the stock pipeline does (`text_encoder_3=None, tokenizer_3=None`)."""
+    return {name: None for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value == [None, None]}
 
 
 def load_folder(source: str, dtype: torch.dtype, variant: str | None = None):
     """The pipeline of a diffusers folder or cached hub id."""
     family = folder_family(source)
+    absent = absent_components(_index(source)) if family.objective == "flow" else {}
     try:
         pipe = pipeline_class(family).from_pretrained(source, dtype=dtype, local_files_only=True,
-                                                      variant=variant, **_extra_arguments(family))
+                                                      variant=variant, **_extra_arguments(family), **absent)
     except (OSError, ValueError, TypeError) as error:
         hint = ""
         if variant is None and Path(source).is_dir() and any(Path(source).rglob("*.fp16.*")):

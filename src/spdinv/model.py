@@ -21,6 +21,9 @@ from .prediction import PREDICTION_TYPES, eps_from_output, guided
 from .schedule import DDIMSchedule, DDIMSettings, FlowSchedule, Schedule, training_ddim_scheduler
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-world"
+# Models shipped with the package, by name: `--model shapes-world-flow` (a name wins over a folder of that name).
+NAMED_MODELS = {"shapes-world": EMBEDDED_MODEL,
+                "shapes-world-flow": Path(__file__).parent / "assets" / "shapes-world-flow"}
 
 
 @dataclass
@@ -107,9 +110,15 @@ class DiffusionModel:
         if not self.is_flow:
             return DDIMSchedule.from_training(self.scheduler.config, num_steps, self.ddim)
         h, w = latent_size or (self.image_size // self.vae_scale_factor,) * 2
-        patch = 2 if self.family is FLUX else int(self.transformer.config.patch_size)  # FLUX packs 2x2
-        return FlowSchedule.like_pipeline(self.scheduler, num_steps, (h // patch) * (w // patch),
+        return FlowSchedule.like_pipeline(self.scheduler, num_steps, (h // self.patch) * (w // self.patch),
                                           flux=self.family is FLUX)
+
+    @property
+    def patch(self) -> int:
+        """A flow transformer's patch side in latent pixels (FLUX packs 2x2; SD3: its patch_size); 1 for a UNet."""
+        if not self.is_flow:
+            return 1
+        return 2 if self.family is FLUX else int(self.transformer.config.patch_size)
 
     def tokenize(self, prompts: list[str]) -> Tensor:
         return self.tokenizer(
@@ -184,7 +193,12 @@ class DiffusionModel:
     @torch.no_grad()
     def encode_image(self, image: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> latents: VAE posterior mean, normalised as the pipeline
-        does (scaling factor; SDXL-style latents_mean/std when the VAE config has them)."""
+        does (scaling factor; SDXL-style latents_mean/std when the VAE config has them; SD3 / FLUX: the
+        shift factor). A flow transformer's patches (FLUX: 2x2 packing) need sides of whole patches."""
+        multiple = self.patch * self.vae_scale_factor
+        if self.is_flow and (image.shape[-1] % multiple or image.shape[-2] % multiple):
+            raise SpdinvError(f"a {self.family.name} model needs image sides that are multiples of {multiple} "
+                                  f"pixels, got {image.shape[-1]}x{image.shape[-2]}")
         mean = self.vae.encode(self._vae_input(image)).latent_dist.mean.float()
         shift, spread = self._latent_statistics(mean)
         return (mean - shift) * self.latent_scale / spread
@@ -309,12 +323,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(name_or_path: str | Path | None) -> str:
-    """The embedded model's folder, an existing model folder, a single-file checkpoint, or a hub
-    id; a path that does not exist is a one-line error here (not diffusers' hub-cache wording)."""
-    if name_or_path is None:
-        if not (EMBEDDED_MODEL / "model_index.json").exists():
-            raise SpdinvError(f"the embedded model is missing from {EMBEDDED_MODEL}; reinstall spdinv or pass --model")
-        return str(EMBEDDED_MODEL)
+    """The embedded model's folder (None, or a name in NAMED_MODELS), an existing model folder, a
+    single-file checkpoint, or a hub id; a path that does not exist is a one-line error here (not
+    diffusers' hub-cache wording)."""
+    if name_or_path is None or str(name_or_path) in NAMED_MODELS:
+        name = "shapes-world" if name_or_path is None else str(name_or_path)
+        folder = NAMED_MODELS[name]
+        if not (folder / "model_index.json").exists():
+            raise SpdinvError(f"the {name} model is missing from {folder}; reinstall spdinv or pass --model")
+        return str(folder)
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():

@@ -178,8 +178,9 @@ def unet_batch_sizes(unet: torch.nn.Module) -> Iterator[list[int]]:
 
 @contextmanager
 def shape_dependent_unet_rounding(relative: float = 1e-6) -> Iterator[None]:
-    """Inside the block, every UNet2DConditionModel's output is multiplied by (1 + relative * n),
-    where n ~ N(0, 1) is a fixed pattern chosen by the output's shape alone.
+    """Inside the block, every UNet2DConditionModel's (and SD3 / FLUX transformer's) output is
+    multiplied by (1 + relative * n), where n ~ N(0, 1) is a fixed pattern chosen by the output's
+    shape alone.
 
     Real hardware rounds the same UNet differently for different batch shapes (CPU vector
     kernels, cuDNN/cuBLAS algorithm choice per shape), at about 1e-7..1e-6 relative; it rounds a
@@ -198,7 +199,7 @@ def shape_dependent_unet_rounding(relative: float = 1e-6) -> Iterator[None]:
         return patterns[key]
 
     def perturb(module: torch.nn.Module, args: tuple, output):
-        if not isinstance(module, UNet2DConditionModel):
+        if not isinstance(module, (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel)):
             return None
         sample = output[0] if isinstance(output, tuple) else output.sample
         factor = (1 + relative * pattern(sample.shape)).to(sample.device, sample.dtype)

@@ -52,7 +52,7 @@ class Editor(AttentionEditor, StepHooks):
         self.trajectory: Tensor | None = None
 
     def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
-        self.layers = attention_layers(model.unet)
+        self.layers = [] if model.unet is None else attention_layers(model.unet)  # a flow transformer: `none` only
         self.num_steps = inversion.schedule.num_steps
         self.trajectory = inversion.trajectory.to(model.device)
         self.latent_hw = tuple(inversion.z_T.shape[-2:])
