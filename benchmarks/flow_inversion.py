@@ -8,7 +8,7 @@ published flow inversions (RF-Solver, FireFlow, Uni-Inv), and whether the implic
 Images: shapes-world scenes (`random_scene(random.Random(seed))`, rendered, captioned) and objects
 drawn here with PIL (`testing.hand_drawn_object`: own geometry, shades and jitter; not the world
 renderer's), each inverted under its caption at guidance 1. A method name that is an SPDInv solver
-means `spdinv --solver NAME` at its defaults (delta 5e-6). Per method and step count, means over
+means `spdinv --solver NAME` at its defaults (delta 5e-6); NAME@DELTA sets its delta. Per method and step count, means over
 images: the mean final fixed-point residual of the implicit Euler step, the % of steps whose
 residual is below delta (SPDInv's stop), the network calls of the inversion, of its reconstruction
 (the method's own sampler: Euler, RF-Solver's or FireFlow's) and their sum, gradient calls (JVPs /
@@ -81,7 +81,11 @@ def drawn_samples(n: int, seed: int, size: int) -> list[Sample]:
 
 
 def method_and_options(name: str) -> tuple[str, dict]:
-    return ("spdinv", {"solver": name}) if name in SOLVERS else (name, {})
+    """`anderson` = spdinv --solver anderson; `anderson@1e-8` the same with delta 1e-8; else a method."""
+    solver, _, delta = name.partition("@")
+    if solver not in SOLVERS:
+        return name, {}
+    return "spdinv", {"solver": solver, **({"delta": float(delta)} if delta else {})}
 
 
 def run_method(model: DiffusionModel, sample: Sample, name: str, steps: int) -> Inversion:
@@ -102,7 +106,7 @@ def sampling_calls(inversion: Inversion) -> int:
 
 def measure(model: DiffusionModel, sample: Sample, name: str, steps: int) -> tuple[dict, Inversion]:
     inversion = run_method(model, sample, name, steps)
-    delta = SPDInvOptions().delta
+    delta = SPDInvOptions().delta  # the default stop, for every method (a method's own delta may be tighter)
     residuals = [s.residual_after for s in inversion.steps]
     recon = reconstruct(model, inversion, to_tensor(sample.image))
     round_trip = model.decode(inversion.z_0)
