@@ -221,3 +221,12 @@ def test_flow_peers_refuse_diffusion_models_in_one_line(tiny, circle, method):
     with pytest.raises(SpdinvError, match=f"{method} inverts rectified-flow models") as error:
         invert(tiny, circle, PROMPT, method, 4, progress=False)
     assert "\n" not in str(error.value)
+
+
+def test_inversion_all_means_the_methods_that_run_on_the_family(tiny, sd3, flux):
+    from spdinv.inversion import METHODS, applies
+
+    flow_peers = {"rf_solver", "fireflow", "uni_inv"}
+    assert {m for m in METHODS if applies(tiny, m)} == set(METHODS) - flow_peers
+    assert {m for m in METHODS if applies(sd3, m)} == set(METHODS)
+    assert {m for m in METHODS if applies(flux, m)} == set(METHODS) - {"null_text", "negative_prompt"}

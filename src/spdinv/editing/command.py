@@ -99,7 +99,7 @@ def run_edit(args: argparse.Namespace) -> None:
     from ..commands import (check_concept_word, check_model_settings, concept_from_args, encode_with,
                             encoder_choice_from_args, load_model_from_args, prompt_warnings)
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
-    from ..inversion import METHODS, check_prompt
+    from ..inversion import METHODS, applies, check_prompt
     from ..outputs import check_output_dir
     from . import ENGINES
     from .sampler import SamplerOptions
@@ -132,6 +132,8 @@ def run_edit(args: argparse.Namespace) -> None:
         concept, mapper = encode_with(encoder, model, concept_image, args.concept_word)
         require_finite(concept.vectors, "the encoded concept")
     model = model.with_concept(concept)
+    if args.inversion == "all":  # every method that runs on this model's family
+        methods = [m for m in methods if applies(model, m)]
     if args.elite_projections and not args.no_cache:
         print("note: --elite-projections: inversions are not cached (the cache does not key on the projections)",
               file=sys.stderr)
