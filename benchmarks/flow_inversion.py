@@ -163,6 +163,20 @@ def race_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def frontier_table(summary: dict, group: str) -> str:
+    """Per method, per step count: total network calls (inversion + reconstruction) -> PSNR vs the
+    input / vs the VAE round trip; the frontier of reconstruction against calls."""
+    steps = sorted({s for s, g, _ in summary if g == group})
+    names = list(dict.fromkeys(n for _, g, n in summary if g == group))
+    lines = [f"| {group} images: method | " + " | ".join(f"{n} steps: calls, dB input / round trip" for n in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for name in names:
+        cells = [summary.get((n, group, name)) for n in steps]
+        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c['total_calls']:.0f}: {c['psnr']:.2f} / "
+                                                 f"{c['psnr_vae']:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def root_table(roots: dict) -> str:
     lines = ["| image | steps | step k | starts converged (of 5) | distinct roots | largest distance between roots |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -226,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {args.model}; {args.n_world} world + {args.n_drawn} drawn images (seed {args.seed}); guidance 1; "
           f"delta {SPDInvOptions().delta}; threads {torch.get_num_threads()}\n")
     print(race_table(summary))
+    for group in ("world", "drawn"):
+        print()
+        print(frontier_table(summary, group))
     print()
     print(root_table(roots))
     if args.json:
