@@ -138,16 +138,21 @@ def roots_of_step(model: DiffusionModel, inversion: Inversion, k: int) -> dict:
         result = solve_fixed_point(f, point, options)
         found[start] = (result.latent, result.residual_after)
     converged = {s: z for s, (z, r) in found.items() if r < ROOT_TOLERANCE}
-    distances = [float((a - b).pow(2).mean().sqrt()) for a, b in itertools.combinations(converged.values(), 2)]
+    distances = [rms_distance(a, b) for a, b in itertools.combinations(converged.values(), 2)]
+    every = [rms_distance(a, b) for (a, _), (b, _) in itertools.combinations(found.values(), 2)]
     return {"residuals": {s: r for s, (_, r) in found.items()}, "converged": sorted(converged),
-            "max_distance": max(distances, default=0.0),
+            "max_distance": max(distances, default=0.0), "max_distance_all_starts": max(every),
             "distinct": len(distinct_roots(list(converged.values())))}
+
+
+def rms_distance(a: Tensor, b: Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt())
 
 
 def distinct_roots(roots: list[Tensor]) -> list[Tensor]:
     kept: list[Tensor] = []
     for root in roots:
-        if all(float((root - other).pow(2).mean().sqrt()) > DISTINCT for other in kept):
+        if all(rms_distance(root, other) > DISTINCT for other in kept):
             kept.append(root)
     return kept
 
@@ -178,10 +183,12 @@ def frontier_table(summary: dict, group: str) -> str:
 
 
 def root_table(roots: dict) -> str:
-    lines = ["| image | steps | step k | starts converged (of 5) | distinct roots | largest distance between roots |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| image | steps | step k | starts converged (of 5) | distinct roots | largest distance between roots | "
+             "largest distance, all 5 results | their residuals |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for (image, steps, k), r in roots.items():
-        lines.append(f"| {image} | {steps} | {k} | {len(r['converged'])} | {r['distinct']} | {r['max_distance']:.2e} |")
+        residuals = ", ".join(f"{v:.0e}" for v in r["residuals"].values())
+        lines.append(f"| {image} | {steps} | {k} | {len(r['converged'])} | {r['distinct']} | {r['max_distance']:.2e} | "
+                     f"{r['max_distance_all_starts']:.2e} | {residuals} |")
     return "\n".join(lines)
 
 
@@ -233,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     samples = (world_samples(args.n_world, args.seed, model.image_size)
                + drawn_samples(args.n_drawn, args.seed, model.image_size))
     step_counts = [int(s) for s in args.steps.split(",")]
-    summary, per_image, trajectories = run_race(model, samples, args.methods.split(","), step_counts)
+    methods = [m for m in args.methods.split(",") if m]  # "" runs the roots alone
+    summary, per_image, trajectories = run_race(model, samples, methods, step_counts)
     roots = {}
     for steps in [int(s) for s in args.root_steps.split(",")] if args.root_images else []:
         roots |= run_roots(model, samples, trajectories, steps, args.root_images)
