@@ -271,3 +271,14 @@ def test_latents_carry_the_vae_shift_and_scale(models):
         mean = vae.encode(expected).latent_dist.mean
     torch.testing.assert_close(model.encode_image(expected), (mean - vae.config.shift_factor) * vae.config.scaling_factor,
                                atol=1e-6, rtol=0)
+
+
+def test_the_inversion_cache_keeps_flow_inversions(models, image, tmp_path):
+    """Stored with the schedule's key and the transformer's fingerprint, checked on load, then a hit."""
+    from spdinv.editing.cache import InversionCache
+
+    cache = InversionCache(tmp_path / "cache")
+    first = edit(models["flux-dev"], image, SOURCE, TARGET, "ddim", "none", num_steps=2, cache=cache)
+    again = edit(models["flux-dev"], image, SOURCE, TARGET, "ddim", "none", num_steps=2, cache=cache)
+    assert (first.cache_hit, again.cache_hit, cache.dropped) == (False, True, 0)
+    assert torch.equal(first.inversion.trajectory, again.inversion.trajectory)

@@ -182,6 +182,9 @@ def check_entry(inversion: Inversion, model: DiffusionModel, steps: int) -> None
     steps, and finite values."""
     side = model.image_size // model.vae_scale_factor
     latent = (steps + 1, int(model.vae.config.latent_channels), side, side)
+    if model.is_flow:  # a flow model inverts any size of whole patches (FLUX: the schedule follows the size)
+        h, w = inversion.trajectory.shape[-2:]
+        latent = latent[:2] + ((h, w) if h % model.patch == 0 == w % model.patch else (side, side))
     if tuple(inversion.trajectory.shape) != latent:
         raise ValueError(f"trajectory {tuple(inversion.trajectory.shape)}, expected {latent}")
     config = model.denoiser.config  # the width of the text states the network attends to (SDXL: both encoders')

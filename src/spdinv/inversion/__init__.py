@@ -42,7 +42,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion (1 call/step)"),
+    "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion; explicit Euler on a rectified flow (1 call/step)"),
     "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search by gradient descent (ECCV 2024)"),
     "null_text": Method(null_text, NullTextOptions,
                         "null-text inversion, per-step Adam on the null embedding (CVPR 2023)", True),

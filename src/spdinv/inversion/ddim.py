@@ -1,4 +1,6 @@
-"""Plain DDIM inversion (Song et al. 2021; as used by Prompt-to-Prompt): eps at (z_{t-1}, t)."""
+"""Plain DDIM inversion (Song et al. 2021; as used by Prompt-to-Prompt): eps at (z_{t-1}, t). On a
+rectified flow the same method is the explicit Euler inversion, v at (z_{t-1}, sigma_{t-1}) (the
+"vanilla" inversion of RF-Solver's and FireFlow's code): `schedule.guess_timestep`."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ class DDIMOptions:
 
 def ddim(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
          options: DDIMOptions = DDIMOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
-    """DDIM inversion: one network call per step, source prompt, guidance 1."""
+    """DDIM (or explicit Euler) inversion: one network call per step, source prompt, guidance 1."""
 
     def solve(z_prev: Tensor, k: int) -> StepResult:
         return StepResult(latent=ddim_guess(model, schedule, k, z_prev, embedding))
