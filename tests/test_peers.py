@@ -139,7 +139,7 @@ def test_aidi_non_finite_residual_falls_back_to_best_iterate():
     assert torch.isfinite(result.latent).all()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].flow_only])
 def test_every_method_round_trips_through_safetensors(tiny, image, tmp_path, method):
     inversion = invert(tiny, image, PROMPT, method, 3, progress=False, **FAST.get(method, {}))
     save_inversion(inversion, tmp_path)

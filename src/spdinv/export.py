@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import require_finite
 from .images import Framing, to_pil
-from .inversion import Inversion, invert
+from .inversion import METHODS, Inversion, invert
 from .inversion.base import StepReport
 from .model import DiffusionModel
 from .outputs import staged_output, write_json
@@ -59,6 +59,7 @@ def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
         guidance_scale=float(metadata["guidance_scale"]), source_as_uncond=metadata["source_as_uncond"] == "True",
         pin_source=metadata.get("pin_source", str(metadata["method"] == "direct")) == "True",
         noise_error=diagnostics["noise_error"], reconstruction_error=diagnostics["reconstruction_error"],
+        sampler=METHODS[metadata["method"]].sampler if metadata["method"] in METHODS else None,
         **{name: tensors.get(name) for name in _SIDE_INFO},
     )
 

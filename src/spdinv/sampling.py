@@ -7,7 +7,7 @@ nothing of inversions: `spdinv.inversion.reconstruction` samples one back (one b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -127,6 +127,14 @@ class StepHooks:
 
 NO_HOOKS = StepHooks()
 
+# The guided network output of every branch at (z, timestep): what a sampling rule calls.
+Output = Callable[[Tensor, float], Tensor]
+# A sampling rule's step from latent k to latent k-1: (schedule, k, z, output) -> z. A rule that
+# needs more than the schedule's one-call step (RF-Solver's and FireFlow's samplers) is made fresh
+# for each loop by a `Sampler` (it may keep state from step to step).
+SamplingStep = Callable[..., Tensor]
+Sampler = Callable[[], SamplingStep]
+
 
 def batch_rows(branches: list[Branch], every_uncond: bool = False) -> BatchRows:
     """The rows of the UNet batch: the unconditional rows of the branches that need one, then
@@ -161,20 +169,23 @@ def predict(model: DiffusionModel, z: Tensor, t: int, branches: list[Branch], i:
 
 
 def step(model: DiffusionModel, schedule: Schedule, i: int, z: Tensor, branches: list[Branch],
-         hooks: StepHooks = NO_HOOKS) -> Tensor:
+         hooks: StepHooks = NO_HOOKS, rule: SamplingStep | None = None) -> Tensor:
     """Sampling step i (0 = the step from z_T) of every branch: the network's output (eps or v),
-    guidance, the schedule's update (DDIM or Euler), pins, then the hooks' end_step."""
+    guidance, the schedule's update (DDIM or Euler; or `rule`, a sampler's own step that may call
+    the guided output more than once), pins, then the hooks' end_step."""
     k = schedule.num_steps - i
     t = schedule.timesteps[k - 1]
     # A model without classifier-free guidance (FLUX: distilled, an input of the network) has no unconditional rows.
     rows = batch_rows(branches, hooks.every_uncond) if model.classifier_free else BatchRows.of([], len(branches))
     hooks.begin_step(i, t, z, rows)
-    eps_uncond, eps_cond = predict(model, z, t, branches, i, rows)
     scales = torch.tensor([b.guidance_scale for b in branches], dtype=z.dtype, device=z.device).view(-1, 1, 1, 1)
-    eps = hooks.guide(i, t, eps_uncond, eps_cond, scales)
-    if eps is None:
-        eps = guided(eps_uncond, eps_cond, scales)
-    z = schedule.sample_step(k, z, eps)
+
+    def output(x: Tensor, time: float) -> Tensor:
+        eps_uncond, eps_cond = predict(model, x, time, branches, i, rows)
+        eps = hooks.guide(i, time, eps_uncond, eps_cond, scales)
+        return guided(eps_uncond, eps_cond, scales) if eps is None else eps
+
+    z = schedule.sample_step(k, z, output(z, t)) if rule is None else rule(schedule, k, z, output)
     latents = []
     for b, branch in enumerate(branches):
         latents.append(z[b : b + 1] if branch.pin is None else branch.pin[k - 1 : k].to(z))
@@ -199,24 +210,28 @@ def start_latents(model: DiffusionModel, z_T: Tensor, count: int) -> Tensor:
 @torch.no_grad()
 def loop_progressive(model: DiffusionModel, schedule: Schedule, z_T: Tensor, branches: list[Branch],
                      hooks: StepHooks = NO_HOOKS, *, preview_every: int = 0, progress: bool = False,
-                     desc: str = "sample") -> Iterator[SampleStep]:
+                     desc: str = "sample", sampler: Sampler | None = None) -> Iterator[SampleStep]:
     """Every sampling step from z_T for every branch, one at a time (guided-diffusion's
     `p_sample_loop_progressive`): a live preview or a memory-bound caller keeps only what it
-    needs. With `preview_every` N > 0 every N-th step, and the last, carries its decoded images."""
+    needs. With `preview_every` N > 0 every N-th step, and the last, carries its decoded images.
+    `sampler` makes the sampling rule (None: the schedule's one-call step)."""
     z = start_latents(model, z_T, len(branches))
     n = schedule.num_steps
+    rule = None if sampler is None else sampler()
     for i in tqdm(range(n), desc=desc, disable=not progress, leave=False):
-        z = step(model, schedule, i, z, branches, hooks)
+        z = step(model, schedule, i, z, branches, hooks, rule)
         wanted = preview_every > 0 and ((i + 1) % preview_every == 0 or i + 1 == n)
         yield SampleStep(i, z, model.decode(z) if wanted else None)
 
 
 @torch.no_grad()
 def loop(model: DiffusionModel, schedule: Schedule, z_T: Tensor, branches: list[Branch],
-         hooks: StepHooks = NO_HOOKS, *, progress: bool = False, desc: str = "sample") -> Tensor:
+         hooks: StepHooks = NO_HOOKS, *, progress: bool = False, desc: str = "sample",
+         sampler: Sampler | None = None) -> Tensor:
     """Every sampling step from z_T for every branch; returns the latents (n + 1, B, C, H, W) in
     sampling order (index 0: z_T, index n: the clean latents): `loop_progressive`, all kept."""
     latents = [start_latents(model, z_T, len(branches))]
-    for sampled in loop_progressive(model, schedule, z_T, branches, hooks, progress=progress, desc=desc):
+    for sampled in loop_progressive(model, schedule, z_T, branches, hooks, progress=progress, desc=desc,
+                                    sampler=sampler):
         latents.append(sampled.latents)
     return torch.stack(latents)

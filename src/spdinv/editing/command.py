@@ -137,7 +137,7 @@ def run_edit(args: argparse.Namespace) -> None:
                             encoder_choice_from_args, load_model_from_args, prompt_warnings)
     from ..arguments import framing_from_args
     from ..images import open_image, psnr, to_pil, to_tensor
-    from ..inversion import METHODS, check_prompt
+    from ..inversion import METHODS, applies, check_prompt
     from ..outputs import check_no_foreign, check_output_dir
     from ..presets import empty_source
     from . import ENGINES
@@ -171,6 +171,8 @@ def run_edit(args: argparse.Namespace) -> None:
         concept, mapper = encode_with(encoder, model, concept_image, args.concept_word)
         require_finite(concept.vectors, "the encoded concept")
     model = model.with_concept(concept)
+    if args.inversion == "all":  # every method that runs on this model's family
+        methods = [m for m in methods if applies(model, m)]
     if args.elite_projections and not args.no_cache:
         print("note: --elite-projections: inversions are not cached (the cache does not key on the projections)",
               file=sys.stderr)

@@ -79,7 +79,8 @@ def sample_edit(model: DiffusionModel, inversion: Inversion, target_prompt: str,
                 progress: bool = False, desc: str = "edit") -> Tensor:
     """Latents (n + 1, 2, C, H, W) of [source, target] in sampling order."""
     branches = edit_branches(model, inversion, target_prompt, options, pin_source, empty_source)
-    return loop(model, inversion.schedule, inversion.z_T, branches, hooks, progress=progress, desc=desc)
+    return loop(model, inversion.schedule, inversion.z_T, branches, hooks, progress=progress, desc=desc,
+                sampler=inversion.sampler)
 
 
 def edit_rows(model: DiffusionModel, inversion: Inversion, target_prompt: str, options: SamplerOptions,

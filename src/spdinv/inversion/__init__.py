@@ -26,8 +26,11 @@ from .base import Inversion, StepReport
 from .aidi import AIDIOptions, aidi
 from .ddim import DDIMOptions, ddim
 from .direct import DirectOptions, direct
+from .fireflow import FireFlowOptions, fireflow, fireflow_sampler
 from .negative_prompt import NegativePromptOptions, negative_prompt
 from .null_text import NullTextOptions, null_text
+from .rf_solver import RFSolverOptions, rf_solver, rf_solver_sampler
+from .uni_inv import UniInvOptions, uni_inv
 from .reconstruction import (Reconstruction, measure_reconstruction, reconstruct, reconstruct_latent,
                              reconstruction_error, source_branch)
 from .spdinv import SPDInvOptions, spdinv
@@ -39,6 +42,8 @@ class Method:
     options: type
     summary: str
     classifier_free: bool = False  # needs unconditional rows: refused on FLUX (distilled guidance, no such rows)
+    sampler: Callable | None = None  # the sampling rule its reconstruction and edits use (None: the schedule's step)
+    flow_only: bool = False  # a rectified-flow inversion: refused on diffusion models
 
 
 METHODS: dict[str, Method] = {
@@ -50,6 +55,12 @@ METHODS: dict[str, Method] = {
                               "negative-prompt inversion, source prompt as the unconditional one (2023)", True),
     "direct": Method(direct, DirectOptions, "DirectInversion, source branch pinned to the trajectory (ICLR 2024)"),
     "aidi": Method(aidi, AIDIOptions, "AIDI fixed-point iteration with Anderson acceleration (ICCV 2023)"),
+    "rf_solver": Method(rf_solver, RFSolverOptions, "RF-Solver second-order step, flow models only (2 calls/step; "
+                        "samples with its own rule) (ICML 2025)", sampler=rf_solver_sampler, flow_only=True),
+    "fireflow": Method(fireflow, FireFlowOptions, "FireFlow midpoint reusing the last velocity, flow models only "
+                       "(N+1 calls; samples with its own rule) (ICML 2025)", sampler=fireflow_sampler, flow_only=True),
+    "uni_inv": Method(uni_inv, UniInvOptions, "Uni-Inv, previous-velocity guess + one re-evaluation, flow models only "
+                      "(N+1 calls) (UniEdit-Flow, ICLR 2026)", flow_only=True),
 }
 
 
@@ -91,6 +102,12 @@ def check_family(model: DiffusionModel, method: str) -> None:
     if get_method(method).classifier_free and not model.classifier_free:
         raise SpdinvError(f"{method} needs classifier-free guidance (an unconditional prompt), which a "
                           f"{model.family.name} model does not use (its guidance is distilled into the network)")
+
+
+def applies(model: DiffusionModel, method: str) -> bool:
+    """Whether the method runs on the model's family (`check_family` refuses it otherwise)."""
+    entry = get_method(method)
+    return not (entry.classifier_free and not model.classifier_free) and not (entry.flow_only and not model.is_flow)
 
 
 def image_tensor(model: DiffusionModel, image: Image.Image | Tensor, framing: Framing | None = None) -> Tensor:

@@ -94,6 +94,7 @@ class Inversion:
     uncond_embeddings: Tensor | None = None
     source_as_uncond: bool = False
     pin_source: bool = False
+    sampler: Callable[[], Callable] | None = None  # its own sampling rule (`sampling.Sampler`); None: the schedule's step
     noise_error: float | None = None
     reconstruction_error: float | None = None
     reconstruction_calls: int = 0  # UNet rows of the reconstruction that measured reconstruction_error

@@ -44,7 +44,8 @@ def reconstruct_latent(model: DiffusionModel, inversion: Inversion, guidance_sca
     """Sample z_0 back from z_T with the source prompt, using what the inversion prescribes
     (its guidance scale, null embeddings, pin): `loop` with one branch."""
     branch = source_branch(model, inversion, guidance_scale)
-    return loop(model, inversion.schedule, inversion.z_T, [branch], progress=progress, desc="reconstruct")[-1]
+    return loop(model, inversion.schedule, inversion.z_T, [branch], progress=progress, desc="reconstruct",
+                sampler=inversion.sampler)[-1]
 
 
 def reconstruction_rows(model: DiffusionModel, inversion: Inversion, guidance_scale: float | None = None) -> int:
