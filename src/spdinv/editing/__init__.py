@@ -1,6 +1,8 @@
 """Text-driven editing of a real image: invert it under the source prompt with any method, then
-sample [source, target] from z_T with any engine (Prompt-to-Prompt, MasaCtrl, Plug-and-Play, or
-none). `edit()` is the one entry point; ENGINES maps engine names to their options and editors.
+sample [source, target] from z_T with any engine (Prompt-to-Prompt, MasaCtrl, Plug-and-Play,
+RF-Solver-Edit's value sharing, or none). `edit()` is the one entry point; ENGINES maps engine
+names to their options and editors (p2p and masactrl on UNets and on flow transformers' joint
+attention, pnp on UNets only, rf_edit on flow transformers only).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from ..inversion import Inversion, check_prompt, get_method, invert, make_option
 from ..model import DiffusionModel
 from .base import Editor, NoEditor, no_editor
 from .cache import InversionCache
+from .flow_p2p import flow_p2p_editor
 from .masactrl import MasaCtrlOptions, masactrl_editor
 from .p2p import P2POptions, p2p_editor
 from .pnp import PnPOptions, pnp_editor
+from .rf_edit import RFEditOptions, rf_edit_editor
 from .sampler import SamplerOptions, sample_edit
 
 
@@ -48,13 +52,27 @@ def unet_only(name: str, factory: Callable[[DiffusionModel, str, str, object], E
     return editor
 
 
+def by_family(unet_factory: Callable[[DiffusionModel, str, str, object], Editor],
+              flow_factory: Callable[[DiffusionModel, str, str, object], Editor]):
+    """An engine's editor factory: one for UNets, one for flow transformers' joint attention."""
+    def editor(model: DiffusionModel, source_prompt: str, target_prompt: str, options: object) -> Editor:
+        factory = flow_factory if model.unet is None else unet_factory
+        return factory(model, source_prompt, target_prompt, options)
+
+    return editor
+
+
 ENGINES: dict[str, Engine] = {
-    "p2p": Engine(P2POptions, unet_only("p2p", p2p_editor),
-                  "Prompt-to-Prompt: refine/replace, reweight, LocalBlend (ICLR 2023)"),
-    "masactrl": Engine(MasaCtrlOptions, unet_only("masactrl", masactrl_editor),
-                       "MasaCtrl mutual self-attention (ICCV 2023)"),
+    "p2p": Engine(P2POptions, by_family(p2p_editor, flow_p2p_editor),
+                  "Prompt-to-Prompt: refine/replace, reweight, LocalBlend (ICLR 2023); on flow transformers the "
+                  "image-query x text-key block of the joint attention"),
+    "masactrl": Engine(MasaCtrlOptions, masactrl_editor,
+                       "MasaCtrl mutual self-attention (ICCV 2023); on flow transformers the source's image keys and "
+                       "values"),
     "pnp": Engine(PnPOptions, unet_only("pnp", pnp_editor),
-                  "Plug-and-Play feature and self-attention injection (CVPR 2023)"),
+                  "Plug-and-Play feature and self-attention injection (CVPR 2023); UNets only"),
+    "rf_edit": Engine(RFEditOptions, rf_edit_editor,
+                      "RF-Solver-Edit's value sharing in the late blocks' first steps (ICML 2025); flow transformers only"),
     "none": Engine(NoOptions, no_editor, "plain regeneration from z_T with the target prompt"),
 }
 
@@ -245,5 +263,5 @@ def edit(
 
 
 __all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "split_options", "run_editor", "Editor",
-           "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "NoOptions", "SamplerOptions",
+           "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "RFEditOptions", "NoOptions", "SamplerOptions",
            "InversionCache", "check_inversion"]
