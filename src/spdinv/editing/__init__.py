@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -83,15 +84,29 @@ def get_engine(name: str) -> Engine:
     return ENGINES[name]
 
 
+def engine_applies(model: DiffusionModel, engine: str) -> bool:
+    """Whether the engine runs on the model's family (pnp: UNets only; rf_edit: flow transformers only)."""
+    return not (engine == "pnp" and model.unet is None) and not (engine == "rf_edit" and model.unet is not None)
+
+
+def check_engine_free(method: str, engines: list[str]) -> None:
+    """An inversion-free editor (FlowEdit) edits by its own sampler: engine `none` only."""
+    if get_method(method).engine_free and any(engine != "none" for engine in engines):
+        other = next(engine for engine in engines if engine != "none")
+        raise SpdinvError(f"{method} edits without an inversion, by its own sampler: it takes engine none only, "
+                          f"not {other}")
+
+
 def check_pairs(inversions: list[str], engines: list[str], empty: str) -> None:
-    """At least one inversion method and one engine, every name known; `empty` is the one-line
-    error when either list is empty (worded for the caller's interface)."""
+    """At least one inversion method and one engine, every name known, an inversion-free editor
+    with engine `none` only; `empty` is the one-line error when either list is empty (worded for
+    the caller's interface)."""
     if not inversions or not engines:
         raise SpdinvError(empty)
-    for name in inversions:
-        get_method(name)
     for name in engines:
         get_engine(name)
+    for name in inversions:
+        check_engine_free(name, engines)
 
 
 def _fields(cls: type) -> set[str]:
@@ -116,7 +131,9 @@ def split_options(engine: str, method: str | None, options: dict) -> tuple[objec
 class EditResult:
     """An edit. Images are (1, 3, H, W) in [-1, 1]: the edited image and the reconstruction (the
     source branch); `mask` is LocalBlend's (1, 1, h, w) at latent size, when one was used;
-    `latents` (n + 1, 2, C, h, w) are [source, target] in sampling order; `timings` in seconds."""
+    `latents` (n + 1, 2, C, h, w) are [source, target] in sampling order; `timings` in seconds;
+    `network_rows` every batch row the network evaluated while editing (the inversion's calls are
+    `inversion.network_calls`)."""
 
     edited: Tensor
     reconstruction: Tensor
@@ -128,6 +145,7 @@ class EditResult:
     latents: Tensor
     timings: dict[str, float] = field(default_factory=dict)
     cache_hit: bool | None = None
+    network_rows: int = 0
 
     def pil(self) -> tuple[Image.Image, Image.Image]:
         """(edited, reconstruction) as PIL images."""
@@ -145,17 +163,34 @@ def check_inversion(model: DiffusionModel, inversion: Inversion, source_prompt: 
         raise SpdinvError("the given inversion was computed for another source prompt (or text encoder)")
 
 
+@contextmanager
+def counted_rows(network: torch.nn.Module) -> Iterator[list[int]]:
+    """[rows]: every batch row `network` evaluates inside (its first input's, or hidden_states', batch size)."""
+    count = [0]
+
+    def hook(module, args, kwargs) -> None:
+        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        count[0] += int(first.shape[0])
+
+    handle = network.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 def run_editor(model: DiffusionModel, inversion: Inversion, target_prompt: str, editor: Editor,
                sampler: SamplerOptions = SamplerOptions(), *, progress: bool = False,
-               desc: str = "edit") -> tuple[Tensor, Tensor, float]:
-    """Sample [source, target] with the editor installed; (decoded images (2, 3, H, W), latents, seconds)."""
+               desc: str = "edit") -> tuple[Tensor, Tensor, float, int]:
+    """Sample [source, target] with the editor installed; (decoded images (2, 3, H, W), latents, seconds,
+    network rows)."""
     start = time.perf_counter()
     editor.prepare(model, inversion)
-    with editor.installed(model.denoiser):
+    with editor.installed(model.denoiser), counted_rows(model.denoiser) as rows:
         latents = sample_edit(model, inversion, target_prompt, sampler, editor, pin_source=editor.pin_source,
                               progress=progress, desc=desc)
     seconds = time.perf_counter() - start
-    return model.decode(latents[-1]), latents, seconds
+    return model.decode(latents[-1]), latents, seconds, rows[0]
 
 
 InversionSource = str | Inversion  # a method name, or an inversion already computed
@@ -203,6 +238,7 @@ def edits(
     target_prompt = check_prompt(target_prompt, "target prompt")
     inversion_options, engine_options = inversion_options or {}, engine_options or {}
     for inversion in inversions:
+        check_engine_free(inversion.method if isinstance(inversion, Inversion) else inversion, engines)
         if not isinstance(inversion, Inversion):
             make_options(inversion, **inversion_options.get(inversion, {}))
             if image is None:
@@ -218,13 +254,13 @@ def edits(
                                            progress=progress, cache=cache, diagnose=diagnose, options=options)
         for engine in engines:
             editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
-            images, latents, sampling = run_editor(model, inverted, target_prompt, editor, sampler,
-                                                   progress=progress, desc=f"edit ({inverted.method} + {engine})")
+            images, latents, sampling, rows = run_editor(model, inverted, target_prompt, editor, sampler,
+                                                         progress=progress, desc=f"edit ({inverted.method} + {engine})")
             yield EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
                              engine=engine, options=dataclasses.asdict(chosen[engine]),
                              sampler=dataclasses.asdict(sampler), latents=latents,
                              timings={"invert": inverting, "edit": sampling, "total": inverting + sampling},
-                             cache_hit=hit)
+                             cache_hit=hit, network_rows=rows)
 
 
 def edit(
@@ -262,6 +298,6 @@ def edit(
     return next(results)
 
 
-__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "split_options", "run_editor", "Editor",
+__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "engine_applies", "split_options", "run_editor", "counted_rows", "Editor",
            "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "RFEditOptions", "NoOptions", "SamplerOptions",
            "InversionCache", "check_inversion"]

@@ -93,6 +93,7 @@ class Run:
     psnr: float
     cache: str
     timings: dict
+    costs: dict | None = None  # network calls of the inversion, network rows of the edit
 
 
 def run_edit(args: argparse.Namespace) -> None:
@@ -101,7 +102,7 @@ def run_edit(args: argparse.Namespace) -> None:
     from ..images import conform_image, open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, applies, check_prompt
     from ..outputs import check_output_dir
-    from . import ENGINES
+    from . import ENGINES, check_pairs, engine_applies
     from .sampler import SamplerOptions
 
     wall = time.perf_counter()
@@ -132,8 +133,12 @@ def run_edit(args: argparse.Namespace) -> None:
         concept, mapper = encode_with(encoder, model, concept_image, args.concept_word)
         require_finite(concept.vectors, "the encoded concept")
     model = model.with_concept(concept)
-    if args.inversion == "all":  # every method that runs on this model's family
-        methods = [m for m in methods if applies(model, m)]
+    if args.inversion == "all":  # every method that runs on this model's family (FlowEdit: with engine none only)
+        methods = [m for m in methods if applies(model, m)
+                   and not (METHODS[m].engine_free and set(engines) != {"none"})]
+    if args.engine == "all":  # every engine that runs on this model's family
+        engines = [e for e in engines if engine_applies(model, e)]
+    check_pairs(methods, engines, "no inversion x engine pair applies")
     if args.elite_projections and not args.no_cache:
         print("note: --elite-projections: inversions are not cached (the cache does not key on the projections)",
               file=sys.stderr)
@@ -190,7 +195,9 @@ def edit_all(model, image, source: str, target: str, methods: list[str], engines
             require_finite(images, f"the {method} + {engine} result" + hint)
         status = "not cached" if cache is None else "cache hit" if result.cache_hit else "cache miss"
         runs.append(Run(method, engine, result.edited, result.reconstruction, result.mask, float("nan"), status,
-                        {"invert": result.timings["invert"], "edit": result.timings["edit"]}))
+                        {"invert": result.timings["invert"], "edit": result.timings["edit"]},
+                        {"inversion_network_calls": result.inversion.network_calls,
+                         "edit_network_rows": result.network_rows}))
     if cache is not None and cache.dropped:
         print(f"note: removed {cache.dropped} damaged inversion cache entr{'y' if cache.dropped == 1 else 'ies'} "
               "and inverted again", file=sys.stderr)
@@ -231,7 +238,8 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             rows.append((f"{run.method} + {run.engine}", [image, run.reconstruction, run.edited, mask]))
             records.append({"inversion": run.method, "engine": run.engine, "inversion_options": per_method[run.method],
                             "engine_options": dataclasses.asdict(per_engine[run.engine]), "cache": run.cache,
-                            "reconstruction_psnr": run.psnr, "timings": run.timings, "files": files})
+                            "reconstruction_psnr": run.psnr, "timings": run.timings, "costs": run.costs,
+                            "files": files})
         columns = ["source", "reconstruction", "edit"]
         if any(mask is not None for _, (*_, mask) in rows):
             columns.append("LocalBlend mask")
