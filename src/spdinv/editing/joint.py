@@ -93,6 +93,11 @@ class JointEditor:
         return False
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """The fused kernel every joint processor calls (one name, so a test can watch it)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def _heads(x: Tensor, heads: int) -> Tensor:
     """(B, N, heads * d) -> (B, heads, N, d)."""
     batch, tokens, inner = x.shape
@@ -149,7 +154,7 @@ class JointEditingProcessor:
         text = 0 if layer.kind == "image" else editor.text_tokens
         layout = TokenLayout.of(layer, q.shape[2] - text, text)
         q, k, v = editor.edit_joint_qkv(layer, q, k, v, layout)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = attention(q, k, v, attention_mask)
         if editor.wants_joint_probs(layer):
             out = self._edited_output(q, k, v, out, layout)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)

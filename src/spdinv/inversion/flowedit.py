@@ -22,7 +22,6 @@ is counted by the caller).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 import torch
 from torch import Tensor
@@ -37,21 +36,23 @@ from .base import Inversion, StepReport
 from .flow import require_flow
 
 SOURCE_ROW, TARGET_ROW = 0, 1  # the edit's [source, target] rows (editing.sampler's SOURCE, TARGET)
-OFFICIAL = {"SD3": dict(n_max=15 / 50, source_guidance=3.5), "FLUX.1": dict(n_max=24 / 28, source_guidance=1.5)}
+OFFICIAL_N_MAX = {"SD3": 15 / 50, "FLUX.1": 24 / 28}
+OFFICIAL_SOURCE_GUIDANCE = {"SD3": 3.5, "FLUX.1": 1.5}  # the inversion's guidance: the source branch's by default
+
 
 
 @dataclass(frozen=True)
 class FlowEditOptions:
     """n_max: fraction of the steps (the last ones, nearest the image) that FlowEdit integrates
     (default: the official 15/50 on SD3, 24/28 on FLUX); n_min: fraction of the last steps sampled
-    regularly instead; n_avg: noise draws averaged per step; source_guidance: the source velocity's
-    guidance scale (default: 3.5 on SD3, 1.5 on FLUX; the target's is the edit's guidance scale)."""
+    regularly instead; n_avg: noise draws averaged per step. The source velocity's guidance is the
+    source branch's (`source_guidance_scale`, --source-guidance; default the official 3.5 on SD3, 1.5
+    on FLUX), the target's the edit's guidance scale."""
 
     n_max: float | None = option(None, "fraction of the steps FlowEdit integrates (default 15/50 on SD3, 24/28 on "
                                  "FLUX)")
     n_min: float = option(0.0, "fraction of the last steps sampled regularly (SDEdit-style)")
     n_avg: int = option(1, "noise draws averaged per FlowEdit step")
-    source_guidance: float | None = option(None, "FlowEdit's source guidance scale (default 3.5 on SD3, 1.5 on FLUX)")
 
     def __post_init__(self) -> None:
         for name in ("n_max", "n_min"):
@@ -62,14 +63,10 @@ class FlowEditOptions:
             raise SpdinvError(f"flowedit option n_min ({self.n_min}) exceeds n_max ({self.n_max})")
         if isinstance(self.n_avg, bool) or not isinstance(self.n_avg, int) or self.n_avg < 1:
             raise SpdinvError(f"flowedit option n_avg must be a positive integer, got {self.n_avg}")
-        value = self.source_guidance
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
-            raise SpdinvError(f"flowedit option source_guidance must be a finite number >= 0, got {value}")
 
-    def resolved(self, family_name: str) -> "FlowEditOptions":
-        """The family's official defaults where an option is None."""
-        official = OFFICIAL["FLUX.1" if family_name.startswith("FLUX") else "SD3"]
-        return replace(self, **{k: v for k, v in official.items() if getattr(self, k) is None})
+    def resolved(self, family: str) -> "FlowEditOptions":
+        """n_max at the family's official default (OFFICIAL_N_MAX's key) when None."""
+        return self if self.n_max is not None else replace(self, n_max=OFFICIAL_N_MAX[family])
 
 
 def flowedit_sampler(n_max: float = 15 / 50, n_min: float = 0.0, n_avg: int = 1, noise_seed: int = 0) -> Sampler:
@@ -121,13 +118,14 @@ def flowedit(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Sch
     The noise seed is drawn from torch's generator (`invert` seeds it); the resolved options and it
     are the inversion's settings, so a saved one samples back the same."""
     require_flow(schedule, "flowedit")
-    o = options.resolved(model.family.name)
+    family = "FLUX.1" if model.family is FLUX else "SD3"
+    o = options.resolved(family)
     noise_seed = int(torch.randint(0, 2**31 - 1, (1,)))
     n = schedule.num_steps
     steps = [StepReport(index=k, timestep=float(schedule.timesteps[k - 1]), residual_before=0.0, residual_after=0.0,
                         network_calls=0) for k in range(1, n + 1)]
     trajectory = z0.detach().float().expand(n + 1, *z0.shape[1:]).clone()
-    inversion = Inversion("flowedit", trajectory, schedule, embedding, steps, guidance_scale=o.source_guidance,
+    inversion = Inversion("flowedit", trajectory, schedule, embedding, steps, guidance_scale=OFFICIAL_SOURCE_GUIDANCE[family],
                           sampler=flowedit_sampler(o.n_max, o.n_min, o.n_avg, noise_seed),
                           noise_error=0.0 if diagnose else None)
     inversion.settings = {**asdict(o), "noise_seed": noise_seed}
