@@ -11,7 +11,7 @@ inversion's own costs.
   mask (world export only); edit_accuracy: 1 when the attribute classifier reads the target scene
   from the edit.
 - noise_error, reconstruction_error, network_calls, seconds: the inversion's; edit_seconds: the
-  whole edit's wall time.
+  whole edit's wall time; edit_rows: every network row the edit's sampling evaluated.
 
 Evaluation models load from local paths or hub ids with `local_files_only`; one that is absent
 makes its metrics unavailable (reported once, in one line) and everything else still runs.
@@ -40,6 +40,7 @@ METRICS: dict[str, str | None] = {
     "clip_whole": "clip", "clip_edited": "clip",
     "gt_psnr": None, "gt_ssim": None, "edit_accuracy": "classifier",
     "noise_error": None, "reconstruction_error": None, "network_calls": None, "seconds": None, "edit_seconds": None,
+    "edit_rows": None,
 }
 TIMING_METRICS = ("seconds", "edit_seconds")  # wall-clock: differ between otherwise identical runs
 DEFAULT_DINO = "facebook/dino-vitb8"
@@ -353,6 +354,7 @@ class Sample:
     target_scene: dict | None = None
     inversion: object | None = None  # spdinv.inversion.Inversion
     edit_seconds: float = math.nan
+    edit_rows: float = math.nan  # network rows the edit evaluated (FlowEdit's whole cost: it inverts nothing)
 
 
 @dataclass
@@ -406,6 +408,7 @@ class Evaluator:
             scores["edit_accuracy"] = self._scorers["classifier"](sample.edited, sample.target_scene)
         scores.update(inversion_costs(sample.inversion))
         scores["edit_seconds"] = sample.edit_seconds
+        scores["edit_rows"] = sample.edit_rows
         return {m: float(scores.get(m, math.nan)) if m in wanted else math.nan for m in self.metrics}
 
 

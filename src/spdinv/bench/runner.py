@@ -8,6 +8,7 @@ are done (see results.py for the durability and ordering rules).
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import re
 import sys
@@ -98,6 +99,7 @@ class EditOutcome:
     edited: Image.Image
     inversion: object | None = None  # spdinv.inversion.Inversion
     seconds: float | None = None  # inversion + editing time, if the edit function knows it better than wall time
+    edit_rows: int | None = None  # network rows the edit evaluated (EditResult.network_rows), when known
 
 
 EditFunction = Callable[[EditRequest], EditOutcome]
@@ -144,7 +146,8 @@ class SpdinvEdit:
         inversion = result.inversion
         require_finite(inversion.trajectory, f"the {request.inversion} inversion")
         require_finite(result.edited, f"the {request.inversion} + {request.engine} edit")
-        return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"])
+        return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"],
+                           result.network_rows)
 
 
 def method_arguments(method: str, options: dict) -> dict:
@@ -288,6 +291,7 @@ def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, option
     seconds = outcome.seconds if outcome.seconds is not None else time.perf_counter() - started
     sample, scored = scoring_sample(item, source, target, outcome.edited, options.protocol)
     sample.inversion, sample.edit_seconds = outcome.inversion, seconds
+    sample.edit_rows = math.nan if outcome.edit_rows is None else float(outcome.edit_rows)
     row.update({name: format_value(value) for name, value in evaluator.evaluate(sample).items()})
     _save_side_files(job, scored, outcome, options)
     return row
