@@ -16,7 +16,7 @@ backward passes), and the reconstruction PSNR against the input image (image spa
 against the VAE round trip decode(z_0) (what the inversion alone loses).
 
 Roots: on `--root-images` images at `--root-steps` steps, the first, middle and last inversion steps
-(from the trajectory of the recommended solver) are solved again from several starting points (the
+(from the trajectory of the recommended solver; `--root-steps 4,8` for several step counts) are solved again from several starting points (the
 explicit guess, z_{k-1}, the guess plus Gaussian noise of 0.5 and 2 times the latent's RMS, and pure
 noise) with Anderson (K 80, delta 1e-10); converged roots (residual < 1e-8) are compared by RMS
 distance (distinct when > 1e-2, a hundred times the distance a residual of 1e-8 can explain).
@@ -112,7 +112,8 @@ def measure(model: DiffusionModel, sample: Sample, name: str, steps: int) -> tup
     round_trip = model.decode(inversion.z_0)
     row = {"psnr_vae": psnr(recon.image, round_trip), "noise_error": inversion.noise_error, "converged": sum(r < delta for r in residuals) / len(residuals),
            "calls": inversion.network_calls, "sampling_calls": sampling_calls(inversion),
-           "gradient_calls": inversion.gradient_calls, "psnr": recon.psnr, "residuals": residuals}
+           "gradient_calls": inversion.gradient_calls, "psnr": recon.psnr, "residuals": residuals,
+           "calls_per_step": [s.network_calls for s in inversion.steps]}
     row["total_calls"] = row["calls"] + row["sampling_calls"]
     return row, inversion
 
@@ -162,11 +163,25 @@ def race_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def frontier_table(summary: dict, group: str) -> str:
+    """Per method, per step count: total network calls (inversion + reconstruction) -> PSNR vs the
+    input / vs the VAE round trip; the frontier of reconstruction against calls."""
+    steps = sorted({s for s, g, _ in summary if g == group})
+    names = list(dict.fromkeys(n for _, g, n in summary if g == group))
+    lines = [f"| {group} images: method | " + " | ".join(f"{n} steps: calls, dB input / round trip" for n in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for name in names:
+        cells = [summary.get((n, group, name)) for n in steps]
+        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c['total_calls']:.0f}: {c['psnr']:.2f} / "
+                                                 f"{c['psnr_vae']:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def root_table(roots: dict) -> str:
-    lines = ["| image | step k | starts converged (of 5) | distinct roots | largest distance between roots |",
-             "|---|---:|---:|---:|---:|"]
-    for (image, k), r in roots.items():
-        lines.append(f"| {image} | {k} | {len(r['converged'])} | {r['distinct']} | {r['max_distance']:.2e} |")
+    lines = ["| image | steps | step k | starts converged (of 5) | distinct roots | largest distance between roots |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for (image, steps, k), r in roots.items():
+        lines.append(f"| {image} | {steps} | {k} | {len(r['converged'])} | {r['distinct']} | {r['max_distance']:.2e} |")
     return "\n".join(lines)
 
 
@@ -195,9 +210,9 @@ def run_roots(model, samples, trajectories, steps: int, n_images: int) -> dict:
         if inversion is None:
             inversion = run_method(model, sample, RECOMMENDED, steps)
         for k in sorted({1, (steps + 1) // 2, steps}):
-            roots[(sample.name, k)] = roots_of_step(model, inversion, k)
-            print(f"roots: {sample.name} step {k}: {roots[(sample.name, k)]['distinct']} distinct", file=sys.stderr,
-                  flush=True)
+            roots[(sample.name, steps, k)] = roots_of_step(model, inversion, k)
+            print(f"roots: {sample.name} {steps} steps, step {k}: {roots[(sample.name, steps, k)]['distinct']} distinct",
+                  file=sys.stderr, flush=True)
     return roots
 
 
@@ -209,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", default="4,8,15,28")
     parser.add_argument("--methods", default="ddim,uni_inv,fireflow,rf_solver,anderson,hybrid,gradient")
-    parser.add_argument("--root-steps", type=int, default=8)
+    parser.add_argument("--root-steps", default="8", help="step counts whose first, middle and last steps are re-solved")
     parser.add_argument("--root-images", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -219,17 +234,22 @@ def main(argv: list[str] | None = None) -> None:
                + drawn_samples(args.n_drawn, args.seed, model.image_size))
     step_counts = [int(s) for s in args.steps.split(",")]
     summary, per_image, trajectories = run_race(model, samples, args.methods.split(","), step_counts)
-    roots = run_roots(model, samples, trajectories, args.root_steps, args.root_images) if args.root_images else {}
+    roots = {}
+    for steps in [int(s) for s in args.root_steps.split(",")] if args.root_images else []:
+        roots |= run_roots(model, samples, trajectories, steps, args.root_images)
     print(f"model {args.model}; {args.n_world} world + {args.n_drawn} drawn images (seed {args.seed}); guidance 1; "
           f"delta {SPDInvOptions().delta}; threads {torch.get_num_threads()}\n")
     print(race_table(summary))
+    for group in ("world", "drawn"):
+        print()
+        print(frontier_table(summary, group))
     print()
     print(root_table(roots))
     if args.json:
         args.json.write_text(json.dumps({
             "settings": vars(args) | {"json": str(args.json)}, "prompts": {s.name: s.prompt for s in samples},
             "summary": {" ".join(map(str, key)): value for key, value in summary.items()}, "per_image": per_image,
-            "roots": {f"{image} step {k}": value for (image, k), value in roots.items()}}, indent=1))
+            "roots": {f"{image} {steps} steps, step {k}": value for (image, steps, k), value in roots.items()}}, indent=1))
 
 
 if __name__ == "__main__":

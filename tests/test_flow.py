@@ -209,3 +209,65 @@ def test_an_image_of_broken_patches_is_refused_in_one_line(models):
     """FLUX packs 2x2 latent patches: a side that is not a whole number of them is a one-line error."""
     with pytest.raises(SpdinvError, match=r"multiples of 8 pixels, got 36x32"):
         invert(models["flux-dev"], torch.zeros(1, 3, 32, 36), SOURCE, "ddim", STEPS, progress=False)
+
+
+def test_shapes_world_flow_is_a_name(folders, monkeypatch, tmp_path):
+    """`--model shapes-world-flow` resolves to the package's asset folder; absent, one line says so."""
+    from spdinv import model as model_module
+
+    monkeypatch.setitem(model_module.NAMED_MODELS, "shapes-world-flow", tmp_path / "absent")
+    with pytest.raises(SpdinvError, match="shapes-world-flow model is missing") as error:
+        load_model("shapes-world-flow")
+    assert "\n" not in str(error.value)
+    monkeypatch.setitem(model_module.NAMED_MODELS, "shapes-world-flow", folders / "sd3")
+    assert load_model("shapes-world-flow").family.name.startswith("Stable Diffusion 3")
+
+
+def test_the_command_line_inverts_and_edits_a_drawn_image_on_a_flow_model(folders, tmp_path, capsys):
+    from spdinv.cli import main
+
+    png = tmp_path / "square.png"
+    hand_drawn_square().save(png)
+    common = ["--model", str(folders / "sd3"), "--steps", "3", "--quiet"]
+    assert main(["invert", str(png), "--prompt", SOURCE, "--method", "spdinv", "--solver", "anderson",
+                 "--out", str(tmp_path / "inverted"), *common]) == 0
+    assert (tmp_path / "inverted" / "reconstruction.png").is_file()
+    edit_args = ["edit", str(png), "--source", SOURCE, "--target", TARGET, "--inversion", "ddim", "--no-cache", *common]
+    assert main([*edit_args, "--engine", "none", "--out", str(tmp_path / "edited")]) == 0
+    capsys.readouterr()
+    assert main([*edit_args, "--engine", "p2p", "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "engine p2p does not support rectified-flow transformers" in err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_the_demo_offers_engine_none_on_a_flow_model(models, tmp_path):
+    """The page of a flow model lists only `none` (and the examples that use it); an edit runs."""
+    from spdinv.demo.app import build_app
+    from spdinv.demo.session import DemoSession, EditRequest
+    from spdinv.editing.cache import InversionCache
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    hand_drawn_square().save(uploads / "square.png")
+    session = DemoSession(models["sd3"], InversionCache(tmp_path / "cache"), [uploads], workdir=tmp_path / "work")
+    try:
+        app = build_app(session)
+        dropdown = next(block for block in app.blocks.values() if getattr(block, "elem_id", None) == "engine")
+        assert [choice[1] for choice in dropdown.choices] == ["none"] and dropdown.value == "none"
+        result = session.edit(EditRequest(uploads / "square.png", SOURCE, TARGET, ["ddim"], ["none"], steps=2))
+        assert result.runs[0].engine == "none"
+    finally:
+        session.close()
+
+
+def test_latents_carry_the_vae_shift_and_scale(models):
+    """SD3 / FLUX latents: z = (x - shift_factor) * scaling_factor, decoded as the pipelines do."""
+    model = models["sd3"]
+    vae, z = model.vae, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample.clamp(-1, 1)
+        torch.testing.assert_close(model.decode(z), expected, atol=1e-6, rtol=0)
+        mean = vae.encode(expected).latent_dist.mean
+    torch.testing.assert_close(model.encode_image(expected), (mean - vae.config.shift_factor) * vae.config.scaling_factor,
+                               atol=1e-6, rtol=0)

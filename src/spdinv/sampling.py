@@ -136,13 +136,12 @@ SamplingStep = Callable[..., Tensor]
 Sampler = Callable[[], SamplingStep]
 
 
-def batch_rows(branches: list[Branch], every_uncond: bool = False, classifier_free: bool = True) -> BatchRows:
+def batch_rows(branches: list[Branch], every_uncond: bool = False) -> BatchRows:
     """The rows of the UNet batch: the unconditional rows of the branches that need one, then
     every branch's conditional row. A branch at guidance scale 1, or pinned to a
     trajectory, needs no unconditional row (its guided step would be discarded); with
-    `every_uncond`, once any branch needs one all get theirs. A model without classifier-free
-    guidance (FLUX: distilled guidance, an input of the network) has no unconditional rows."""
-    uncond = [b for b, branch in enumerate(branches) if branch.needs_uncond and classifier_free]
+    `every_uncond`, once any branch needs one all get theirs."""
+    uncond = [b for b, branch in enumerate(branches) if branch.needs_uncond]
     if uncond and every_uncond:
         uncond = list(range(len(branches)))
     return BatchRows.of(uncond, len(branches))
@@ -176,7 +175,8 @@ def step(model: DiffusionModel, schedule: Schedule, i: int, z: Tensor, branches:
     the guided output more than once), pins, then the hooks' end_step."""
     k = schedule.num_steps - i
     t = schedule.timesteps[k - 1]
-    rows = batch_rows(branches, hooks.every_uncond, model.classifier_free)
+    # A model without classifier-free guidance (FLUX: distilled, an input of the network) has no unconditional rows.
+    rows = batch_rows(branches, hooks.every_uncond) if model.classifier_free else BatchRows.of([], len(branches))
     hooks.begin_step(i, t, z, rows)
     scales = torch.tensor([b.guidance_scale for b in branches], dtype=z.dtype, device=z.device).view(-1, 1, 1, 1)
 

@@ -102,8 +102,7 @@ class Inputs:
                 self.guidance, self.seed, self.options, self.compare_inversions, self.compare_engines]
 
 
-def _inputs(seed: int) -> Inputs:
-    from ..editing import ENGINES
+def _inputs(seed: int, engines: list[str]) -> Inputs:
     from ..inversion import METHODS
 
     image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], format="png", elem_id="image",
@@ -116,14 +115,14 @@ def _inputs(seed: int) -> Inputs:
     suggested = gr.Radio(label="suggested from the words that differ", choices=[], visible=False, elem_id="suggested")
     with gr.Row():
         inversion = gr.Dropdown(list(METHODS), value="spdinv", label="inversion", elem_id="inversion")
-        engine = gr.Dropdown(list(ENGINES), value="p2p", label="engine", elem_id="engine")
+        engine = gr.Dropdown(engines, value=engines[0], label="engine", elem_id="engine")
     with gr.Row():
         steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="steps")
         presets = [gr.Button(f"{n} steps" + (" (fast)" if n == 10 else ""), size="sm") for n in STEP_PRESETS]
     guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="target guidance scale")
     with gr.Accordion("compare: several inversions x engines side by side", open=False):
         compare_inversions = gr.CheckboxGroup(list(METHODS), label="also invert with")
-        compare_engines = gr.CheckboxGroup(list(ENGINES), label="also edit with")
+        compare_engines = gr.CheckboxGroup(engines, label="also edit with")
     with gr.Accordion("advanced: each method's and engine's options", open=False):
         options = gr.Code(language="json", label='options as JSON, e.g. {"cross_replace": 0.7, "K": 10}', value="",
                           elem_id="options")
@@ -190,18 +189,23 @@ def build_app(session: DemoSession) -> gr.Blocks:
     limits = (f"Uploads: any format PIL reads, at most {MAX_UPLOAD_BYTES // 2**20} MB and "
               f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels; centre-cropped and resized to {session.model.image_size} px "
               "as `spdinv edit` does.")
-    examples = load_examples()
+    from ..editing import ENGINES
+
+    # The attention engines control a UNet: a rectified-flow transformer edits with `none` only (for now).
+    engines = list(ENGINES) if session.model.unet is not None else ["none"]
+    examples = [e for e in load_examples() if e.engine in engines]
     with gr.Blocks(title="spdinv demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"## spdinv: text-driven editing of real images\nModel: `{name}`. {limits}")
         with gr.Row():
             with gr.Column():
-                given = _inputs(session.seed)
+                given = _inputs(session.seed, engines)
             with gr.Column():
                 results = _outputs()
-        gr.Examples([[str(e.image), e.source, e.target, e.engine, e.blend] for e in examples],
-                    inputs=[given.image, given.source, given.target, given.engine, given.blend],
-                    label="examples (hand-drawn; one per edit kind)",
-                    example_labels=[f"{e.kind}: {e.target}" for e in examples])
+        if examples:
+            gr.Examples([[str(e.image), e.source, e.target, e.engine, e.blend] for e in examples],
+                        inputs=[given.image, given.source, given.target, given.engine, given.blend],
+                        label="examples (hand-drawn; one per edit kind)",
+                        example_labels=[f"{e.kind}: {e.target}" for e in examples])
         given.image.change(inspect, given.image, given.converted, preprocess=False, api_name=False)
         for box in (given.source, given.target):
             box.change(suggest, [given.source, given.target], given.suggested, api_name=False)
