@@ -189,10 +189,10 @@ def build_app(session: DemoSession) -> gr.Blocks:
     limits = (f"Uploads: any format PIL reads, at most {MAX_UPLOAD_BYTES // 2**20} MB and "
               f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels; centre-cropped and resized to {session.model.image_size} px "
               "as `spdinv edit` does.")
-    from ..editing import ENGINES
+    from ..editing import ENGINES, engine_applies
 
-    # The attention engines control a UNet: a rectified-flow transformer edits with `none` only (for now).
-    engines = list(ENGINES) if session.model.unet is not None else ["none"]
+    # the engines of the model's family (pnp: UNets only; rf_edit: flow transformers only)
+    engines = [name for name in ENGINES if engine_applies(session.model, name)]
     examples = [e for e in load_examples() if e.engine in engines]
     with gr.Blocks(title="spdinv demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"## spdinv: text-driven editing of real images\nModel: `{name}`. {limits}")
