@@ -152,7 +152,7 @@ def test_flow_p2p_replaces_the_image_query_text_key_block_and_keeps_rows_normali
     assert not bool(aligned.all())  # "purple" -> "green": the swapped word keeps its own map
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux-dev"])
+@pytest.mark.parametrize("name", list(BUILDERS))  # CLIP + T5's zeros, CLIP + T5, T5 only
 def test_flow_p2p_local_blend_cuts_a_mask_from_the_blend_word_maps(models, image, name):
     result = edit(models[name], image, SOURCE, TARGET, "ddim", "p2p", num_steps=STEPS, blend="purple green",
                   blend_start=0.0)
