@@ -22,6 +22,7 @@ is counted by the caller).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 import torch
 from torch import Tensor
@@ -69,6 +70,11 @@ class FlowEditOptions:
         return self if self.n_max is not None else replace(self, n_max=OFFICIAL_N_MAX[family])
 
 
+def _steps(fraction: float, n: int) -> int:
+    """A fraction of n steps as a count, halves rounded up (15 steps x 0.3 -> 5)."""
+    return int(math.floor(fraction * n + 0.5))
+
+
 def flowedit_sampler(n_max: float = 15 / 50, n_min: float = 0.0, n_avg: int = 1, noise_seed: int = 0) -> Sampler:
     """The FlowEdit ODE as a sampling rule (see the module doc); `noise_seed` seeds its noise draws
     (the same draws for every loop it makes)."""
@@ -79,12 +85,12 @@ def flowedit_sampler(n_max: float = 15 / 50, n_min: float = 0.0, n_avg: int = 1,
 
         def advance(schedule: Schedule, k: int, z: Tensor, output: Output) -> Tensor:
             n = schedule.num_steps
-            if z.shape[0] < 2 or k > round(n_max * n):  # the reconstruction, or before the window: x_src stays
+            if z.shape[0] < 2 or k > _steps(n_max, n):  # the reconstruction, or before the window: x_src stays
                 return z
             sigma, sigma_next, t = schedule.sigma(k), schedule.sigma(k - 1), schedule.timesteps[k - 1]
             x_src, z = z[SOURCE_ROW : SOURCE_ROW + 1], z.clone()
             noise = lambda: torch.randn(x_src.shape, generator=generator).to(x_src)  # noqa: E731
-            if k <= round(n_min * n):  # regular sampling of the target for the last n_min steps
+            if k <= _steps(n_min, n):  # regular sampling of the target for the last n_min steps
                 if "regular" not in state:
                     state["regular"] = k
                     z[TARGET_ROW] += (sigma * noise() + (1 - sigma) * x_src - x_src)[0]
