@@ -24,6 +24,8 @@ from spdinv.inversion import METHODS, invert
 from spdinv.inversion.reconstruction import reconstruct_latent
 from spdinv.testing import same_up_to_rounding, unet_batch_sizes
 
+UNET_ENGINES = [e for e in ENGINES if e != "rf_edit"]  # rf_edit: flow transformers only
+
 DIFFUSION_METHODS = [m for m in METHODS if not METHODS[m].flow_only]  # what runs on the tiny SD model
 
 SOURCE = "a large red circle in the centre on a white background"
@@ -55,7 +57,7 @@ def engine_options(engine: str) -> dict:
     return dict(blend="red blue") if engine == "p2p" else {}
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", UNET_ENGINES)
 @pytest.mark.parametrize("method", DIFFUSION_METHODS)
 def test_every_inversion_with_every_engine(tiny, inversions, method, engine):
     before = dict(tiny.unet.attn_processors)
@@ -70,7 +72,7 @@ def test_every_inversion_with_every_engine(tiny, inversions, method, engine):
         assert same_up_to_rounding(result.latents[-1, :1], reconstruct_latent(tiny, inversion))  # batch 3-4 vs 1-2
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", UNET_ENGINES)
 def test_direct_inversion_source_branch_walks_the_trajectory(tiny, inversions, engine):
     direct = inversions["direct"]
     result = edit(tiny, None, SOURCE, TARGET, direct, engine, **engine_options(engine))
@@ -78,7 +80,7 @@ def test_direct_inversion_source_branch_walks_the_trajectory(tiny, inversions, e
     assert not torch.allclose(result.latents[-1, 1], result.latents[-1, 0], atol=1e-3)
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("engine", UNET_ENGINES)
 def test_processors_restored_after_an_error_inside_the_sampler(tiny, inversions, engine):
     before = dict(tiny.unet.attn_processors)
     editor = ENGINES[engine].editor(tiny, SOURCE, TARGET, ENGINES[engine].options(**engine_options(engine)))
@@ -344,7 +346,7 @@ def test_word_positions_handle_multi_token_words_and_phrases(tiny):
     (dict(blend_map="words"), "unknown p2p blend_map .words.; valid: attention, noise"),
     (dict(engine="masactrl", start_layer=-0.1), "start_layer must be in"),
     (dict(engine="pnp", feature_injection=2.0), "feature_injection must be in"),
-    (dict(engine="nope"), "unknown engine 'nope'; valid: p2p, masactrl, pnp, none"),
+    (dict(engine="nope"), "unknown engine 'nope'; valid: p2p, masactrl, pnp, rf_edit, none"),
     (dict(inversion="nope"), "unknown inversion method 'nope'; valid: ddim"),
     (dict(engine="none", blend="red blue"), "do not apply to engine 'none'"),
     (dict(guidance_scale=-1.0), "guidance_scale must be"),
@@ -403,7 +405,7 @@ def test_cli_edit_all_inversions_and_engines(tmp_path, tiny_dir, red_circle):
                           "--blend", "red blue", "--no-cache", *FAST_FLAGS))
     assert code == 0 and not (tmp_path / "cache").exists()
     runs = json.loads((out / "config.json").read_text())["runs"]
-    assert [(r["inversion"], r["engine"]) for r in runs] == [(m, e) for m in DIFFUSION_METHODS for e in ENGINES]
+    assert [(r["inversion"], r["engine"]) for r in runs] == [(m, e) for m in DIFFUSION_METHODS for e in UNET_ENGINES]
     assert {r["cache"] for r in runs} == {"not cached"}
     assert runs[0]["inversion_options"] == {} and {r["inversion_options"].get("K") for r in runs} == {None, 2}
     for m in DIFFUSION_METHODS:
@@ -487,7 +489,7 @@ def test_cli_edit_goes_through_the_library(tmp_path, tiny_dir, red_circle, monke
     monkeypatch.setattr(spdinv.editing, "edits", recorded)
     code = main(edit_args(red_circle, tmp_path / "out", tiny_dir, tmp_path / "cache", "--inversion", "ddim",
                           "--engine", "all", "--no-cache"))
-    assert code == 0 and seen == [(["ddim"], list(ENGINES))]
+    assert code == 0 and seen == [(["ddim"], UNET_ENGINES)]
 
 
 @pytest.mark.parametrize("blend", [None, "red blue"])

@@ -177,7 +177,7 @@ def test_sampling_back_and_editing_with_engine_none(models, image):
     assert torch.isfinite(flux.edited).all()
 
 
-@pytest.mark.parametrize("engine", ["p2p", "masactrl", "pnp"])
+@pytest.mark.parametrize("engine", ["pnp"])  # p2p, masactrl, rf_edit: tests/test_flow_editing.py
 def test_attention_engines_are_refused_in_one_line(models, image, engine):
     with pytest.raises(SpdinvError, match=f"engine {engine} does not support rectified-flow transformers") as error:
         edit(models["sd3"], image, SOURCE, TARGET, "ddim", engine, num_steps=STEPS)
@@ -235,14 +235,14 @@ def test_the_command_line_inverts_and_edits_a_drawn_image_on_a_flow_model(folder
     edit_args = ["edit", str(png), "--source", SOURCE, "--target", TARGET, "--inversion", "ddim", "--no-cache", *common]
     assert main([*edit_args, "--engine", "none", "--out", str(tmp_path / "edited")]) == 0
     capsys.readouterr()
-    assert main([*edit_args, "--engine", "p2p", "--out", str(tmp_path / "refused")]) == 2
+    assert main([*edit_args, "--engine", "pnp", "--out", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "engine p2p does not support rectified-flow transformers" in err
+    assert len(err.splitlines()) == 1 and "engine pnp does not support rectified-flow transformers" in err
     assert not (tmp_path / "refused").exists()
 
 
-def test_the_demo_offers_engine_none_on_a_flow_model(models, tmp_path):
-    """The page of a flow model lists only `none` (and the examples that use it); an edit runs."""
+def test_the_demo_offers_the_flow_engines_on_a_flow_model(models, tmp_path):
+    """The page of a flow model lists the engines of its family (and the examples that use them); edits run."""
     from spdinv.demo.app import build_app
     from spdinv.demo.session import DemoSession, EditRequest
     from spdinv.editing.cache import InversionCache
@@ -254,9 +254,10 @@ def test_the_demo_offers_engine_none_on_a_flow_model(models, tmp_path):
     try:
         app = build_app(session)
         dropdown = next(block for block in app.blocks.values() if getattr(block, "elem_id", None) == "engine")
-        assert [choice[1] for choice in dropdown.choices] == ["none"] and dropdown.value == "none"
-        result = session.edit(EditRequest(uploads / "square.png", SOURCE, TARGET, ["ddim"], ["none"], steps=2))
-        assert result.runs[0].engine == "none"
+        assert [choice[1] for choice in dropdown.choices] == ["p2p", "masactrl", "rf_edit", "none"]
+        result = session.edit(EditRequest(uploads / "square.png", SOURCE, TARGET, ["ddim"], ["masactrl", "none"],
+                                          steps=2))
+        assert [run.engine for run in result.runs] == ["masactrl", "none"]
     finally:
         session.close()
 

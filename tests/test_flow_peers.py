@@ -226,7 +226,7 @@ def test_flow_peers_refuse_diffusion_models_in_one_line(tiny, circle, method):
 def test_inversion_all_means_the_methods_that_run_on_the_family(tiny, sd3, flux):
     from spdinv.inversion import METHODS, applies
 
-    flow_peers = {"rf_solver", "fireflow", "uni_inv"}
+    flow_peers = {"rf_solver", "fireflow", "uni_inv", "flowedit"}
     assert {m for m in METHODS if applies(tiny, m)} == set(METHODS) - flow_peers
     assert {m for m in METHODS if applies(sd3, m)} == set(METHODS)
     assert {m for m in METHODS if applies(flux, m)} == set(METHODS) - {"null_text", "negative_prompt"}

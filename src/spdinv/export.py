@@ -59,7 +59,8 @@ def load_inversion(folder: Path, model: DiffusionModel) -> Inversion:
         guidance_scale=float(metadata["guidance_scale"]), source_as_uncond=metadata["source_as_uncond"] == "True",
         pin_source=metadata.get("pin_source", str(metadata["method"] == "direct")) == "True",
         noise_error=diagnostics["noise_error"], reconstruction_error=diagnostics["reconstruction_error"],
-        sampler=METHODS[metadata["method"]].sampler if metadata["method"] in METHODS else None,
+        sampler=METHODS[metadata["method"]].saved_sampler(json.loads(metadata["settings"]))
+        if metadata["method"] in METHODS else None,
         **{name: tensors.get(name) for name in _SIDE_INFO},
     )
 

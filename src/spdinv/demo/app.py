@@ -195,10 +195,10 @@ def build_app(session: DemoSession) -> gr.Blocks:
               f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels; resized at their own aspect ratio to about "
               f"{session.model.image_size}x{session.model.image_size} px "
               "as `spdinv edit` does.")
-    from ..editing import ENGINES
+    from ..editing import ENGINES, engine_applies
 
-    # The attention engines control a UNet: a rectified-flow transformer edits with `none` only (for now).
-    engines = list(ENGINES) if session.model.unet is not None else ["none"]
+    # the engines of the model's family (pnp: UNets only; rf_edit: flow transformers only)
+    engines = [name for name in ENGINES if engine_applies(session.model, name)]
     examples = [e for e in load_examples() if e.engine in engines]
     with gr.Blocks(title="spdinv demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"## spdinv: text-driven editing of real images\nModel: `{name}`. {limits}")

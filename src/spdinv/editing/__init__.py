@@ -1,12 +1,15 @@
 """Text-driven editing of a real image: invert it under the source prompt with any method, then
-sample [source, target] from z_T with any engine (Prompt-to-Prompt, MasaCtrl, Plug-and-Play, or
-none). `edit()` is the one entry point; ENGINES maps engine names to their options and editors.
+sample [source, target] from z_T with any engine (Prompt-to-Prompt, MasaCtrl, Plug-and-Play,
+RF-Solver-Edit's value sharing, or none). `edit()` is the one entry point; ENGINES maps engine
+names to their options and editors (p2p and masactrl on UNets and on flow transformers' joint
+attention, pnp on UNets only, rf_edit on flow transformers only).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -22,10 +25,12 @@ from ..model import DiffusionModel
 from ..presets import empty_source, engine_settings, inversion_settings
 from .base import Editor, NoEditor, no_editor
 from .cache import InversionCache
+from .flow_p2p import flow_p2p_editor
 from .masactrl import MasaCtrlOptions, masactrl_editor
 from .p2p import P2POptions, p2p_editor
 from .pnp import PnPOptions, pnp_editor
-from .sampler import SamplerOptions, edit_rows, sample_edit
+from .rf_edit import RFEditOptions, rf_edit_editor
+from .sampler import SamplerOptions, sample_edit
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,27 @@ def unet_only(name: str, factory: Callable[[DiffusionModel, str, str, object], E
     return editor
 
 
+def by_family(unet_factory: Callable[[DiffusionModel, str, str, object], Editor],
+              flow_factory: Callable[[DiffusionModel, str, str, object], Editor]):
+    """An engine's editor factory: one for UNets, one for flow transformers' joint attention."""
+    def editor(model: DiffusionModel, source_prompt: str, target_prompt: str, options: object) -> Editor:
+        factory = flow_factory if model.unet is None else unet_factory
+        return factory(model, source_prompt, target_prompt, options)
+
+    return editor
+
+
 ENGINES: dict[str, Engine] = {
-    "p2p": Engine(P2POptions, unet_only("p2p", p2p_editor),
-                  "Prompt-to-Prompt: refine/replace, reweight, LocalBlend (ICLR 2023)"),
-    "masactrl": Engine(MasaCtrlOptions, unet_only("masactrl", masactrl_editor),
-                       "MasaCtrl mutual self-attention (ICCV 2023)"),
+    "p2p": Engine(P2POptions, by_family(p2p_editor, flow_p2p_editor),
+                  "Prompt-to-Prompt: refine/replace, reweight, LocalBlend (ICLR 2023); on flow transformers the "
+                  "image-query x text-key block of the joint attention"),
+    "masactrl": Engine(MasaCtrlOptions, masactrl_editor,
+                       "MasaCtrl mutual self-attention (ICCV 2023); on flow transformers the source's image keys and "
+                       "values"),
     "pnp": Engine(PnPOptions, unet_only("pnp", pnp_editor),
-                  "Plug-and-Play feature and self-attention injection (CVPR 2023)"),
+                  "Plug-and-Play feature and self-attention injection (CVPR 2023); UNets only"),
+    "rf_edit": Engine(RFEditOptions, rf_edit_editor,
+                      "RF-Solver-Edit's value sharing in the late blocks' first steps (ICML 2025); flow transformers only"),
     "none": Engine(NoOptions, no_editor, "plain regeneration from z_T with the target prompt"),
 }
 
@@ -68,15 +87,29 @@ def get_engine(name: str) -> Engine:
     return ENGINES[name]
 
 
+def engine_applies(model: DiffusionModel, engine: str) -> bool:
+    """Whether the engine runs on the model's family (pnp: UNets only; rf_edit: flow transformers only)."""
+    return not (engine == "pnp" and model.unet is None) and not (engine == "rf_edit" and model.unet is not None)
+
+
+def check_engine_free(method: str, engines: list[str]) -> None:
+    """An inversion-free editor (FlowEdit) edits by its own sampler: engine `none` only."""
+    if get_method(method).engine_free and any(engine != "none" for engine in engines):
+        other = next(engine for engine in engines if engine != "none")
+        raise SpdinvError(f"{method} edits without an inversion, by its own sampler: it takes engine none only, "
+                          f"not {other}")
+
+
 def check_pairs(inversions: list[str], engines: list[str], empty: str) -> None:
-    """At least one inversion method and one engine, every name known; `empty` is the one-line
-    error when either list is empty (worded for the caller's interface)."""
+    """At least one inversion method and one engine, every name known, an inversion-free editor
+    with engine `none` only; `empty` is the one-line error when either list is empty (worded for
+    the caller's interface)."""
     if not inversions or not engines:
         raise SpdinvError(empty)
-    for name in inversions:
-        get_method(name)
     for name in engines:
         get_engine(name)
+    for name in inversions:
+        check_engine_free(name, engines)
 
 
 def _fields(cls: type) -> set[str]:
@@ -123,9 +156,9 @@ class EditResult:
     """An edit. Images are (1, 3, H, W) in [-1, 1]: the edited image and the reconstruction (the
     source branch); `mask` is LocalBlend's (1, 1, h, w) at latent size, when one was used;
     `latents` (n + 1, 2, C, h, w) are [source, target] in sampling order; `timings` in seconds;
-    `network_calls` the UNet rows this edit evaluated: the inversion's (its method's and its
+    `network_calls` the network rows this edit evaluated: the inversion's (its method's and its
     diagnostics', when it was computed for this edit; 0 when it came from a cache or was given)
-    and the sampling's (`network_calls_by` splits them)."""
+    and the sampling's, counted at the network (`network_calls_by` splits them)."""
 
     edited: Tensor
     reconstruction: Tensor
@@ -167,17 +200,34 @@ def check_inversion(model: DiffusionModel, inversion: Inversion, source_prompt: 
         raise SpdinvError("the given inversion was computed for another source prompt (or text encoder)")
 
 
+@contextmanager
+def counted_rows(network: torch.nn.Module) -> Iterator[list[int]]:
+    """[rows]: every batch row `network` evaluates inside (its first input's, or hidden_states', batch size)."""
+    count = [0]
+
+    def hook(module, args, kwargs) -> None:
+        first = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        count[0] += int(first.shape[0])
+
+    handle = network.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 def run_editor(model: DiffusionModel, inversion: Inversion, target_prompt: str, editor: Editor,
                sampler: SamplerOptions = SamplerOptions(), *, progress: bool = False,
-               desc: str = "edit") -> tuple[Tensor, Tensor, float]:
-    """Sample [source, target] with the editor installed; (decoded images (2, 3, H, W), latents, seconds)."""
+               desc: str = "edit") -> tuple[Tensor, Tensor, float, int]:
+    """Sample [source, target] with the editor installed; (decoded images (2, 3, H, W), latents, seconds,
+    network rows)."""
     start = time.perf_counter()
     editor.prepare(model, inversion)
-    with editor.installed(model.denoiser):
+    with editor.installed(model.denoiser), counted_rows(model.denoiser) as rows:
         latents = sample_edit(model, inversion, target_prompt, sampler, editor, pin_source=editor.pin_source,
                               empty_source=editor.empty_source, progress=progress, desc=desc)
     seconds = time.perf_counter() - start
-    return model.decode(latents[-1]), latents, seconds
+    return model.decode(latents[-1]), latents, seconds, rows[0]
 
 
 InversionSource = str | Inversion  # a method name, or an inversion already computed
@@ -266,6 +316,7 @@ def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str,
            diagnose: bool, framing: Framing | None) -> Iterator[EditResult]:
     """`edits` once the prompts are checked and the options resolved."""
     for inversion in inversions:
+        check_engine_free(inversion.method if isinstance(inversion, Inversion) else inversion, engines)
         if not isinstance(inversion, Inversion):
             make_options(inversion, **inversion_options.get(inversion, {}))
             if image is None:
@@ -283,11 +334,10 @@ def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str,
         inverted_here = not isinstance(inversion, Inversion) and not hit
         for engine in engines:
             editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
-            images, latents, sampling = run_editor(model, inverted, target_prompt, editor, sampler,
-                                                   progress=progress, desc=f"edit ({inverted.method} + {engine})")
+            images, latents, sampling, rows = run_editor(model, inverted, target_prompt, editor, sampler,
+                                                         progress=progress, desc=f"edit ({inverted.method} + {engine})")
             calls = {"invert": inverted.network_calls if inverted_here else 0,
-                     "diagnostics": inverted.diagnostic_calls if inverted_here else 0,
-                     "edit": edit_rows(model, inverted, target_prompt, sampler, editor, pin_source=editor.pin_source)}
+                     "diagnostics": inverted.diagnostic_calls if inverted_here else 0, "edit": rows}
             inverted_here = False  # the next engine edits from the same inversion
             yield EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
                              engine=engine, options=dataclasses.asdict(chosen[engine]),
@@ -336,7 +386,7 @@ def edit(
     return next(results)
 
 
-__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "split_options", "split_fields",
-           "preset_options", "run_editor", "Editor",
-           "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "NoOptions", "SamplerOptions",
+__all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "engine_applies",
+           "split_options", "split_fields", "preset_options", "run_editor", "counted_rows", "Editor",
+           "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "RFEditOptions", "NoOptions", "SamplerOptions",
            "InversionCache", "check_inversion"]

@@ -1,5 +1,5 @@
 """The Editor every engine builds per edit: its attention processors, feature hooks and per-step
-hooks, installed on the UNet only for the duration of the sampling."""
+hooks, installed on the UNet (or a flow transformer's joint attention) only for the duration of the sampling."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from ..sampling import BatchRows, StepHooks
 from .attention import AttentionEditor, AttentionLayer, EditingProcessor, attention_layers, forward_hooks, installed_processors
+from .joint import JointEditingProcessor, JointEditor, JointLayer, joint_layers
 
 FeatureHook = Callable[[torch.nn.Module, tuple, Tensor], Tensor | None]
 
@@ -34,7 +35,7 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-class Editor(AttentionEditor, StepHooks):
+class Editor(AttentionEditor, JointEditor, StepHooks):
     """One edit's engine state. `rows` (`spdinv.sampling.BatchRows`, set by `begin_step`) names
     the rows of the batch the UNet sees: each row's branch (SOURCE or TARGET) and whether it is
     conditional; with `every_uncond` both branches have an unconditional row whenever one is
@@ -49,16 +50,16 @@ class Editor(AttentionEditor, StepHooks):
         self.timestep = 0
         self.num_steps = 0
         self.latent_hw: tuple[int, int] = (0, 0)
-        self.layers: list[AttentionLayer] = []
+        self.layers: list[AttentionLayer] | list[JointLayer] = []
         self.trajectory: Tensor | None = None
 
     def prepare(self, model: DiffusionModel, inversion: Inversion) -> None:
-        self.layers = [] if model.unet is None else attention_layers(model.unet)  # a flow transformer: `none` only
+        self.layers = joint_layers(model.transformer) if model.unet is None else attention_layers(model.unet)
         self.num_steps = inversion.schedule.num_steps
         self.trajectory = inversion.trajectory.to(model.device)
         self.latent_hw = tuple(inversion.z_T.shape[-2:])
 
-    def processor_layers(self) -> list[AttentionLayer]:
+    def processor_layers(self) -> list[AttentionLayer] | list[JointLayer]:
         """The layers that get an EditingProcessor (the others keep theirs)."""
         return []
 
@@ -68,7 +69,8 @@ class Editor(AttentionEditor, StepHooks):
     @contextmanager
     def installed(self, unet: torch.nn.Module) -> Iterator[None]:
         """Processors and hooks in place for the body; the originals always come back."""
-        processors = {layer.key: EditingProcessor(layer, self) for layer in self.processor_layers()}
+        processors = {layer.key: (JointEditingProcessor if isinstance(layer, JointLayer) else EditingProcessor)(layer, self)
+                      for layer in self.processor_layers()}
         with installed_processors(unet, processors), forward_hooks(self.feature_hooks(unet)):
             yield
 

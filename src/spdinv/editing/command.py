@@ -140,7 +140,7 @@ def run_edit(args: argparse.Namespace) -> None:
     from ..inversion import METHODS, applies, check_prompt
     from ..outputs import check_no_foreign, check_output_dir
     from ..presets import empty_source
-    from . import ENGINES
+    from . import ENGINES, check_pairs, engine_applies
     from .sampler import SamplerOptions
 
     wall = time.perf_counter()
@@ -171,8 +171,12 @@ def run_edit(args: argparse.Namespace) -> None:
         concept, mapper = encode_with(encoder, model, concept_image, args.concept_word)
         require_finite(concept.vectors, "the encoded concept")
     model = model.with_concept(concept)
-    if args.inversion == "all":  # every method that runs on this model's family
-        methods = [m for m in methods if applies(model, m)]
+    if args.inversion == "all":  # every method that runs on this model's family (FlowEdit: with engine none only)
+        methods = [m for m in methods if applies(model, m)
+                   and not (METHODS[m].engine_free and set(engines) != {"none"})]
+    if args.engine == "all":  # every engine that runs on this model's family
+        engines = [e for e in engines if engine_applies(model, e)]
+    check_pairs(methods, engines, "no inversion x engine pair applies")
     if args.elite_projections and not args.no_cache:
         print("note: --elite-projections: inversions are not cached (the cache does not key on the projections)",
               file=sys.stderr)

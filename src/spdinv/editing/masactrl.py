@@ -5,6 +5,11 @@ values, separately in the unconditional and conditional halves; cross-attention 
 SD's setting, step 4 of 50 and transformer layer 10 of 16 (the decoder's finer levels), is
 expressed as fractions of the steps and of the UNet's self-attention layers in depth order, so
 smaller UNets get the equivalent layers.
+
+On a flow transformer (SD3 / SD3.5 / FLUX: joint attention) the same fractions pick the attention
+modules in forward order, and in them the target's rows read the source's *image* keys and values
+(the image-key block of the joint attention); the text keys and values stay the target's own, so
+the target prompt still steers through the text block.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from .attention import AttentionLayer
+from .joint import JointLayer, TokenLayout
 from .base import Editor, check_fraction, round_half_up
 from .sampler import SOURCE, TARGET
 
@@ -56,8 +62,18 @@ class MasaCtrlEditor(Editor):
         start = round_half_up(self.options.start_layer * len(selfs))
         self.mutual = [layer for layer in selfs if layer.depth >= start]
 
-    def processor_layers(self) -> list[AttentionLayer]:
+    def processor_layers(self) -> list[AttentionLayer] | list[JointLayer]:
         return self.mutual
+
+    def edit_joint_qkv(self, layer: JointLayer, q: Tensor, k: Tensor, v: Tensor,
+                       layout: TokenLayout) -> tuple[Tensor, Tensor, Tensor]:
+        if self.step_index < self.start_step:
+            return q, k, v
+        rows = self.rows.same_kind_from(SOURCE, TARGET)
+        k, v = k.clone(), v.clone()
+        k[:, :, layout.image] = k[rows][:, :, layout.image]
+        v[:, :, layout.image] = v[rows][:, :, layout.image]
+        return q, k, v
 
     def edit_qkv(self, layer: AttentionLayer, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.step_index < self.start_step:

@@ -83,12 +83,6 @@ def sample_edit(model: DiffusionModel, inversion: Inversion, target_prompt: str,
                 sampler=inversion.sampler)
 
 
-def edit_rows(model: DiffusionModel, inversion: Inversion, target_prompt: str, options: SamplerOptions,
-              hooks: StepHooks = NO_HOOKS, *, pin_source: bool = False) -> int:
-    """The UNet rows `sample_edit` evaluates: its batch's rows at every step."""
-    branches = edit_branches(model, inversion, target_prompt, options, pin_source)
-    return inversion.schedule.num_steps * len(batch_rows(branches, hooks.every_uncond))
 
-
-__all__ = ["SOURCE", "TARGET", "SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit", "edit_rows",
+__all__ = ["SOURCE", "TARGET", "SamplerOptions", "Branch", "StepHooks", "NO_HOOKS", "uncond_embedding", "edit_branches", "sample_edit",
            "loop", "step"]

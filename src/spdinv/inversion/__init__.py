@@ -27,6 +27,7 @@ from .aidi import AIDIOptions, aidi
 from .ddim import DDIMOptions, ddim
 from .direct import DirectOptions, direct
 from .fireflow import FireFlowOptions, fireflow, fireflow_sampler
+from .flowedit import FlowEditOptions, flowedit, sampler_from_settings
 from .negative_prompt import NegativePromptOptions, negative_prompt
 from .null_text import NullTextOptions, null_text
 from .rf_solver import RFSolverOptions, rf_solver, rf_solver_sampler
@@ -44,6 +45,12 @@ class Method:
     classifier_free: bool = False  # needs unconditional rows: refused on FLUX (distilled guidance, no such rows)
     sampler: Callable | None = None  # the sampling rule its reconstruction and edits use (None: the schedule's step)
     flow_only: bool = False  # a rectified-flow inversion: refused on diffusion models
+    engine_free: bool = False  # edits by its own sampler (FlowEdit): engine `none` only
+    sampler_from: Callable[[dict], Callable] | None = None  # its sampler from a saved inversion's settings
+
+    def saved_sampler(self, settings: dict) -> Callable | None:
+        """The sampler a saved inversion with these settings samples with."""
+        return self.sampler_from(settings) if self.sampler_from is not None else self.sampler
 
 
 METHODS: dict[str, Method] = {
@@ -61,6 +68,10 @@ METHODS: dict[str, Method] = {
                        "(N+1 calls; samples with its own rule) (ICML 2025)", sampler=fireflow_sampler, flow_only=True),
     "uni_inv": Method(uni_inv, UniInvOptions, "Uni-Inv, previous-velocity guess + one re-evaluation, flow models only "
                       "(N+1 calls) (UniEdit-Flow, ICLR 2026)", flow_only=True),
+    "flowedit": Method(flowedit, FlowEditOptions, "FlowEdit, inversion-free: an ODE from the source image to the "
+                       "edit, flow models only, engine none only (no inversion call; 1 call of both branches per "
+                       "step in its window) (ICCV 2025)", flow_only=True, engine_free=True,
+                       sampler_from=sampler_from_settings),
 }
 
 
@@ -160,7 +171,8 @@ def invert(
     schedule = model.schedule(num_steps, tuple(z0.shape[-2:]))
     inversion = entry.function(model, z0, model.encode_prompt(prompt), schedule, opts, diagnose=diagnose,
                                progress=progress)
-    inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts)}
+    inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts),
+                          **inversion.settings}  # what a method resolved itself (FlowEdit's family defaults) wins
     inversion.source = source.detach()
     if diagnose:
         measure_reconstruction(model, inversion)
