@@ -19,7 +19,7 @@ from ..errors import SpdinvError
 from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from ..inversion.reconstruction import source_branch
-from ..sampling import NO_HOOKS, Branch, StepHooks, batch_rows, loop, step
+from ..sampling import NO_HOOKS, Branch, StepHooks, loop, step
 
 UNCOND_MODES = ("inversion", "source", "empty")
 SOURCE, TARGET = 0, 1  # the edit's branches, [source, target]
