@@ -467,8 +467,10 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # say which file (fsync's error names none)
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 
 
