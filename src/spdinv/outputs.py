@@ -68,8 +68,11 @@ def _check_writable(out: Path, what: str) -> Path:
             raise SpdinvError(f"{what} path is inside a file: {existing}")
         try:
             os.rmdir(_scratch_folder(existing, "probe"))
-        except FileNotFoundError:
-            continue
+        except FileNotFoundError as error:
+            if not _exists(existing):
+                continue  # it vanished while checked
+            where = out if existing == out else existing
+            raise SpdinvError(f"cannot write to {out}: {where} is not writable ({error.strerror})") from None
         except OSError as error:
             where = out if existing == out else existing
             raise SpdinvError(f"cannot write to {out}: {where} is not writable ({error.strerror})") from None
