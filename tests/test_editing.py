@@ -197,7 +197,9 @@ def test_pnp_injection_changes_the_target(tiny, inversions):
     injected = edit(tiny, None, SOURCE, TARGET, inversion, "pnp")
     assert not torch.allclose(injected.latents[-1, 1], plain.latents[-1, 1], atol=1e-3)
     off = edit(tiny, None, SOURCE, TARGET, inversion, "pnp", feature_injection=0.0, attention_injection=0.0)
-    assert torch.allclose(off.latents[:, 1], plain.latents[:, 1], atol=1e-5)
+    # with nothing injected PnP's processors compute the same attention as the default one, through
+    # other kernels: equal up to rounding (same_up_to_rounding's 1e-4 of the magnitude), not bit for bit
+    assert same_up_to_rounding(off.latents[:, 1], plain.latents[:, 1])
     features = edit(tiny, None, SOURCE, TARGET, inversion, "pnp", attention_injection=0.0)
     assert not torch.allclose(features.latents[-1, 1], plain.latents[-1, 1], atol=1e-3)
 
@@ -215,8 +217,9 @@ def test_an_unguided_source_branch_costs_no_unconditional_row(tiny, inversions, 
     monkeypatch.setattr(spdinv.sampling, "batch_rows", lambda branches, every_uncond=False: full_rows(branches, True))
     full = edit(tiny, None, SOURCE, TARGET, inversion, engine, **engine_options(engine))
     assert same_up_to_rounding(full.latents, lean.latents)
-    if engine == "p2p":
-        assert torch.equal(full.mask, lean.mask)
+    if engine == "p2p":  # a binary mask cut from attention maps computed in batches of 4 and of 3 rows:
+        # a cell whose map sits within rounding of the threshold may flip; at most one of the 64 may
+        assert int((full.mask != lean.mask).sum()) <= 1
 
 
 def test_attention_layers_follow_the_module_tree_not_the_dict_order(tiny):

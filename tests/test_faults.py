@@ -247,8 +247,12 @@ def test_world_train_refuses_a_damaged_checkpoint_and_other_settings(tmp_path):
     tiny = dict(n_scenes=4, vae_steps=1, vae_batch=2, unet_steps=1, unet_batch=2, unet_warmup=1, threads=1)
     Trainer(tmp_path / "work", TrainConfig(**tiny)).save_checkpoint({})
     assert Trainer(tmp_path / "work", TrainConfig(**tiny, device="cpu", checkpoint_every=7)).load_checkpoint()
-    with pytest.raises(SpdinvError, match=r"started with other settings \(unet_steps: 1 there, 9 now\)"):
-        Trainer(tmp_path / "work", TrainConfig(**{**tiny, "unet_steps": 9})).load_checkpoint()
+    assert Trainer(tmp_path / "work", TrainConfig(**{**tiny, "unet_steps": 9})).load_checkpoint()  # extends the run
+    with pytest.raises(SpdinvError, match=r"started with other settings \(unet_lr: 0.0006 there, 0.001 now\)"):
+        Trainer(tmp_path / "work", TrainConfig(**{**tiny, "unet_lr": 1e-3})).load_checkpoint()
+    Trainer(tmp_path / "work", TrainConfig(**{**tiny, "unet_steps": 2})).save_checkpoint({})
+    with pytest.raises(SpdinvError, match=r"\(unet_steps: 2 there, 1 now\)"):  # fewer steps do not extend it
+        Trainer(tmp_path / "work", TrainConfig(**tiny)).load_checkpoint()
     checkpoint = tmp_path / "work" / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])  # truncated
     with pytest.raises(SpdinvError, match="is damaged or not a world checkpoint"):

@@ -69,9 +69,10 @@ def _check_writable(out: Path, what: str) -> Path:
         try:
             os.rmdir(_scratch_folder(existing, "probe"))
         except FileNotFoundError as error:
-            if existing.is_dir():  # still there: a file system that refuses new folders (/proc says ENOENT)
-                raise SpdinvError(f"cannot write to {out}: {existing} is not writable ({error.strerror})") from None
-            continue
+            if not _exists(existing):
+                continue  # it vanished while checked
+            where = out if existing == out else existing
+            raise SpdinvError(f"cannot write to {out}: {where} is not writable ({error.strerror})") from None
         except OSError as error:
             where = out if existing == out else existing
             raise SpdinvError(f"cannot write to {out}: {where} is not writable ({error.strerror})") from None
@@ -469,8 +470,10 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:  # say which file (fsync's error names none)
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 
 

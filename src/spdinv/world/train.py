@@ -66,8 +66,10 @@ RUN_SETTINGS = ("threads", "device", "checkpoint_every")  # how a run executes: 
 
 
 def check_same_settings(saved: dict, given: dict, work_dir: Path) -> None:
-    """A resumed run continues the saved one: every training setting must be the one it was started with."""
-    differing = [k for k in given if k not in RUN_SETTINGS and saved.get(k) != given[k]]
+    """A resumed run continues the saved one: every training setting must be the one it was started
+    with, except that more UNet steps extend it."""
+    differing = [k for k in given if k not in RUN_SETTINGS and saved.get(k) != given[k]
+                 and not (k == "unet_steps" and isinstance(saved.get(k), int) and given[k] > saved[k])]
     if differing:
         key = differing[0]
         raise SpdinvError(f"{work_dir} holds a run started with other settings ({key}: {saved.get(key)!r} there, "
