@@ -117,7 +117,7 @@ def local_blend_store(model, inversion, threshold: float) -> dict:
     results = {}
     for name, cls in (("edited", P2PEditor), ("unedited", UneditedStore)):
         editor = cls(model, SOURCE, TARGET, options)
-        images, latents, _ = run_editor(model, inversion, TARGET, editor, sampler)
+        images, latents, _, _ = run_editor(model, inversion, TARGET, editor, sampler)
         results[name] = (images[1:], latents[-1, 1], float(editor.mask.mean()))
     (edited, z_edited, cover_edited), (unedited, z_unedited, cover_unedited) = results["edited"], results["unedited"]
     return {"psnr": float(psnr(edited, unedited)), "latent": difference(z_unedited, z_edited),

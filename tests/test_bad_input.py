@@ -225,8 +225,8 @@ def test_a_nan_edit_is_an_error_and_writes_nothing(tmp_path, tiny_dir, red_circl
     real = spdinv.editing.run_editor
 
     def poisoned(*args, **kwargs):
-        images, latents, seconds = real(*args, **kwargs)
-        return images * float("nan"), latents, seconds
+        images, latents, seconds, rows = real(*args, **kwargs)
+        return images * float("nan"), latents, seconds, rows
 
     monkeypatch.setattr(spdinv.editing, "run_editor", poisoned)
     args = ["edit", red_circle, "--source", SOURCE, "--target", TARGET, "--model", tiny_dir, "--steps", "2",
