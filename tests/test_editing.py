@@ -349,7 +349,7 @@ def test_word_positions_handle_multi_token_words_and_phrases(tiny):
     (dict(blend_map="words"), "unknown p2p blend_map .words.; valid: attention, noise"),
     (dict(engine="masactrl", start_layer=-0.1), "start_layer must be in"),
     (dict(engine="pnp", feature_injection=2.0), "feature_injection must be in"),
-    (dict(engine="nope"), "unknown engine 'nope'; valid: p2p, masactrl, pnp, rf_edit, none"),
+    (dict(engine="nope"), "unknown engine 'nope'; valid: p2p, masactrl, pnp, none, rf_edit"),
     (dict(inversion="nope"), "unknown inversion method 'nope'; valid: ddim"),
     (dict(engine="none", blend="red blue"), "do not apply to engine 'none'"),
     (dict(guidance_scale=-1.0), "guidance_scale must be"),

@@ -254,7 +254,7 @@ def test_the_demo_offers_the_flow_engines_on_a_flow_model(models, tmp_path):
     try:
         app = build_app(session)
         dropdown = next(block for block in app.blocks.values() if getattr(block, "elem_id", None) == "engine")
-        assert [choice[1] for choice in dropdown.choices] == ["p2p", "masactrl", "rf_edit", "none"]
+        assert [choice[1] for choice in dropdown.choices] == ["p2p", "masactrl", "none", "rf_edit"]
         result = session.edit(EditRequest(uploads / "square.png", SOURCE, TARGET, ["ddim"], ["masactrl", "none"],
                                           steps=2))
         assert [run.engine for run in result.runs] == ["masactrl", "none"]

@@ -24,7 +24,7 @@ from spdinv.testing import hand_drawn_square, tiny_flux_pipeline, tiny_model, ti
 SOURCE = "a large purple square in the centre on a brown background"
 TARGET = "a large green square in the centre on a brown background"
 STEPS = 4
-FLOW_ENGINES = ["p2p", "masactrl", "rf_edit", "none"]
+FLOW_ENGINES = ["p2p", "masactrl", "none", "rf_edit"]
 BUILDERS = {
     "sd3": lambda: tiny_sd3_pipeline(),
     "sd35-medium": lambda: tiny_sd3_pipeline(t5=True, dual_attention_layers=(0,)),
@@ -233,7 +233,7 @@ def test_spdinv_edit_runs_flow_engines_and_flowedit_from_the_command_line(tmp_pa
               "--no-cache", "--quiet"]
     assert main(["edit", *common, "--inversion", "ddim", "--engine", "all", "--out", str(tmp_path / "a")]) == 0
     runs = json.loads((tmp_path / "a" / "config.json").read_text())["runs"]
-    assert [r["engine"] for r in runs] == ["p2p", "masactrl", "rf_edit", "none"]  # pnp: UNets only
+    assert [r["engine"] for r in runs] == ["p2p", "masactrl", "none", "rf_edit"]  # pnp: UNets only
     assert all(r["network_calls"]["edit"] > 0 for r in runs)
     assert main(["edit", *common, "--inversion", "flowedit", "--engine", "none", "--n-max", "1",
                  "--out", str(tmp_path / "b")]) == 0

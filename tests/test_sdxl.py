@@ -17,6 +17,7 @@ from spdinv.testing import tiny_xl_pipeline
 from test_editing import FAST, untouched
 
 UNET_ENGINES = [e for e in ENGINES if e != "rf_edit"]  # rf_edit: flow transformers only
+DIFFUSION_METHODS = [m for m in METHODS if not METHODS[m].flow_only]  # what runs on a UNet model
 
 SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"
@@ -76,7 +77,7 @@ def test_fp16_keeps_the_vae_in_fp32(image):
 @pytest.fixture(scope="module")
 def inversions(xl, image):
     return {m: invert(xl, image, SOURCE, m, STEPS, progress=False, diagnose=False, **FAST.get(m, {}))
-            for m in METHODS}
+            for m in DIFFUSION_METHODS}
 
 
 def test_invert_then_reconstruct(xl, image):
@@ -97,7 +98,7 @@ def test_null_text_optimises_sdxls_unconditional_embedding(xl, inversions):
 
 
 @pytest.mark.parametrize("engine", UNET_ENGINES)
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", DIFFUSION_METHODS)
 def test_every_inversion_with_every_engine_on_sdxl(xl, inversions, method, engine):
     before = dict(xl.unet.attn_processors)
     options = dict(blend="red blue") if engine == "p2p" else {}
@@ -212,7 +213,7 @@ def test_a_non_square_image_keeps_its_shape_through_every_engine(xl, tiny, pipel
     hook = model.unet.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs.get("added_cond_kwargs")), with_kwargs=True)
     try:
-        for engine in ENGINES:
+        for engine in UNET_ENGINES:
             options = dict(blend="red blue") if engine == "p2p" else {}
             result = edit(model, None, SOURCE, TARGET, inversion, engine, **options)
             assert result.edited.shape == (1, 3, 24, 40) and torch.isfinite(result.edited).all()

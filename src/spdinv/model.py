@@ -158,8 +158,8 @@ class DiffusionModel:
                 return self
             return dataclasses.replace(self, tokenizer=base, concept=None, _prompt_cache={})
         if self.family is not SD:
-            raise SpdinvError(f"concept words are supported for SD 1.x/2.x models; {self.family.name}'s "
-                              "multi-encoder textual inversion is not")
+            raise SpdinvError(f"concept words are supported for SD 1.x/2.x models, not {self.family.name} "
+                              "(textual inversion into SDXL's, SD3's or FLUX's several text encoders is not implemented)")
         check_width(concept, self.text_encoder.get_input_embeddings().embedding_dim)
         tokenizer = ConceptTokenizer(base, concept.word, concept.vectors.shape[0])
         return dataclasses.replace(self, tokenizer=tokenizer, concept=concept, _prompt_cache={})

@@ -31,7 +31,7 @@ from ..inversion.base import Inversion
 from ..model import DiffusionModel
 from .base import Editor
 from .joint import JointLayer, TokenLayout
-from .p2p import P2POptions, P2PEditor, Words
+from .p2p import P2POptions, P2PEditor, Words, range_rows
 from .sampler import SOURCE, TARGET
 from .tokens import refinement_mapper, replacement_mapper, word_positions
 
@@ -133,6 +133,7 @@ class FlowP2PEditor(P2PEditor):
         if options.reweight != 1.0:
             reweight = word_indicator(segments, target_prompt, reweighted, "reweight", "target")
             self.equalizer = 1 + (options.reweight - 1) * reweight
+        self.range_rows = range_rows(source_prompt, target_prompt, options)  # background words: max-normalised
         self.maps: dict[str, Tensor] = {}
         self.noise_difference, self._mask, self.prox = None, None, None
         self.every_uncond = False
