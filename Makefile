@@ -32,7 +32,8 @@ test: setup
 # edits compared across batch layouts): CI runs them again at one thread, as HPC shells and CI
 # runners set OMP_NUM_THREADS=1 (`make test-numerics THREADS=1`).
 NUMERICS_TESTS := tests/test_inversion.py tests/test_peers.py tests/test_models.py tests/test_sampling.py \
-	tests/test_editing.py tests/test_sdxl.py tests/test_library_input.py
+	tests/test_editing.py tests/test_sdxl.py tests/test_library_input.py tests/test_costs.py tests/test_fidelity.py \
+	tests/test_flow.py tests/test_flow_peers.py tests/test_flow_editing.py
 THREADS ?= 1
 test-numerics: $(BIN)/spdinv
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/pytest -q $(NUMERICS_TESTS)
