@@ -116,12 +116,12 @@ def staged_output(out: str | Path) -> Iterator[Path]:
     out = check_output_dir(out)
     try:
         created = _make_parents(out)
-        with _commit_lock(out):
+        with _commit_lock(out):  # not while another writer swaps `out` (absent for a moment, or half read)
             try:
                 clean_abandoned(out)
             except OSError:  # what a killed run left is in the way of nothing: this run's commit replaces it
                 pass
-        stage, swap = _new_stage(out)
+            stage, swap = _new_stage(out)
     except OSError as error:  # a full disk before anything was written
         raise SpdinvError(f"could not write {out} ({error.strerror or error}); it is unchanged") from None
     try:
