@@ -11,16 +11,14 @@ from PIL import Image
 
 from spdinv.cli import main
 from spdinv.concepts import Concept, load_concept, save_concept
-from spdinv.editing import ENGINES, edit
+from spdinv.editing import edit
 from spdinv.editing.cache import InversionCache
 from spdinv.editing.p2p import blend_indicator
 from spdinv.editing.tokens import word_positions
 from spdinv.errors import SpdinvError
-from spdinv.inversion import METHODS
-from spdinv.testing import tiny_pipeline
+from spdinv.testing import DIFFUSION_METHODS, UNET_ENGINES, tiny_pipeline
 from spdinv.textual_inversion import LearnOptions, learn_concept
 
-UNET_ENGINES = [e for e in ENGINES if e != "rf_edit"]  # rf_edit: flow transformers only
 
 SOURCE = "a large S in the centre on a white background"
 TARGET = "a large S in the centre on a black background"
@@ -89,7 +87,7 @@ def test_every_engine_edits_with_a_concept(tiny, concept, image, engine):
     assert not torch.allclose(result.inversion.z_T, plain.inversion.z_T)  # the inversion saw the concept too
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].flow_only])
+@pytest.mark.parametrize("method", DIFFUSION_METHODS)
 def test_every_inversion_inverts_under_the_concept(tiny, concept, image, method):
     fast = {"spdinv": dict(K=2), "null_text": dict(inner_steps=1), "aidi": dict(iterations=2)}.get(method, {})
     result = edit(tiny.with_concept(concept), image, SOURCE, TARGET, method, "p2p", num_steps=STEPS,

@@ -11,11 +11,11 @@ from diffusers import UNet2DConditionModel
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from spdinv.cli import main
-from spdinv.editing import ENGINES, edit, edits
+from spdinv.editing import edit, edits
 from spdinv.editing.cache import InversionCache
-from spdinv.inversion import METHODS, invert, reconstruct
+from spdinv.inversion import invert, reconstruct
+from spdinv.testing import DIFFUSION_METHODS, UNET_ENGINES
 
-UNET_ENGINES = [e for e in ENGINES if e != "rf_edit"]  # rf_edit: flow transformers only
 
 SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"
@@ -45,7 +45,7 @@ def image(red_circle):
     return Image.open(red_circle).convert("RGB")
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].flow_only])  # the tiny model is SD
+@pytest.mark.parametrize("method", DIFFUSION_METHODS)  # the tiny model is SD
 @pytest.mark.parametrize("diagnose", [False, True])
 def test_an_inversion_reports_every_row_it_evaluated(tiny, image, method, diagnose):
     with counted_rows() as rows:

@@ -20,13 +20,10 @@ from spdinv.editing.cache import InversionCache
 from spdinv.editing.p2p import P2PEditor, P2POptions, blend_map_scale
 from spdinv.editing.tokens import names_background, refinement_mapper, word_positions
 from spdinv.errors import SpdinvError
-from spdinv.inversion import METHODS, invert
+from spdinv.inversion import invert
 from spdinv.inversion.reconstruction import reconstruct_latent
-from spdinv.testing import same_up_to_rounding, unet_batch_sizes
+from spdinv.testing import DIFFUSION_METHODS, UNET_ENGINES, same_up_to_rounding, unet_batch_sizes
 
-UNET_ENGINES = [e for e in ENGINES if e != "rf_edit"]  # rf_edit: flow transformers only
-
-DIFFUSION_METHODS = [m for m in METHODS if not METHODS[m].flow_only]  # what runs on the tiny SD model
 
 SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"

@@ -15,6 +15,7 @@ from spdinv.inversion.aidi import AIDIOptions, solve_anderson
 from spdinv.inversion.reconstruction import reconstruction_error, source_branch
 from spdinv.inversion.solvers import anderson_update
 from spdinv.sampling import Branch, loop
+from spdinv.testing import DIFFUSION_METHODS
 
 PROMPT = "a large red circle in the centre on a white background"
 STEPS = 10
@@ -139,7 +140,7 @@ def test_aidi_non_finite_residual_falls_back_to_best_iterate():
     assert torch.isfinite(result.latent).all()
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].flow_only])
+@pytest.mark.parametrize("method", DIFFUSION_METHODS)
 def test_every_method_round_trips_through_safetensors(tiny, image, tmp_path, method):
     inversion = invert(tiny, image, PROMPT, method, 3, progress=False, **FAST.get(method, {}))
     save_inversion(inversion, tmp_path)

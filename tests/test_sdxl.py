@@ -7,17 +7,15 @@ import torch
 from PIL import Image
 
 from spdinv.conditioning import unpack
-from spdinv.editing import ENGINES, edit
-from spdinv.inversion import METHODS, invert
+from spdinv.editing import edit
+from spdinv.inversion import invert
 from spdinv.model import from_pipeline
 from spdinv.inversion.reconstruction import reconstruction_error
 from spdinv.sampling import Branch, loop
-from spdinv.testing import tiny_xl_pipeline
+from spdinv.testing import DIFFUSION_METHODS, UNET_ENGINES, tiny_xl_pipeline
 
 from test_editing import FAST, untouched
 
-UNET_ENGINES = [e for e in ENGINES if e != "rf_edit"]  # rf_edit: flow transformers only
-DIFFUSION_METHODS = [m for m in METHODS if not METHODS[m].flow_only]  # what runs on a UNet model
 
 SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"

@@ -20,9 +20,16 @@ from torch import Tensor
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
                           T5TokenizerFast)
 
+from .editing import ENGINES
+from .inversion import METHODS
 from .model import DiffusionModel, from_pipeline
 from .world.tokenizer import build_tokenizer
 from .schedule import sd_ddim_scheduler
+
+# What runs on the tiny SD / SDXL test models (UNets, denoising diffusion): rf_edit shares a flow
+# transformer's joint-attention values; the flow-only methods invert rectified-flow models.
+UNET_ENGINES = [e for e in ENGINES if e != "rf_edit"]
+DIFFUSION_METHODS = [m for m in METHODS if not METHODS[m].flow_only]
 
 
 def tiny_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
