@@ -149,9 +149,25 @@ class DirectInversion:
 
     def invert(self, image_gt, prompt, guidance_scale, num_inner_steps=10, early_stop_epsilon=1e-5):
         self.init_prompt(prompt)
+        register_attention_control(self.model, None)
         image_rec, ddim_latents = self.ddim_inversion(image_gt)
         noise_loss_list = self.offset_calculate(ddim_latents, num_inner_steps, early_stop_epsilon, guidance_scale)
         return image_gt, image_rec, ddim_latents, noise_loss_list
+
+
+class DummyController:
+    def __call__(self, attn, is_cross, name):
+        return attn
+
+
+def register_attention_control(model, controller):
+    """attention_control.register_attention_control on the current diffusers API: the einsum
+    attention of its `ca_forward` in every attention layer (a DummyController for None). The script
+    never restores the originals; the callers here do."""
+    controller = DummyController() if controller is None else controller
+    layers = attention_layers(model.unet)
+    model.unet.set_attn_processor({l.key: OfficialProcessor(controller, l.name) for l in layers})
+    controller.num_att_layers = len(layers)
 
 
 def direct_inversion_p2p_guidance_diffusion_step(model, controller, latents, context, t, guidance_scale, noise_loss,
@@ -209,16 +225,16 @@ def edit_image_directinversion(model, image: Image.Image, prompt_src, prompt_tar
     pipe.scheduler.set_timesteps(num_ddim_steps)
     image_gt = load_512(image, model.image_size)
     prompts = [prompt_src, prompt_tar]
-    _, _, x_stars, noise_loss_list = DirectInversion(pipe, num_ddim_steps).invert(image_gt=image_gt, prompt=prompts,
-                                                                                 guidance_scale=guidance_scale)
-    x_t = x_stars[-1]
-    blend_word = ((blended_word[0],), (blended_word[1],))
-    eq_params = {"words": (blended_word[1],), "values": (2,)}
-    controller, layers = make_controller(model, prompts, num_ddim_steps, cross_replace_steps, self_replace_steps,
-                                         blend_word, eq_params, tuple(x_t.shape[-2:]))
     originals = dict(model.unet.attn_processors)
-    model.unet.set_attn_processor({l.key: OfficialProcessor(controller, l.name) for l in layers})  # register_attention_control
     try:
+        _, _, x_stars, noise_loss_list = DirectInversion(pipe, num_ddim_steps).invert(
+            image_gt=image_gt, prompt=prompts, guidance_scale=guidance_scale)
+        x_t = x_stars[-1]
+        blend_word = ((blended_word[0],), (blended_word[1],))
+        eq_params = {"words": (blended_word[1],), "values": (2,)}
+        controller, layers = make_controller(model, prompts, num_ddim_steps, cross_replace_steps, self_replace_steps,
+                                             blend_word, eq_params, tuple(x_t.shape[-2:]))
+        register_attention_control(pipe, controller)  # direct_inversion_p2p_guidance_forward's first line
         latents, _ = direct_inversion_p2p_guidance_forward(pipe, prompts, controller, latent=x_t,
                                                            num_inference_steps=num_ddim_steps,
                                                            guidance_scale=guidance_scale, noise_loss_list=noise_loss_list)

@@ -356,3 +356,85 @@ def test_spdinv_official_preset_edits_as_the_ported_official_script(tiny, ddim, 
                         blend=(("red",), ("blue",)), threshold=threshold, recon_t=1000)
     assert same_up_to_rounding(ours.latents[-1], port)
     assert (0 < ours.mask.mean() < 1) == partial  # at 0.995 LocalBlend keeps a third of the frame here
+
+
+# ---------------------------------------------------------------- PnPInversion's scripts, ported
+
+
+def _benchmarks_on_path() -> None:
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+@pytest.fixture(scope="module")
+def small_image(image, tiny):
+    """The example at the tiny model's own size, so neither side resizes (their resamplers differ)."""
+    return image.resize((tiny.image_size, tiny.image_size), Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def offset0(tiny):
+    """The tiny model with the DDIM spacing of PnPInversion's own schedulers (diffusers' steps_offset 0)."""
+    import dataclasses
+
+    from spdinv.schedule import DDIMSettings
+
+    return dataclasses.replace(tiny, ddim=DDIMSettings(steps_offset=0))
+
+
+def test_pnpinv_pnp_edits_as_the_ported_pnp_script_on_an_sd15_layout_unet(tiny, small_image):
+    """benchmarks/official_pnp.py ports run_editing_pnp.py, which names SD 1.5's layers by index; on a
+    tiny SD 1.5-layout UNet, from the same DDIM trajectory, `pnpinv` gives its output up to the rounding
+    of differently ordered rows; spdinv's own prompts (source prompt, no negative prompt) do not."""
+    _benchmarks_on_path()
+    from official_engines import sd15_layout_model
+    from official_pnp import edit_image_directinversion_PnP
+
+    from spdinv.editing import edit
+
+    model = sd15_layout_model(tiny)
+    ddim = invert(model, small_image, SOURCE, "ddim", STEPS, progress=False, diagnose=False)
+    port, _ = edit_image_directinversion_PnP(model, small_image, SOURCE, TARGET, num_steps=STEPS,
+                                             inverted_x=list(ddim.trajectory.unsqueeze(1)))
+    preset = edit(model, None, SOURCE, TARGET, ddim, "pnp", num_steps=STEPS, preset="pnpinv")
+    assert same_up_to_rounding(preset.latents[-1, 1:], port)
+    plain = edit(model, None, SOURCE, TARGET, ddim, "pnp", num_steps=STEPS)
+    assert not same_up_to_rounding(plain.latents[-1, 1:], port, relative=1e-2)
+    assert not any(hasattr(module, "injection_schedule") for module in model.unet.modules())  # the port cleaned up
+
+
+def test_pnpinv_masactrl_edits_as_the_ported_masactrl_script(offset0, small_image):
+    """benchmarks/official_masactrl.py ports run_editing_masactrl.py (empty source prompt, its own DDIM
+    inversion and scheduler): end to end, `pnpinv` on the same DDIM spacing gives its output."""
+    _benchmarks_on_path()
+    from official_masactrl import edit_image_ddim_MasaCtrl
+
+    from spdinv.editing import edit
+    from spdinv.editing.base import round_half_up
+
+    port, _ = edit_image_ddim_MasaCtrl(offset0, small_image, SOURCE, TARGET, step=round_half_up(4 / 50 * STEPS),
+                                       num_ddim_steps=STEPS)
+    preset = edit(offset0, small_image, SOURCE, TARGET, "ddim", "masactrl", num_steps=STEPS, preset="pnpinv")
+    assert same_up_to_rounding(preset.latents[-1], port)
+
+
+def test_pnpinv_direct_p2p_edits_as_the_ported_directinversion_script(offset0, small_image):
+    """benchmarks/official_direct_p2p.py ports run_editing_p2p.py's directinversion+p2p (offsets on the
+    source row, refine + reweight x2 + LocalBlend, cross 0.4, self 0.6): end to end, `pnpinv` gives its
+    output; spdinv's default cross-replace (0.8) does not."""
+    _benchmarks_on_path()
+    from official_direct_p2p import edit_image_directinversion
+
+    from spdinv.editing import edit
+
+    port, _ = edit_image_directinversion(offset0, small_image, SOURCE, TARGET, ["circle", "circle"],
+                                         num_ddim_steps=STEPS)
+    preset = edit(offset0, small_image, SOURCE, TARGET, "direct", "p2p", num_steps=STEPS, preset="pnpinv",
+                  blend="circle circle")
+    assert same_up_to_rounding(preset.latents[-1], port)
+    plain = edit(offset0, small_image, SOURCE, TARGET, "direct", "p2p", num_steps=STEPS, blend="circle circle")
+    assert not same_up_to_rounding(plain.latents[-1], port, relative=1e-2)
