@@ -216,11 +216,11 @@ def make_controller(model, prompts, num_ddim_steps, cross_replace_steps, self_re
 
 
 def edit_image_directinversion(model, image: Image.Image, prompt_src, prompt_tar, blended_word, guidance_scale=7.5,
-                               cross_replace_steps=0.4, self_replace_steps=0.6, num_ddim_steps=50):
+                               cross_replace_steps=0.4, self_replace_steps=0.6, num_ddim_steps=50, steps_offset=0):
     """P2PEditor.edit_image_directinversion with run_editing_p2p.py's arguments: (final [source, target]
-    latents, the inverted trajectory)."""
+    latents, the inverted trajectory); `steps_offset` 1 (not the script's): SD's DDIM spacing."""
     scheduler = DDIMSchedulerDev(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                                 set_alpha_to_one=False)
+                                 set_alpha_to_one=False, **({"steps_offset": steps_offset} if steps_offset else {}))
     pipe = Pipeline(model, scheduler)
     pipe.scheduler.set_timesteps(num_ddim_steps)
     image_gt = load_512(image, model.image_size)

@@ -87,16 +87,14 @@ def pnp_rows(base: DiffusionModel, image: Image.Image, steps: int) -> dict:
 
 def masactrl_rows(model: DiffusionModel, image: Image.Image, steps: int) -> dict:
     """PnPInversion's ddim+masactrl (its own DDIMScheduler: diffusers' steps_offset 0) against the
-    pnpinv preset with the same DDIM spacing (`model.ddim`), and with spdinv's default (SD's offset 1)."""
+    pnpinv preset (which runs its engines on their scripts' spacing)."""
     from official_masactrl import edit_image_ddim_MasaCtrl
 
     from spdinv.editing.base import round_half_up
-    from spdinv.schedule import DDIMSettings
 
     start_step = round_half_up(4 / 50 * steps)  # the script's step 4 of 50
     theirs, trajectory = edit_image_ddim_MasaCtrl(model, image, SOURCE, TARGET, step=start_step, num_ddim_steps=steps)
-    offset0 = dataclasses.replace(model, ddim=DDIMSettings(steps_offset=0))
-    ours = edit(offset0, image, SOURCE, TARGET, "ddim", "masactrl", num_steps=steps, preset="pnpinv")
+    ours = edit(model, image, SOURCE, TARGET, "ddim", "masactrl", num_steps=steps, preset="pnpinv")
     found = {"ddim_trajectory_max_abs": float((torch.cat(trajectory) - ours.inversion.trajectory).abs().max()),
              "end_to_end": difference(model, ours.latents[-1, 1], theirs[1:])}
     same, _ = edit_image_ddim_MasaCtrl(model, image, SOURCE, TARGET, step=start_step, num_ddim_steps=steps,
@@ -105,30 +103,29 @@ def masactrl_rows(model: DiffusionModel, image: Image.Image, steps: int) -> dict
     unedited, _ = edit_image_ddim_MasaCtrl(model, image, SOURCE, TARGET, step=steps, num_ddim_steps=steps,
                                            start_code=ours.inversion.z_T)  # control: no step has mutual attention
     found["script_without_mutual_attention_vs_preset"] = difference(model, ours.latents[-1, 1], unedited[1:])
-    sd_offset = edit(model, image, SOURCE, TARGET, "ddim", "masactrl", num_steps=steps, preset="pnpinv")
-    found["preset_with_sd_timesteps_vs_script"] = difference(model, sd_offset.latents[-1, 1], theirs[1:])
-    source_prompt = edit(offset0, image, SOURCE, TARGET, "ddim", "masactrl", num_steps=steps, guidance_scale=7.5)
-    found["source_prompt_vs_script"] = difference(model, source_prompt.latents[-1, 1], theirs[1:])
+    sd_spacing, _ = edit_image_ddim_MasaCtrl(model, image, SOURCE, TARGET, step=start_step, num_ddim_steps=steps,
+                                             steps_offset=1)
+    found["script_on_sd_timesteps_vs_script"] = difference(model, sd_spacing[1:], theirs[1:])
+    source_prompt = edit(model, image, SOURCE, TARGET, "ddim", "masactrl", num_steps=steps, guidance_scale=7.5)
+    found["spdinv_source_prompt_sd_timesteps_vs_script"] = difference(model, source_prompt.latents[-1, 1], theirs[1:])
     return found
 
 
 def direct_rows(model: DiffusionModel, image: Image.Image, steps: int) -> dict:
     """PnPInversion's directinversion+p2p (its DDIMSchedulerDev: steps_offset 0) against the pnpinv
-    preset with the same DDIM spacing, with spdinv's default spacing, and spdinv's defaults."""
+    preset, and spdinv's defaults."""
     from official_direct_p2p import edit_image_directinversion
 
-    from spdinv.schedule import DDIMSettings
-
     theirs, x_stars = edit_image_directinversion(model, image, SOURCE, TARGET, BLEND.split(), num_ddim_steps=steps)
-    offset0 = dataclasses.replace(model, ddim=DDIMSettings(steps_offset=0))
-    ours = edit(offset0, image, SOURCE, TARGET, "direct", "p2p", num_steps=steps, preset="pnpinv", blend=BLEND)
+    ours = edit(model, image, SOURCE, TARGET, "direct", "p2p", num_steps=steps, preset="pnpinv", blend=BLEND)
     found = {"ddim_trajectory_max_abs": float((torch.cat(x_stars) - ours.inversion.trajectory).abs().max()),
              "end_to_end": difference(model, ours.latents[-1, 1], theirs[1:]),
              "source_branch_max_abs": float((ours.latents[-1, 0] - theirs[0]).abs().max()),
              "mask_coverage": float(ours.mask.mean())}
-    sd_offset = edit(model, image, SOURCE, TARGET, "direct", "p2p", num_steps=steps, preset="pnpinv", blend=BLEND)
-    found["preset_with_sd_timesteps_vs_script"] = difference(model, sd_offset.latents[-1, 1], theirs[1:])
-    defaults = edit(offset0, image, SOURCE, TARGET, "direct", "p2p", num_steps=steps, blend=BLEND)
+    sd_spacing, _ = edit_image_directinversion(model, image, SOURCE, TARGET, BLEND.split(), num_ddim_steps=steps,
+                                               steps_offset=1)
+    found["script_on_sd_timesteps_vs_script"] = difference(model, sd_spacing[1:], theirs[1:])
+    defaults = edit(model, image, SOURCE, TARGET, "direct", "p2p", num_steps=steps, blend=BLEND)
     found["spdinv_defaults_vs_script"] = difference(model, defaults.latents[-1, 1], theirs[1:])
     return found
 

@@ -244,13 +244,14 @@ def load_image(image: Image.Image, size: int):
 
 
 def edit_image_ddim_MasaCtrl(model, image: Image.Image, prompt_src, prompt_tar, guidance_scale=7.5, step=4,
-                             layper=10, num_ddim_steps=50, start_code=None):
+                             layper=10, num_ddim_steps=50, start_code=None, steps_offset=0):
     """MasaCtrlEditor.edit_image_ddim_MasaCtrl: (final [source, target] latents, inverted trajectory).
-    `start_code` (1, C, h, w): start from this z_T instead of the script's own inversion."""
+    `start_code` (1, C, h, w): start from this z_T instead of the script's own inversion; `steps_offset`
+    1 (not the script's): SD's DDIM spacing, to measure what the spacing changes."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False)
+                              set_alpha_to_one=False, **({"steps_offset": steps_offset} if steps_offset else {}))
     pipe = MasaCtrlPipeline(model, scheduler)
     pipe.scheduler.set_timesteps(num_ddim_steps)
     source_image = load_image(image, model.image_size)

@@ -133,13 +133,14 @@ def test_prox_pull_both_puts_the_source_row_back_on_the_trajectory(tiny, ddim, p
 
 def test_spdinv_official_preset_is_its_explicit_options_and_explicit_options_override_it(tiny, image):
     from spdinv.editing import edit
-    from spdinv.presets import PRESETS
+    from spdinv.presets import PRESETS, preset_model
 
     preset = PRESETS["spdinv-official"]
     fast = dict(K=2, num_steps=3, blend="red blue")
     by_name = edit(tiny, image, SOURCE, TARGET, "spdinv", "p2p", preset="spdinv-official", **fast)
-    spelled = edit(tiny, image, SOURCE, TARGET, "spdinv", "p2p", **{**preset.inversion["spdinv"],
-                                                                     **preset.engines["p2p"], **fast})
+    script_spacing = preset_model(tiny, "spdinv-official", "p2p")  # the script's DDIMScheduler: steps_offset 0
+    spelled = edit(script_spacing, image, SOURCE, TARGET, "spdinv", "p2p", **{**preset.inversion["spdinv"],
+                                                                               **preset.engines["p2p"], **fast})
     assert torch.equal(by_name.latents, spelled.latents)
     assert by_name.inversion.settings["solver"] == "gradient" and by_name.inversion.settings["stop_rule"] == "official"
     assert by_name.inversion.settings["K"] == 2  # explicit beats the preset's 25
@@ -161,10 +162,12 @@ def test_invert_takes_a_preset(tiny, image):
 
 def test_pnpinv_masactrl_inverts_and_samples_the_source_under_the_empty_prompt(tiny, image):
     from spdinv.editing import edit
+    from spdinv.presets import preset_model
 
     result = edit(tiny, image, SOURCE, TARGET, "ddim", "masactrl", preset="pnpinv", num_steps=3)
     assert torch.equal(result.inversion.prompt_embedding.to(tiny.device), tiny.encode_prompt(""))
-    expected = invert(tiny, image, "", "ddim", 3, progress=False, allow_empty_prompt=True)
+    expected = invert(preset_model(tiny, "pnpinv", "masactrl"), image, "", "ddim", 3, progress=False,
+                      allow_empty_prompt=True)
     assert same_up_to_rounding(result.inversion.trajectory, expected.trajectory)
     assert result.options["start_step"] == 0.08 and result.sampler["guidance_scale"] == 7.5
 
@@ -376,14 +379,23 @@ def small_image(image, tiny):
     return image.resize((tiny.image_size, tiny.image_size), Image.BICUBIC)
 
 
-@pytest.fixture(scope="module")
-def offset0(tiny):
-    """The tiny model with the DDIM spacing of PnPInversion's own schedulers (diffusers' steps_offset 0)."""
-    import dataclasses
+def test_presets_run_on_the_ddim_spacing_of_their_scripts(tiny, small_image):
+    """The scripts that build their own DDIMScheduler (SPDInv's P2P script, PnPInversion's P2P and MasaCtrl)
+    get diffusers' default steps_offset 0 (timesteps 0, 1000/n, ...); PnPInversion's PnP script loads SD's
+    scheduler config (offset 1), as spdinv's default does."""
+    from spdinv.editing import edit
 
-    from spdinv.schedule import DDIMSettings
+    def first_timestep(result):
+        return result.inversion.schedule.timesteps[0]
 
-    return dataclasses.replace(tiny, ddim=DDIMSettings(steps_offset=0))
+    assert invert(tiny, small_image, SOURCE, "ddim", STEPS, progress=False, diagnose=False).schedule.timesteps[0] == 1
+    assert invert(tiny, small_image, SOURCE, "spdinv", STEPS, progress=False, diagnose=False, K=1,
+                  preset="spdinv-official").schedule.timesteps[0] == 0
+    assert first_timestep(edit(tiny, small_image, SOURCE, TARGET, "ddim", "p2p", num_steps=2, preset="pnpinv")) == 0
+    assert first_timestep(edit(tiny, small_image, SOURCE, TARGET, "ddim", "masactrl", num_steps=2,
+                               preset="pnpinv")) == 0
+    assert first_timestep(edit(tiny, small_image, SOURCE, TARGET, "ddim", "pnp", num_steps=2, preset="pnpinv")) == 1
+    assert tiny.ddim.steps_offset == 1  # the model itself is left as it was
 
 
 def test_pnpinv_pnp_edits_as_the_ported_pnp_script_on_an_sd15_layout_unet(tiny, small_image):
@@ -407,22 +419,25 @@ def test_pnpinv_pnp_edits_as_the_ported_pnp_script_on_an_sd15_layout_unet(tiny, 
     assert not any(hasattr(module, "injection_schedule") for module in model.unet.modules())  # the port cleaned up
 
 
-def test_pnpinv_masactrl_edits_as_the_ported_masactrl_script(offset0, small_image):
+def test_pnpinv_masactrl_edits_as_the_ported_masactrl_script(tiny, small_image):
     """benchmarks/official_masactrl.py ports run_editing_masactrl.py (empty source prompt, its own DDIM
-    inversion and scheduler): end to end, `pnpinv` on the same DDIM spacing gives its output."""
+    inversion and scheduler): end to end, `pnpinv` gives its output; on SD's timesteps it would not."""
     _benchmarks_on_path()
     from official_masactrl import edit_image_ddim_MasaCtrl
 
     from spdinv.editing import edit
     from spdinv.editing.base import round_half_up
 
-    port, _ = edit_image_ddim_MasaCtrl(offset0, small_image, SOURCE, TARGET, step=round_half_up(4 / 50 * STEPS),
-                                       num_ddim_steps=STEPS)
-    preset = edit(offset0, small_image, SOURCE, TARGET, "ddim", "masactrl", num_steps=STEPS, preset="pnpinv")
+    step = round_half_up(4 / 50 * STEPS)
+    port, _ = edit_image_ddim_MasaCtrl(tiny, small_image, SOURCE, TARGET, step=step, num_ddim_steps=STEPS)
+    preset = edit(tiny, small_image, SOURCE, TARGET, "ddim", "masactrl", num_steps=STEPS, preset="pnpinv")
     assert same_up_to_rounding(preset.latents[-1], port)
+    sd_spacing, _ = edit_image_ddim_MasaCtrl(tiny, small_image, SOURCE, TARGET, step=step, num_ddim_steps=STEPS,
+                                             steps_offset=1)
+    assert not same_up_to_rounding(sd_spacing, port, relative=1e-3)
 
 
-def test_pnpinv_direct_p2p_edits_as_the_ported_directinversion_script(offset0, small_image):
+def test_pnpinv_direct_p2p_edits_as_the_ported_directinversion_script(tiny, small_image):
     """benchmarks/official_direct_p2p.py ports run_editing_p2p.py's directinversion+p2p (offsets on the
     source row, refine + reweight x2 + LocalBlend, cross 0.4, self 0.6): end to end, `pnpinv` gives its
     output; spdinv's default cross-replace (0.8) does not."""
@@ -431,10 +446,10 @@ def test_pnpinv_direct_p2p_edits_as_the_ported_directinversion_script(offset0, s
 
     from spdinv.editing import edit
 
-    port, _ = edit_image_directinversion(offset0, small_image, SOURCE, TARGET, ["circle", "circle"],
+    port, _ = edit_image_directinversion(tiny, small_image, SOURCE, TARGET, ["circle", "circle"],
                                          num_ddim_steps=STEPS)
-    preset = edit(offset0, small_image, SOURCE, TARGET, "direct", "p2p", num_steps=STEPS, preset="pnpinv",
+    preset = edit(tiny, small_image, SOURCE, TARGET, "direct", "p2p", num_steps=STEPS, preset="pnpinv",
                   blend="circle circle")
     assert same_up_to_rounding(preset.latents[-1], port)
-    plain = edit(offset0, small_image, SOURCE, TARGET, "direct", "p2p", num_steps=STEPS, blend="circle circle")
+    plain = edit(tiny, small_image, SOURCE, TARGET, "direct", "p2p", num_steps=STEPS, blend="circle circle")
     assert not same_up_to_rounding(plain.latents[-1], port, relative=1e-2)
