@@ -101,8 +101,8 @@ class UneditedStore(P2PEditor):
 
     def edit_probs(self, layer, probs):
         if layer.name in self.blend_names:
-            self._store_blend_map(layer.name, probs)
-        return self._edit_probs(layer, probs)
+            self._keep_blend_maps(layer, probs)  # summed right away: the maps before the edit below
+        return self._replace_maps(layer, probs)
 
 
 def difference(a, b) -> dict:
