@@ -5,8 +5,9 @@ effect of each switch docs/fidelity.md lists.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/official_comparison.py [--steps 50] [--json out.json]
 
 The port follows leeruibin/SPDInv's P2P/SPDInv.py (`SourcePromptDisentanglementInversion.SPD_loop`
-and `next_step`) line for line, with the model's own noise schedule and the UNet called through
-`DiffusionModel.eps` (fp32, CPU): per timestep the DDIM guess, a fresh AdamW (lr 1e-3), up to K = 25
+and `next_step`) line for line, on the script's timesteps (`script_scheduler`: its DDIMSchedulerDev,
+steps_offset 0; the preset runs on the same spacing) and the model's betas (the script's), with the
+UNet called through `DiffusionModel.eps` (fp32, CPU): per timestep the DDIM guess, a fresh AdamW (lr 1e-3), up to K = 25
 rounds of loss = mse(z, next_step(eps(z))), backward, step, then `if loss < delta: break`, and the
 post-step latent kept. Reported: max |z_T(official port) - z_T(preset)|, the iteration counts of
 both, and the edit PSNR between P2P edits (the preset's engine settings) from the two trajectories.
@@ -55,6 +56,16 @@ def next_step(model, eps, timestep: int, sample, num_steps: int):
     return alpha_prod_t_next ** 0.5 * next_original_sample + (1 - alpha_prod_t_next) ** 0.5 * eps
 
 
+def script_scheduler():
+    """run_SPDInv_P2P.py's `DDIMSchedulerDev(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False)`: the shipped model's betas, diffusers' default steps_offset 0
+    (timesteps 980 ... 0). Its `step` is not used here: the ports step with the official formulas."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False)
+
+
 def official_spd_loop(model, latent, cond, timesteps: list[int], K: int = 25, lr: float = 1e-3,
                       delta: float = 5e-6) -> tuple[torch.Tensor, list[int]]:
     """The official SPD_loop: (trajectory z_0 ... z_T, rounds per timestep)."""
@@ -90,8 +101,8 @@ class UneditedStore(P2PEditor):
 
     def edit_probs(self, layer, probs):
         if layer.name in self.blend_names:
-            self._store_blend_map(layer.name, probs)
-        return self._edit_probs(layer, probs)
+            self._keep_blend_maps(layer, probs)  # summed right away: the maps before the edit below
+        return self._replace_maps(layer, probs)
 
 
 def difference(a, b) -> dict:
@@ -161,7 +172,7 @@ def main() -> None:
 
     ours = invert(model, image, SOURCE, "spdinv", args.steps, progress=False, preset="spdinv-official")
     cond = model.encode_prompt(SOURCE)
-    scheduler = type(model.scheduler).from_config(model.scheduler.config)
+    scheduler = script_scheduler()
     scheduler.set_timesteps(args.steps)  # diffusers' order (noisiest first); the official loop walks it backwards
     timesteps = [int(scheduler.timesteps[len(scheduler.timesteps) - i - 1]) for i in range(args.steps)]
     trajectory, rounds = official_spd_loop(model, image_latent(model, image).float(), cond, timesteps)

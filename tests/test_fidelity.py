@@ -133,13 +133,14 @@ def test_prox_pull_both_puts_the_source_row_back_on_the_trajectory(tiny, ddim, p
 
 def test_spdinv_official_preset_is_its_explicit_options_and_explicit_options_override_it(tiny, image):
     from spdinv.editing import edit
-    from spdinv.presets import PRESETS
+    from spdinv.presets import PRESETS, preset_model
 
     preset = PRESETS["spdinv-official"]
     fast = dict(K=2, num_steps=3, blend="red blue")
     by_name = edit(tiny, image, SOURCE, TARGET, "spdinv", "p2p", preset="spdinv-official", **fast)
-    spelled = edit(tiny, image, SOURCE, TARGET, "spdinv", "p2p", **{**preset.inversion["spdinv"],
-                                                                     **preset.engines["p2p"], **fast})
+    script_spacing = preset_model(tiny, "spdinv-official", "p2p")  # the script's DDIMScheduler: steps_offset 0
+    spelled = edit(script_spacing, image, SOURCE, TARGET, "spdinv", "p2p", **{**preset.inversion["spdinv"],
+                                                                               **preset.engines["p2p"], **fast})
     assert torch.equal(by_name.latents, spelled.latents)
     assert by_name.inversion.settings["solver"] == "gradient" and by_name.inversion.settings["stop_rule"] == "official"
     assert by_name.inversion.settings["K"] == 2  # explicit beats the preset's 25
@@ -161,10 +162,12 @@ def test_invert_takes_a_preset(tiny, image):
 
 def test_pnpinv_masactrl_inverts_and_samples_the_source_under_the_empty_prompt(tiny, image):
     from spdinv.editing import edit
+    from spdinv.presets import preset_model
 
     result = edit(tiny, image, SOURCE, TARGET, "ddim", "masactrl", preset="pnpinv", num_steps=3)
     assert torch.equal(result.inversion.prompt_embedding.to(tiny.device), tiny.encode_prompt(""))
-    expected = invert(tiny, image, "", "ddim", 3, progress=False, allow_empty_prompt=True)
+    expected = invert(preset_model(tiny, "pnpinv", "masactrl"), image, "", "ddim", 3, progress=False,
+                      allow_empty_prompt=True)
     assert same_up_to_rounding(result.inversion.trajectory, expected.trajectory)
     assert result.options["start_step"] == 0.08 and result.sampler["guidance_scale"] == 7.5
 
@@ -356,3 +359,97 @@ def test_spdinv_official_preset_edits_as_the_ported_official_script(tiny, ddim, 
                         blend=(("red",), ("blue",)), threshold=threshold, recon_t=1000)
     assert same_up_to_rounding(ours.latents[-1], port)
     assert (0 < ours.mask.mean() < 1) == partial  # at 0.995 LocalBlend keeps a third of the frame here
+
+
+# ---------------------------------------------------------------- PnPInversion's scripts, ported
+
+
+def _benchmarks_on_path() -> None:
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+@pytest.fixture(scope="module")
+def small_image(image, tiny):
+    """The example at the tiny model's own size, so neither side resizes (their resamplers differ)."""
+    return image.resize((tiny.image_size, tiny.image_size), Image.BICUBIC)
+
+
+def test_presets_run_on_the_ddim_spacing_of_their_scripts(tiny, small_image):
+    """The scripts that build their own DDIMScheduler (SPDInv's P2P script, PnPInversion's P2P and MasaCtrl)
+    get diffusers' default steps_offset 0 (timesteps 0, 1000/n, ...); PnPInversion's PnP script loads SD's
+    scheduler config (offset 1), as spdinv's default does."""
+    from spdinv.editing import edit
+
+    def first_timestep(result):
+        return result.inversion.schedule.timesteps[0]
+
+    assert invert(tiny, small_image, SOURCE, "ddim", STEPS, progress=False, diagnose=False).schedule.timesteps[0] == 1
+    assert invert(tiny, small_image, SOURCE, "spdinv", STEPS, progress=False, diagnose=False, K=1,
+                  preset="spdinv-official").schedule.timesteps[0] == 0
+    assert first_timestep(edit(tiny, small_image, SOURCE, TARGET, "ddim", "p2p", num_steps=2, preset="pnpinv")) == 0
+    assert first_timestep(edit(tiny, small_image, SOURCE, TARGET, "ddim", "masactrl", num_steps=2,
+                               preset="pnpinv")) == 0
+    assert first_timestep(edit(tiny, small_image, SOURCE, TARGET, "ddim", "pnp", num_steps=2, preset="pnpinv")) == 1
+    assert tiny.ddim.steps_offset == 1  # the model itself is left as it was
+
+
+def test_pnpinv_pnp_edits_as_the_ported_pnp_script_on_an_sd15_layout_unet(tiny, small_image):
+    """benchmarks/official_pnp.py ports run_editing_pnp.py, which names SD 1.5's layers by index; on a
+    tiny SD 1.5-layout UNet, from the same DDIM trajectory, `pnpinv` gives its output up to the rounding
+    of differently ordered rows; spdinv's own prompts (source prompt, no negative prompt) do not."""
+    _benchmarks_on_path()
+    from official_engines import sd15_layout_model
+    from official_pnp import edit_image_directinversion_PnP
+
+    from spdinv.editing import edit
+
+    model = sd15_layout_model(tiny)
+    ddim = invert(model, small_image, SOURCE, "ddim", STEPS, progress=False, diagnose=False)
+    port, _ = edit_image_directinversion_PnP(model, small_image, SOURCE, TARGET, num_steps=STEPS,
+                                             inverted_x=list(ddim.trajectory.unsqueeze(1)))
+    preset = edit(model, None, SOURCE, TARGET, ddim, "pnp", num_steps=STEPS, preset="pnpinv")
+    assert same_up_to_rounding(preset.latents[-1, 1:], port)
+    plain = edit(model, None, SOURCE, TARGET, ddim, "pnp", num_steps=STEPS)
+    assert not same_up_to_rounding(plain.latents[-1, 1:], port, relative=1e-2)
+    assert not any(hasattr(module, "injection_schedule") for module in model.unet.modules())  # the port cleaned up
+
+
+def test_pnpinv_masactrl_edits_as_the_ported_masactrl_script(tiny, small_image):
+    """benchmarks/official_masactrl.py ports run_editing_masactrl.py (empty source prompt, its own DDIM
+    inversion and scheduler): end to end, `pnpinv` gives its output; on SD's timesteps it would not."""
+    _benchmarks_on_path()
+    from official_masactrl import edit_image_ddim_MasaCtrl
+
+    from spdinv.editing import edit
+    from spdinv.editing.base import round_half_up
+
+    step = round_half_up(4 / 50 * STEPS)
+    port, _ = edit_image_ddim_MasaCtrl(tiny, small_image, SOURCE, TARGET, step=step, num_ddim_steps=STEPS)
+    preset = edit(tiny, small_image, SOURCE, TARGET, "ddim", "masactrl", num_steps=STEPS, preset="pnpinv")
+    assert same_up_to_rounding(preset.latents[-1], port)
+    sd_spacing, _ = edit_image_ddim_MasaCtrl(tiny, small_image, SOURCE, TARGET, step=step, num_ddim_steps=STEPS,
+                                             steps_offset=1)
+    assert not same_up_to_rounding(sd_spacing, port, relative=1e-3)
+
+
+def test_pnpinv_direct_p2p_edits_as_the_ported_directinversion_script(tiny, small_image):
+    """benchmarks/official_direct_p2p.py ports run_editing_p2p.py's directinversion+p2p (offsets on the
+    source row, refine + reweight x2 + LocalBlend, cross 0.4, self 0.6): end to end, `pnpinv` gives its
+    output; spdinv's default cross-replace (0.8) does not."""
+    _benchmarks_on_path()
+    from official_direct_p2p import edit_image_directinversion
+
+    from spdinv.editing import edit
+
+    port, _ = edit_image_directinversion(tiny, small_image, SOURCE, TARGET, ["circle", "circle"],
+                                         num_ddim_steps=STEPS)
+    preset = edit(tiny, small_image, SOURCE, TARGET, "direct", "p2p", num_steps=STEPS, preset="pnpinv",
+                  blend="circle circle")
+    assert same_up_to_rounding(preset.latents[-1], port)
+    plain = edit(tiny, small_image, SOURCE, TARGET, "direct", "p2p", num_steps=STEPS, blend="circle circle")
+    assert not same_up_to_rounding(plain.latents[-1], port, relative=1e-2)

@@ -12,11 +12,19 @@ benchmark and the demo apply.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, TypeVar
 
 from .errors import SpdinvError
+from .schedule import DDIMSettings
+
+# The scripts that build their own `DDIMScheduler(beta_start=0.00085, beta_end=0.012, "scaled_linear",
+# clip_sample=False, set_alpha_to_one=False)` (SPDInv's run_SPDInv_P2P.py, PnPInversion's P2PEditor and
+# MasaCtrlEditor) get diffusers' default steps_offset 0: timesteps 980, 960, ..., 0 at 50 steps, not SD's
+# 981, ..., 1 (run_editing_pnp.py loads SD's scheduler config, whose offset is 1).
+SCRIPT_DDIM = DDIMSettings(steps_offset=0)
 
 PNP_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"  # run_editing_pnp.py, PNP.run_pnp
 
@@ -28,7 +36,9 @@ _P2P_CONTROLLER = dict(mode="refine", self_replace=0.6, self_replace_scale=0.5, 
 class Preset:
     """`inversion`: method -> its options; `engines`: engine -> engine and sampler options (an
     engine not listed has no script: an error); `empty_source`: engines whose script inverts and
-    samples the source under the empty prompt, whatever source prompt is given."""
+    samples the source under the empty prompt, whatever source prompt is given; `ddim`: the DDIM
+    spacing of the script behind each engine (and of `invert(preset=...)`: `inversion_ddim`), where
+    it is not the model's own."""
 
     name: str
     summary: str
@@ -36,6 +46,8 @@ class Preset:
     inversion: Mapping[str, Mapping[str, object]]
     engines: Mapping[str, Mapping[str, object]]
     empty_source: tuple[str, ...] = field(default=())
+    ddim: Mapping[str, DDIMSettings] = field(default_factory=dict)
+    inversion_ddim: DDIMSettings | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -46,6 +58,7 @@ PRESETS: dict[str, Preset] = {
                                                    lr=1e-3, delta=5e-6, relative_delta=None))},
         engines={"p2p": MappingProxyType(dict(_P2P_CONTROLLER, cross_replace=0.8, uncond="source", prox=True,
                                               prox_quantile=0.7, prox_timestep=400, prox_pull="both"))},
+        ddim=MappingProxyType({"p2p": SCRIPT_DDIM}), inversion_ddim=SCRIPT_DDIM,
     ),
     "pnpinv": Preset(
         "pnpinv", "PIE-Bench's published rows: PnPInversion's run_editing_* settings per engine",
@@ -60,6 +73,7 @@ PRESETS: dict[str, Preset] = {
                                          negative_prompt=PNP_NEGATIVE_PROMPT, guidance_scale=7.5)),
         },
         empty_source=("masactrl",),
+        ddim=MappingProxyType({"p2p": SCRIPT_DDIM, "masactrl": SCRIPT_DDIM}), inversion_ddim=SCRIPT_DDIM,
     ),
 }
 
@@ -91,6 +105,22 @@ def empty_source(name: str | None, engine: str) -> bool:
     return name is not None and engine in get_preset(name).empty_source
 
 
+Model = TypeVar("Model")
+
+
+def preset_model(model: Model, name: str | None, engine: str | None = None) -> Model:
+    """`model` (a DiffusionModel) with the DDIM spacing of preset `name`'s script for `engine` (None:
+    the script `invert(preset=name)` follows); unchanged without a preset or where the script uses
+    the model's own scheduler config."""
+    if name is None:
+        return model
+    preset = get_preset(name)
+    settings = preset.inversion_ddim if engine is None else preset.ddim.get(engine)
+    if settings is None or getattr(model, "ddim", settings) == settings:
+        return model
+    return dataclasses.replace(model, ddim=settings)
+
+
 def describe(name: str) -> str:
     """One line per preset setting, for --help and the README."""
     preset = get_preset(name)
@@ -98,5 +128,6 @@ def describe(name: str) -> str:
              for method, options in preset.inversion.items()]
     parts += [f"{engine}: " + ", ".join(f"{k}={v}" for k, v in options.items())
               + ("; source prompt ''" if engine in preset.empty_source else "")
+              + (f"; DDIM steps_offset {preset.ddim[engine].steps_offset}" if engine in preset.ddim else "")
               for engine, options in preset.engines.items()]
     return f"{name} ({preset.follows}): " + "; ".join(parts)

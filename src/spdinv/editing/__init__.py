@@ -22,7 +22,7 @@ from ..images import Framing
 from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..inversion import METHODS, Inversion, check_prompt, get_method, invert, make_options
 from ..model import DiffusionModel
-from ..presets import empty_source, engine_settings, inversion_settings
+from ..presets import empty_source, engine_settings, inversion_settings, preset_model
 from .base import Editor, NoEditor, no_editor
 from .cache import InversionCache
 from .flow_p2p import flow_p2p_editor
@@ -300,10 +300,10 @@ def edits(
         get_engine(engine).editor(model, _source_for(preset, engine, source_prompt), target_prompt, resolved[engine][0])
     methods = {m: {**inversion_settings(preset, m), **inversion_options.get(m, {})}
                for m in inversions if isinstance(m, str)}
-    for engine in engines:
+    for engine in engines:  # on the DDIM spacing of the engine's script
         chosen, sampler_options = resolved[engine]
-        yield from _edits(model, image, _source_for(preset, engine, source_prompt), target_prompt, inversions,
-                          [engine], methods, {engine: chosen}, sampler_options, **common)
+        yield from _edits(preset_model(model, preset, engine), image, _source_for(preset, engine, source_prompt),
+                          target_prompt, inversions, [engine], methods, {engine: chosen}, sampler_options, **common)
 
 
 def _source_for(preset: str | None, engine: str, source_prompt: str) -> str:

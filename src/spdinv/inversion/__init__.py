@@ -21,7 +21,7 @@ from ..errors import SpdinvError
 from ..images import Framing, to_tensor
 from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..model import DiffusionModel
-from ..presets import inversion_settings
+from ..presets import inversion_settings, preset_model
 from .base import Inversion, StepReport
 from .aidi import AIDIOptions, aidi
 from .ddim import DDIMOptions, ddim
@@ -163,6 +163,7 @@ def invert(
         check_prompt_tokens(model.tokenizer, prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
     options = {**inversion_settings(preset, method), **options}
+    model = preset_model(model, preset)  # the DDIM spacing of the preset's script
     entry, opts = get_method(method), make_options(method, **options)
     check_family(model, method)
     torch.manual_seed(check_seed(seed))
