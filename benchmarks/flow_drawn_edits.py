@@ -141,12 +141,14 @@ def judge(classifier, case: Case, result: EditResult) -> dict:
 
 
 def run_edits(model, classifier, all_cases: list[Case], steps: int, inversions: list[str], engines: list[str],
-              images: Path | None) -> list[dict]:
+              images: Path | None, flowedit: bool = True, engine_options: dict | None = None,
+              sampler: dict | None = None) -> list[dict]:
     rows = []
     for case in all_cases:
-        runs = [(inversions, engines), (["flowedit"], ["none"])]
+        runs = [(inversions, engines)] + ([(["flowedit"], ["none"])] if flowedit else [])
         for methods, engine_names in runs:
-            for result in edits(model, case.image, case.source, case.target, methods, engine_names, num_steps=steps):
+            for result in edits(model, case.image, case.source, case.target, methods, engine_names, num_steps=steps,
+                                engine_options=engine_options, sampler=sampler):
                 rows.append(judge(classifier, case, result))
                 print(json.dumps(rows[-1]), flush=True)
                 if images is not None:
@@ -218,12 +220,16 @@ def main() -> None:
     parser.add_argument("--timing-spdinv", default="[{}]",
                         help="JSON list of SPDInv option sets timed against ddim, e.g. '[{}, {\"delta\": 5e-5}]'")
     parser.add_argument("--no-edits", action="store_true", help="only the timing")
+    parser.add_argument("--no-flowedit", action="store_true", help="leave FlowEdit out")
+    parser.add_argument("--kinds", default="colour,background", help="which edits to run")
+    parser.add_argument("--engine-options", default="{}", help='JSON: engine -> options, e.g. \'{"p2p": {...}}\'')
+    parser.add_argument("--sampler", default="{}", help='JSON: the sampler\'s options, e.g. \'{"guidance_scale": 10}\'')
     parser.add_argument("--images", type=Path, default=None, help="save every input and edit here")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, classifier = load_model(args.model), load_classifier()
-    all_cases = cases(args.n, args.seed)
+    all_cases = [c for c in cases(args.n, args.seed) if c.kind in args.kinds.split(",")]
     judge_reads = [read(classifier, to_tensor(c.image), c.shape, c.target_colour if c.kind == "background" else
                         c.source.split()[2], c.target_background if c.kind == "colour" else c.source.split()[-2])
                    for c in all_cases]
@@ -231,7 +237,8 @@ def main() -> None:
           + ", ".join(f"{k} {sum(r[k] for r in judge_reads)}" for k in ("shape", "colour", "background"))
           + f" of {len(all_cases)}")
     rows = [] if args.no_edits else run_edits(model, classifier, all_cases, args.steps, args.inversions.split(","),
-                                              args.engines.split(","), args.images)
+                                              args.engines.split(","), args.images, not args.no_flowedit,
+                                              json.loads(args.engine_options), json.loads(args.sampler) or None)
     times = timing(model, all_cases[0], args.timing_engines.split(","), args.steps, args.timing,
                    json.loads(args.timing_spdinv)) if args.timing else []
     if rows:
