@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from paired import paired_rows  # noqa: E402
-from spdinv.bench.report import Results, write_report  # noqa: E402
+from spdinv.bench.report import Results, load_results, write_report  # noqa: E402
 from spdinv.bench.results import RESULTS_FILE, part_paths, read_rows, row_key  # noqa: E402
 
 METRICS = "psnr,ssim,gt_psnr,edit_accuracy,noise_error,network_calls,edit_calls,seconds,edit_seconds"
@@ -114,8 +114,6 @@ def _format(value: float) -> str:
 def paired_lines(results: Results, metric: str, baseline: str) -> list[str]:
     lines = ["", f"{metric}: method - {baseline} (mean [95% bootstrap interval], n pairs)", ""]
     for inversion, engine, n, mean, low, high in paired_rows(results, metric, baseline):
-        if baseline == "flowedit" and engine != "none":
-            continue
         lines.append(f"- {inversion} + {engine} vs {baseline} + {engine}: {_format(mean)} "
                      f"[{_format(low)}, {_format(high)}], n={n}")
     return lines
