@@ -114,7 +114,8 @@ def _format(value: float) -> str:
 def paired_lines(results: Results, metric: str, baseline: str) -> list[str]:
     lines = ["", f"{metric}: method - {baseline} (mean [95% bootstrap interval], n pairs)", ""]
     for inversion, engine, n, mean, low, high in paired_rows(results, metric, baseline):
-        lines.append(f"- {inversion} + {engine} vs {baseline} + {engine}: {_format(mean)} "
+        baseline_engine = "none" if "flowedit" in (baseline, inversion) else engine  # FlowEdit: engine none only
+        lines.append(f"- {inversion} + {engine} vs {baseline} + {baseline_engine}: {_format(mean)} "
                      f"[{_format(low)}, {_format(high)}], n={n}")
     return lines
 
