@@ -142,13 +142,14 @@ def judge(classifier, case: Case, result: EditResult) -> dict:
 
 def run_edits(model, classifier, all_cases: list[Case], steps: int, inversions: list[str], engines: list[str],
               images: Path | None, flowedit: bool = True, engine_options: dict | None = None,
-              sampler: dict | None = None) -> list[dict]:
+              sampler: dict | None = None, inversion_options: dict | None = None) -> list[dict]:
     rows = []
     for case in all_cases:
         runs = [(inversions, engines)] + ([(["flowedit"], ["none"])] if flowedit else [])
         for methods, engine_names in runs:
             for result in edits(model, case.image, case.source, case.target, methods, engine_names, num_steps=steps,
-                                engine_options=engine_options, sampler=sampler):
+                                engine_options=engine_options, sampler=sampler,
+                                inversion_options=inversion_options):
                 rows.append(judge(classifier, case, result))
                 print(json.dumps(rows[-1]), flush=True)
                 if images is not None:
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--no-flowedit", action="store_true", help="leave FlowEdit out")
     parser.add_argument("--kinds", default="colour,background", help="which edits to run")
     parser.add_argument("--engine-options", default="{}", help='JSON: engine -> options, e.g. \'{"p2p": {...}}\'')
+    parser.add_argument("--inversion-options", default="{}", help='JSON: method -> options, e.g. \'{"spdinv": {"delta": 5e-5}}\'')
     parser.add_argument("--sampler", default="{}", help='JSON: the sampler\'s options, e.g. \'{"guidance_scale": 10}\'')
     parser.add_argument("--images", type=Path, default=None, help="save every input and edit here")
     parser.add_argument("--json", type=Path, default=None)
@@ -238,7 +240,8 @@ def main() -> None:
           + f" of {len(all_cases)}")
     rows = [] if args.no_edits else run_edits(model, classifier, all_cases, args.steps, args.inversions.split(","),
                                               args.engines.split(","), args.images, not args.no_flowedit,
-                                              json.loads(args.engine_options), json.loads(args.sampler) or None)
+                                              json.loads(args.engine_options), json.loads(args.sampler) or None,
+                                              json.loads(args.inversion_options))
     times = timing(model, all_cases[0], args.timing_engines.split(","), args.steps, args.timing,
                    json.loads(args.timing_spdinv)) if args.timing else []
     if rows:
