@@ -156,3 +156,33 @@ def test_the_inversion_cache_is_shared_with_the_cli(tiny_dir, red_circle, tmp_pa
     assert result.runs[0].cache == "cache hit"
     assert result.runs[0].noise_error is None  # the CLI stores no diagnostics; the page says "not measured"
     demo.close()
+
+
+def _dropdown_choices(app, elem_id: str) -> list[str]:
+    found = [block for block in app.blocks.values() if getattr(block, "elem_id", None) == elem_id]
+    return [choice[0] if isinstance(choice, (tuple, list)) else choice for choice in found[0].choices]
+
+
+@pytest.mark.parametrize("family", ["unet", "sd3", "flux"])
+def test_the_page_offers_the_inversions_and_engines_of_the_models_family(family, tiny, tmp_path):
+    """The flow-only methods (rf_solver, fireflow, uni_inv, flowedit) and rf_edit on flow transformers
+    only, pnp on UNets only, the unconditional-row methods (null_text, negative_prompt) not on FLUX."""
+    from spdinv.demo.app import build_app
+    from spdinv.model import from_pipeline
+    from spdinv.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    model = {"unet": lambda: tiny, "sd3": lambda: from_pipeline(tiny_sd3_pipeline()),
+             "flux": lambda: from_pipeline(tiny_flux_pipeline())}[family]()
+    demo = DemoSession(model, InversionCache(tmp_path / "cache"), [EXAMPLES_DIR], workdir=tmp_path / "work")
+    try:
+        app = build_app(demo)
+        inversions, engines = _dropdown_choices(app, "inversion"), _dropdown_choices(app, "engine")
+    finally:
+        demo.close()
+    flow_only = {"rf_solver", "fireflow", "uni_inv", "flowedit"}
+    assert {"ddim", "spdinv", "direct", "aidi"} <= set(inversions)
+    assert (flow_only <= set(inversions)) == (family != "unet")
+    assert not (flow_only & set(inversions)) or family != "unet"
+    assert ({"null_text", "negative_prompt"} <= set(inversions)) == (family != "flux")
+    assert ("pnp" in engines) == (family == "unet") and ("rf_edit" in engines) == (family != "unet")
+    assert {"p2p", "masactrl", "none"} <= set(engines)

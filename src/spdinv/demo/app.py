@@ -105,9 +105,7 @@ class Inputs:
                 self.guidance, self.seed, self.options, self.compare_inversions, self.compare_engines]
 
 
-def _inputs(seed: int, engines: list[str]) -> Inputs:
-    from ..inversion import METHODS
-
+def _inputs(seed: int, engines: list[str], inversions: list[str]) -> Inputs:
     image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], format="png", elem_id="image",
                      height=256)
     converted = gr.Markdown(elem_id="converted")
@@ -117,14 +115,14 @@ def _inputs(seed: int, engines: list[str]) -> Inputs:
                        elem_id="blend")
     suggested = gr.Radio(label="suggested from the words that differ", choices=[], visible=False, elem_id="suggested")
     with gr.Row():
-        inversion = gr.Dropdown(list(METHODS), value="spdinv", label="inversion", elem_id="inversion")
+        inversion = gr.Dropdown(inversions, value="spdinv", label="inversion", elem_id="inversion")
         engine = gr.Dropdown(engines, value=engines[0], label="engine", elem_id="engine")
     with gr.Row():
         steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="steps")
         presets = [gr.Button(f"{n} steps" + (" (fast)" if n == 10 else ""), size="sm") for n in STEP_PRESETS]
     guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="target guidance scale")
     with gr.Accordion("compare: several inversions x engines side by side", open=False):
-        compare_inversions = gr.CheckboxGroup(list(METHODS), label="also invert with")
+        compare_inversions = gr.CheckboxGroup(inversions, label="also invert with")
         compare_engines = gr.CheckboxGroup(engines, label="also edit with")
     with gr.Accordion("advanced: each method's and engine's options", open=False):
         options = gr.Code(language="json", label='options as JSON, e.g. {"cross_replace": 0.7, "K": 10}', value="",
@@ -197,14 +195,18 @@ def build_app(session: DemoSession) -> gr.Blocks:
               "as `spdinv edit` does.")
     from ..editing import ENGINES, engine_applies
 
-    # the engines of the model's family (pnp: UNets only; rf_edit: flow transformers only)
+    from ..inversion import METHODS, applies
+
+    # the engines and inversions of the model's family (pnp: UNets only; rf_edit and the flow inversions:
+    # flow transformers only; null-text and negative-prompt: not FLUX)
     engines = [name for name in ENGINES if engine_applies(session.model, name)]
+    inversions = [name for name in METHODS if applies(session.model, name)]
     examples = [e for e in load_examples() if e.engine in engines]
     with gr.Blocks(title="spdinv demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(f"## spdinv: text-driven editing of real images\nModel: `{name}`. {limits}")
         with gr.Row():
             with gr.Column():
-                given = _inputs(session.seed, engines)
+                given = _inputs(session.seed, engines, inversions)
             with gr.Column():
                 results = _outputs()
         if examples:

@@ -26,6 +26,16 @@ def engine_classes() -> dict[str, type]:
     return {name: engine.options for name, engine in ENGINES.items()}
 
 
+def family_note(methods: dict) -> str:
+    """Which inversions apply to which model family (from the methods' flags)."""
+    flow = [name for name, m in methods.items() if m.flow_only]
+    free = [name for name, m in methods.items() if m.engine_free]
+    unconditional = [name for name, m in methods.items() if m.classifier_free]
+    return (f"rectified-flow models (SD3, SD3.5, FLUX) only: {', '.join(flow)} ({', '.join(free)}: engine none "
+            f"only); not on FLUX (they need unconditional rows): {', '.join(unconditional)}; the others: every "
+            "family; `all` takes those of the model's family")
+
+
 def add_edit_parser(sub) -> None:
     """Register `spdinv edit` on the CLI's subparsers."""
     from ..arguments import add_framing_arguments, add_model_arguments, add_option_arguments, number
@@ -37,7 +47,8 @@ def add_edit_parser(sub) -> None:
     edit.add_argument("image", type=Path)
     edit.add_argument("--source", required=True, help="the source prompt describing the image")
     edit.add_argument("--target", required=True, help="the target prompt describing the edit")
-    edit.add_argument("--inversion", default="spdinv", help=f"{', '.join(METHODS)} or all (default spdinv)")
+    edit.add_argument("--inversion", default="spdinv", help=f"{', '.join(METHODS)} or all (default spdinv); "
+                      + family_note(METHODS))
     edit.add_argument("--engine", default="p2p",
                       help="; ".join(f"{name}: {e.summary}" for name, e in ENGINES.items()) + "; or all (default p2p)")
     add_inversion_arguments(edit)
