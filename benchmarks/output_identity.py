@@ -31,7 +31,7 @@ EDITS: dict[str, list[str]] = {
     "all-inversions-p2p": ["--inversion", "all", "--engine", "p2p"],
     "preset-official": ["--inversion", "spdinv", "--engine", "p2p", "--preset", "spdinv-official",
                         "--blend", "square circle"],
-    "preset-pnpinv": ["--inversion", "null_text", "--engine", "all", "--preset", "pnpinv"],
+    "preset-pnpinv": ["--inversion", "null_text", "--engine", "masactrl", "--preset", "pnpinv"],
     "wide-gradient": ["--inversion", "spdinv", "--solver", "gradient", "--K", "3", "--engine", "pnp",
                       "--image", "wide"],
     "flow-all-inversions": ["--model", "shapes-world-flow", "--inversion", "all", "--engine", "none"],
