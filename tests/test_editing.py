@@ -477,6 +477,19 @@ def test_edits_inverts_once_per_method_and_each_pair_is_the_edit(tiny, image, mo
     assert calls == ["ddim", "spdinv"]
 
 
+def test_a_preset_inverts_once_per_method_for_engines_under_one_source_prompt(tiny, image, monkeypatch):
+    import spdinv.editing
+    from spdinv.editing import edits
+
+    real_invert, calls = spdinv.editing.invert, []
+    monkeypatch.setattr(spdinv.editing, "invert", lambda *a, **k: calls.append((a[3], a[2])) or real_invert(*a, **k))
+    results = list(edits(tiny, image, SOURCE, TARGET, ["ddim"], ["p2p", "masactrl", "pnp"],
+                         num_steps=2, preset="pnpinv", engine_options={"p2p": {"blend": "red blue"}}))
+    assert [r.engine for r in results] == ["p2p", "masactrl", "pnp"]
+    assert calls == [("ddim", SOURCE), ("ddim", "")]  # masactrl's protocol inverts under the empty prompt
+    assert results[0].inversion is results[2].inversion and results[2].network_calls_by["invert"] == 0
+
+
 def test_cli_edit_goes_through_the_library(tmp_path, tiny_dir, red_circle, monkeypatch):
     import spdinv.editing
 

@@ -283,13 +283,15 @@ def edits(
 
     With `preset` (`spdinv.presets`) every method's and engine's options start from the preset's
     and the given ones override them (a dict sets the fields it has, a dataclass all of its
-    fields); engines then run one after the other, each inverting its methods (through `cache`),
-    since a preset's engines may differ in sampler settings and even in the source prompt."""
+    fields); engines then run one after the other, since a preset's engines may differ in sampler
+    settings and even in the source prompt; each method still inverts once per source prompt."""
     source_prompt, target_prompt = check_prompts(model, source_prompt, target_prompt)
     check_seed(seed)
     image = None if image is None else library_image(image)
     inversion_options, engine_options = inversion_options or {}, engine_options or {}
-    common = dict(num_steps=num_steps, seed=seed, progress=progress, cache=cache, diagnose=diagnose, framing=framing)
+    done: dict[tuple[str, str], tuple[Inversion, bool | None, float]] = {}  # (method, source prompt): once each
+    common = dict(num_steps=num_steps, seed=seed, progress=progress, cache=cache, diagnose=diagnose, framing=framing,
+                  done=done)
     if preset is None:
         sampler = SamplerOptions(**sampler) if isinstance(sampler, dict) else sampler or SamplerOptions()
         yield from _edits(model, image, source_prompt, target_prompt, inversions, engines, inversion_options,
@@ -314,8 +316,10 @@ def _source_for(preset: str | None, engine: str, source_prompt: str) -> str:
 def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str, inversions: list[InversionSource],
            engines: list[str], inversion_options: dict[str, dict], engine_options: dict[str, object],
            sampler: SamplerOptions, *, num_steps: int, seed: int, progress: bool, cache,
-           diagnose: bool, framing: Framing | None) -> Iterator[EditResult]:
-    """`edits` once the prompts are checked and the options resolved."""
+           diagnose: bool, framing: Framing | None,
+           done: dict[tuple[str, str], tuple[Inversion, bool | None, float]]) -> Iterator[EditResult]:
+    """`edits` once the prompts are checked and the options resolved; `done` holds the
+    inversions already computed in this call, by (method, source prompt)."""
     for inversion in inversions:
         check_engine_free(inversion.method if isinstance(inversion, Inversion) else inversion, engines)
         if not isinstance(inversion, Inversion):
@@ -328,11 +332,17 @@ def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str,
         chosen[engine] = get_engine(engine).options(**given) if isinstance(given, dict) else given
         get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])  # word checks
     for inversion in inversions:
-        options = {} if isinstance(inversion, Inversion) else inversion_options.get(inversion, {})
-        inverted, hit, inverting = _invert(model, image, source_prompt, inversion, num_steps=num_steps, seed=seed,
-                                           progress=progress, cache=cache, diagnose=diagnose, options=options,
-                                           framing=framing)
-        inverted_here = not isinstance(inversion, Inversion) and not hit
+        given = isinstance(inversion, Inversion)
+        key = (inversion.method if given else inversion, source_prompt)
+        fresh = given or key not in done  # a preset's engines under one source prompt share the inversion
+        if fresh:
+            options = {} if given else inversion_options.get(inversion, {})
+            computed = _invert(model, image, source_prompt, inversion, num_steps=num_steps, seed=seed,
+                               progress=progress, cache=cache, diagnose=diagnose, options=options, framing=framing)
+            if not given:
+                done[key] = computed
+        inverted, hit, inverting = computed if fresh else done[key]
+        inverted_here = fresh and not given and not hit
         for engine in engines:
             editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
             images, latents, sampling, rows = run_editor(model, inverted, target_prompt, editor, sampler,

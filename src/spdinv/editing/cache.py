@@ -148,40 +148,6 @@ class InversionCache:
         return inversion, False
 
 
-@dataclass
-class LastInversion:
-    """The most recent inversion, in memory: a benchmark edits one image with every engine in turn,
-    so each method inverts an image once. The same `invert` as InversionCache; `diagnose` (here,
-    or per call) asks the inversions for their diagnostics."""
-
-    diagnose: bool = False
-    hits: int = 0
-    misses: int = 0
-    _last: tuple[tuple, Inversion] | None = None
-
-    def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
-               seed: int = 0, progress: bool = False, diagnose: bool = False, allow_empty_prompt: bool = False,
-               framing: Framing | None = None,
-               **options) -> tuple[Inversion, bool]:
-        """(inversion, whether it was the last one computed)."""
-        diagnose = diagnose or self.diagnose
-        image, framing = fitted(model, image, framing)
-        key = (id(model), None if model.concept is None else model.concept.fingerprint,
-               hashlib.sha256(_image_bytes(model, image, framing)).hexdigest(), prompt, method, steps, seed,
-               json.dumps(options, sort_keys=True, default=str), diagnose)
-        if self._last is not None and self._last[0] == key:
-            self.hits += 1
-            return self._last[1], True
-        from .. import inversion as methods  # looked up at call time, so a patched `invert` is the one called
-
-        self.misses += 1
-        inversion = methods.invert(model, image, prompt, method, steps, seed=seed, diagnose=diagnose,
-                                   progress=progress, allow_empty_prompt=allow_empty_prompt,
-                                   framing=framing, **options)
-        self._last = key, inversion
-        return inversion, False
-
-
 def _tensors(inversion: Inversion) -> list[Tensor]:
     side = inversion.uncond_embeddings
     return [inversion.trajectory, inversion.prompt_embedding, *([] if side is None else [side])]

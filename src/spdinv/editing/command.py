@@ -115,6 +115,19 @@ def engine_fields(args: argparse.Namespace, engines: list[str]) -> dict[str, dic
     return {engine: given.get(engine, {}) for engine in engines}
 
 
+@dataclass(frozen=True)
+class EditOutputs:
+    """Where an edit's files go and what config.json says of the request besides its runs."""
+
+    out: Path
+    image: str  # the input image as given
+    seed: int
+    steps: int
+    preset: str | None = None
+    concept: dict | None = None  # `concept_record`: the concept word's file, or its encoder and image
+    command: list[str] | None = None  # default: this process's sys.argv
+
+
 @dataclass
 class Run:
     """One inversion x engine result, ready to write."""
@@ -195,7 +208,9 @@ def run_edit(args: argparse.Namespace) -> None:
     for run in runs:
         run.psnr = psnr(run.reconstruction, source_tensor)
         run.edited, run.reconstruction = to_pil(run.edited)[0], to_pil(run.reconstruction)[0]
-    write_outputs(args, model, image, source, target, sampler, per_method, per_engine, runs,
+    concept = None if model.concept is None else concept_record(args, model.concept)
+    written = EditOutputs(args.out, str(args.image), args.seed, args.steps, args.preset, concept)
+    write_outputs(written, model, image, source, target, sampler, per_method, per_engine, runs,
                   {"model_load": loaded, "total": time.perf_counter() - wall})
     for run in runs:
         print(f"{run.method} + {run.engine}: reconstruction PSNR {run.psnr:.2f} dB, invert {run.timings['invert']:.1f} s "
@@ -263,17 +278,16 @@ def output_names(methods: list[str], engines: list[str]) -> list[str]:
             *(f"{kind}{suffix}.png" for suffix in suffixes for kind in ("edit", "reconstruction"))]
 
 
-def write_outputs(args, model, image, source: str, target: str, sampler, per_method: dict, per_engine: dict,
-                  runs: list[Run], timings: dict, command: list[str] | None = None) -> None:
+def write_outputs(outputs: EditOutputs, model, image, source: str, target: str, sampler, per_method: dict,
+                  per_engine: dict, runs: list[Run], timings: dict) -> None:
     """edit.png / reconstruction.png / mask.png (suffixed -METHOD-ENGINE when several), source.png,
-    grid.png and config.json, moved into --out only when all are written. `command` is what
-    config.json records as the command (default: this process's sys.argv)."""
+    grid.png and config.json, moved into `outputs.out` only when all are written."""
     from ..outputs import staged_output, write_json
     from .grid import labelled_grid
 
     single = len(runs) == 1
     records, rows = [], []
-    with staged_output(args.out) as stage:
+    with staged_output(outputs.out) as stage:
         image.save(stage / "source.png")
         for run in runs:
             suffix = "" if single else f"-{run.method}-{run.engine}"
@@ -298,12 +312,11 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             rows = [(label, cells[:3]) for label, cells in rows]
         labelled_grid(rows, columns, [f"source: {source}", f"target: {target}"]).save(stage / "grid.png")
         write_json(stage / "config.json", {
-            "source": source, "target": target, "image": str(args.image), "model": model.name,
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": args.seed,
-            "steps": args.steps, "preset": getattr(args, "preset", None), "sampler": dataclasses.asdict(sampler),
-            "runs": records, "timings": timings,
-            "concept": None if model.concept is None else concept_record(args, model.concept),
-            "command": sys.argv if command is None else command,
+            "source": source, "target": target, "image": outputs.image, "model": model.name,
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": outputs.seed,
+            "steps": outputs.steps, "preset": outputs.preset, "sampler": dataclasses.asdict(sampler),
+            "runs": records, "timings": timings, "concept": outputs.concept,
+            "command": sys.argv if outputs.command is None else outputs.command,
         })
 
 
