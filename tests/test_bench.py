@@ -457,8 +457,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, world, tiny):
 def test_default_edit_uses_spdinv_editing_and_inverts_once_per_method(tmp_path, world, tiny, monkeypatch):
     import spdinv.editing
 
-    real_invert, calls = spdinv.editing.invert, []
-    monkeypatch.setattr(spdinv.editing, "invert", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
+    real_invert, calls = spdinv.editing.run_method, []
+    monkeypatch.setattr(spdinv.editing, "run_method", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
     summary = run_benchmark(options(world, tmp_path / "out", limit=2, engines=["p2p", "masactrl"]), model=tiny)
     rows = read_rows(summary.results)
     assert len(rows) == 8 and all(r["error"] == "" for r in rows), [r["error"] for r in rows]
@@ -473,8 +473,8 @@ def test_default_edit_keeps_one_engines_error_in_its_own_row(tmp_path, world, ti
     before inverting: the group falls back to one engine at a time, so masactrl's row is unharmed."""
     import spdinv.editing
 
-    real_invert, calls = spdinv.editing.invert, []
-    monkeypatch.setattr(spdinv.editing, "invert", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
+    real_invert, calls = spdinv.editing.run_method, []
+    monkeypatch.setattr(spdinv.editing, "run_method", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
     summary = run_benchmark(options(world, tmp_path / "out", limit=1, inversions=["ddim"], inversion_options={},
                                     engines=["masactrl", "p2p"], engine_options={"blend": "zebra giraffe"}),
                             model=tiny)

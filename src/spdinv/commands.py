@@ -35,21 +35,19 @@ def inversion_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict]:
-    """Each selected method's options from the inversion flags given (with several, each method
-    takes those it has); a flag no selected method has is an error."""
+    """Each selected method's option fields from the inversion flags given (with several, each
+    method takes those it has); a flag no selected method has is an error. Their values are
+    checked where they become the methods' dataclasses (`inversion.options_for`)."""
     import dataclasses
 
-    from .inversion import get_method, make_options
+    from .inversion import get_method
 
     given = inversion_options(args)
     fields = {m: {f.name for f in dataclasses.fields(get_method(m).options)} for m in methods}
     unused = sorted(set(given) - set().union(*fields.values()))
     if unused:
         raise SpdinvError(f"{', '.join(flag_name(u) for u in unused)} do(es) not apply to inversion {', '.join(methods)}")
-    chosen = {m: {k: v for k, v in given.items() if k in fields[m]} for m in methods}
-    for m, options in chosen.items():
-        make_options(m, **options)
-    return chosen
+    return {m: {k: v for k, v in given.items() if k in fields[m]} for m in methods}
 
 
 def load_model_from_args(args: argparse.Namespace):

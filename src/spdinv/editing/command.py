@@ -150,10 +150,9 @@ def run_edit(args: argparse.Namespace) -> None:
                             encoder_choice_from_args, load_model_from_args, prompt_warnings)
     from ..arguments import framing_from_args
     from ..images import open_image, psnr, to_pil, to_tensor
-    from ..inversion import METHODS, applies, check_prompt
+    from ..inversion import METHODS, applies, check_prompt, options_for
     from ..outputs import check_no_foreign, check_output_dir
-    from ..presets import empty_source
-    from . import ENGINES, check_pairs, engine_applies
+    from . import ENGINES, check_pairs, edits, engine_applies
     from .sampler import SamplerOptions
 
     wall = time.perf_counter()
@@ -161,9 +160,11 @@ def run_edit(args: argparse.Namespace) -> None:
     target = check_prompt(args.target, "target prompt")
     methods = _names(args.inversion, METHODS, "inversion method")
     engines = _names(args.engine, ENGINES, "engine")
-    per_engine = engine_options(args, engines)
-    per_method = method_options(args, methods)
-    sampler = SamplerOptions(**sampler_fields(args))
+    per_engine = engine_options(args, engines)  # typed once, here
+    per_method = method_options(args, methods)  # the flags given, as config.json records them
+    typed_methods = {m: options_for(m, per_method[m], args.preset) for m in methods}
+    given_sampler = sampler_fields(args)
+    sampler = SamplerOptions(**given_sampler)
     check_output_dir(args.out)
     check_no_foreign(args.out, output_names(methods, engines))
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
@@ -196,14 +197,19 @@ def run_edit(args: argparse.Namespace) -> None:
         args.no_cache = True
     loaded = time.perf_counter() - wall
     image, notices = model.fit(raw_image, framing_from_args(args))
-    for engine in engines:  # word checks (blend, reweight, replace) before any inversion
-        ENGINES[engine].editor(model, "" if empty_source(args.preset, engine) else source, target, per_engine[engine])
+    cache, problem = inversion_cache(args)
+    results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
+                    progress=not args.quiet, cache=cache, inversion_options=typed_methods, engine_options=per_engine,
+                    sampler=sampler if args.preset is None else given_sampler, preset=args.preset,
+                    framing=Framing(size=image.size))  # every word checked here; fitted above
     for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
     for warning in prompt_warnings(model, source, "source prompt") + prompt_warnings(model, target, "target prompt"):
         print(f"warning: {warning}", file=sys.stderr)
+    if problem:
+        print(f"warning: not caching inversions: {problem}", file=sys.stderr)
     with elite_projections(model, mapper if args.elite_projections else None):
-        runs = edit_all(model, image, source, target, methods, engines, per_method, per_engine, sampler, args)
+        runs = edit_all(model, results, cache)
     source_tensor = to_tensor(image)
     for run in runs:
         run.psnr = psnr(run.reconstruction, source_tensor)
@@ -227,24 +233,21 @@ def elite_projections(model, mapper):
     return contextlib.nullcontext() if mapper is None else projections_installed(model.unet, mapper)
 
 
-def edit_all(model, image, source: str, target: str, methods: list[str], engines: list[str], per_method: dict,
-             per_engine: dict, sampler, args: argparse.Namespace) -> list[Run]:
-    """Every method x engine through the library's `edits` (one inversion per method, through the cache)."""
-    from . import edits
+def inversion_cache(args: argparse.Namespace):
+    """(the inversion cache --cache names, or None with --no-cache or when it cannot be written; why not)."""
     from .cache import InversionCache, default_cache_dir
 
-    cache = None if args.no_cache else InversionCache(args.cache or default_cache_dir())
-    if cache is not None and (problem := cache.unusable()):
-        print(f"warning: not caching inversions: {problem}", file=sys.stderr)
-        cache = None
+    if args.no_cache:
+        return None, None
+    cache = InversionCache(args.cache or default_cache_dir())
+    problem = cache.unusable()
+    return (None, problem) if problem else (cache, None)
+
+
+def edit_all(model, results, cache) -> list[Run]:
+    """Every edit `results` (the iterator `editing.edits` returned) computes, checked finite, as Runs."""
     hint = _FLOAT16_HINT.get(str(model.dtype), "")
     runs = []
-    preset = getattr(args, "preset", None)
-    results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
-                    progress=not args.quiet, cache=cache, inversion_options=per_method,
-                    engine_options=per_engine if preset is None else engine_fields(args, engines),
-                    sampler=sampler if preset is None else sampler_fields(args), preset=preset,
-                    framing=Framing(size=image.size))  # fitted by the caller
     for result in results:
         method, engine = result.inversion.settings.get("method", result.inversion.method), result.engine
         require_finite(result.inversion.trajectory, f"the {method} inversion" + hint)
