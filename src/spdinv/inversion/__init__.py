@@ -55,7 +55,8 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion; explicit Euler on a rectified flow (1 call/step)"),
-    "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search by gradient descent (ECCV 2024)"),
+    "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search (default solver anderson; the paper's gradient descent: --solver gradient) "
+                     "(ECCV 2024)"),
     "null_text": Method(null_text, NullTextOptions,
                         "null-text inversion, per-step Adam on the null embedding (CVPR 2023)", True),
     "negative_prompt": Method(negative_prompt, NegativePromptOptions,
