@@ -88,31 +88,34 @@ def _names(value: str, registry: dict, kind: str) -> list[str]:
     return [value]
 
 
-def engine_options(args: argparse.Namespace, engines: list[str]) -> dict[str, object]:
-    """Each selected engine's options dataclass from the flags given (over the --preset's settings);
-    a flag of an unselected engine is an error."""
+def engine_options(given: dict[str, object], engines: list[str], preset: str | None,
+                   sampler: dict) -> dict[str, object]:
+    """Each selected engine's options dataclass from the option flags given (`given`: dest ->
+    value, over the --preset's settings; `sampler`: the sampler fields given); a flag of an
+    unselected engine is an error."""
     from . import get_engine, preset_options
 
-    given = engine_fields(args, engines)
-    preset = getattr(args, "preset", None)
+    fields = engine_fields(given, engines)
     if preset is None:
-        return {engine: get_engine(engine).options(**given.get(engine, {})) for engine in engines}
-    return {engine: preset_options(preset, engine, given.get(engine, {}), sampler_fields(args))[0] for engine in engines}
+        return {engine: get_engine(engine).options(**fields[engine]) for engine in engines}
+    return {engine: preset_options(preset, engine, fields[engine], sampler)[0] for engine in engines}
 
 
-def engine_fields(args: argparse.Namespace, engines: list[str]) -> dict[str, dict]:
-    """Each selected engine's option fields given on the command line."""
-    from ..arguments import given_options, option_flags
+def engine_fields(given: dict[str, object], engines: list[str]) -> dict[str, dict]:
+    """Each selected engine's option fields among the option flags given (dest -> value)."""
+    from ..arguments import option_flags
 
     flags = option_flags(engine_classes())
-    given: dict[str, dict] = {}
-    for dest, value in given_options(args, engine_classes()).items():
+    chosen: dict[str, dict] = {}
+    for dest, value in given.items():
+        if dest not in flags:
+            continue
         owners = flags[dest].fields
         if not set(owners) & set(engines):
             raise SpdinvError(f"{flag_name(dest)} is a {', '.join(owners)} option; the engine is {', '.join(engines)}")
         for engine, name in owners.items():
-            given.setdefault(engine, {})[name] = value
-    return {engine: given.get(engine, {}) for engine in engines}
+            chosen.setdefault(engine, {})[name] = value
+    return {engine: chosen.get(engine, {}) for engine in engines}
 
 
 @dataclass(frozen=True)
@@ -146,9 +149,11 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from ..commands import (check_concept_word, check_model_settings, concept_from_args, encode_with,
-                            encoder_choice_from_args, load_model_from_args, prompt_warnings)
-    from ..arguments import framing_from_args
+    from ..commands import (check_concept_word, check_model_settings, concept_from_args, encoder_choice_from_args,
+                            load_model_from_args, prompt_warnings)
+    from ..world.concept_encoder import encode_with
+    from ..arguments import framing_from_args, given_options
+    from ..commands import inversion_classes
     from ..images import open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, applies, check_prompt, options_for
     from ..outputs import check_no_foreign, check_output_dir
@@ -160,10 +165,11 @@ def run_edit(args: argparse.Namespace) -> None:
     target = check_prompt(args.target, "target prompt")
     methods = _names(args.inversion, METHODS, "inversion method")
     engines = _names(args.engine, ENGINES, "engine")
-    per_engine = engine_options(args, engines)  # typed once, here
-    per_method = method_options(args, methods)  # the flags given, as config.json records them
-    typed_methods = {m: options_for(m, per_method[m], args.preset) for m in methods}
+    given = given_options(args, {**inversion_classes(), **engine_classes()})  # every option flag typed, read once
     given_sampler = sampler_fields(args)
+    per_engine = engine_options(given, engines, args.preset, given_sampler)  # typed once, here
+    per_method = method_options(given, methods)  # the flags given, as config.json records them
+    typed_methods = {m: options_for(m, per_method[m], args.preset) for m in methods}
     sampler = SamplerOptions(**given_sampler)
     check_output_dir(args.out)
     check_no_foreign(args.out, output_names(methods, engines))
