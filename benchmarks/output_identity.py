@@ -9,6 +9,13 @@ JSON/CSV output (timing fields, durations and temporary paths removed) to a file
     diff benchmarks/output_identity.sha256 /tmp/after.sha256
 
 Each run starts a fresh `python -m spdinv` process, at one thread, with `--no-cache`.
+
+Known limits of this first version (keep them until the baseline is next regenerated, so that the
+committed hashes stay comparable): config.json records the model's folder, so compare runs made
+from the same source path (or rewrite it before hashing); `.spdinv-manifest.json` holds checksums
+of config.json with its timings and bench/run.json the exported data's temporary folder, so those
+differ between any two runs; `stable_json` drops keys by substring, which also drops
+"inversion", "inversion_options" and "inversion_settings" ("version") and "image" keys.
 """
 
 from __future__ import annotations
