@@ -455,10 +455,10 @@ def test_resume_with_other_settings_is_refused(tmp_path, world, tiny):
 
 
 def test_default_edit_uses_spdinv_editing_and_inverts_once_per_method(tmp_path, world, tiny, monkeypatch):
-    import spdinv.inversion
+    import spdinv.editing
 
-    real_invert, calls = spdinv.inversion.invert, []
-    monkeypatch.setattr(spdinv.inversion, "invert", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
+    real_invert, calls = spdinv.editing.run_method, []
+    monkeypatch.setattr(spdinv.editing, "run_method", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
     summary = run_benchmark(options(world, tmp_path / "out", limit=2, engines=["p2p", "masactrl"]), model=tiny)
     rows = read_rows(summary.results)
     assert len(rows) == 8 and all(r["error"] == "" for r in rows), [r["error"] for r in rows]
@@ -466,6 +466,21 @@ def test_default_edit_uses_spdinv_editing_and_inverts_once_per_method(tmp_path, 
     assert all(float(r["noise_error"]) > 0 and float(r["reconstruction_error"]) >= 0 for r in rows)
     first, second = rows[0], rows[1]  # ddim + p2p, ddim + masactrl: one inversion, two edits
     assert first["noise_error"] == second["noise_error"] and first["mse"] != second["mse"]
+
+
+def test_default_edit_keeps_one_engines_error_in_its_own_row(tmp_path, world, tiny, monkeypatch):
+    """Blend words the prompts lack fail p2p's word check, which `edits()` runs for every engine
+    before inverting: the group falls back to one engine at a time, so masactrl's row is unharmed."""
+    import spdinv.editing
+
+    real_invert, calls = spdinv.editing.run_method, []
+    monkeypatch.setattr(spdinv.editing, "run_method", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
+    summary = run_benchmark(options(world, tmp_path / "out", limit=1, inversions=["ddim"], inversion_options={},
+                                    engines=["masactrl", "p2p"], engine_options={"blend": "zebra giraffe"}),
+                            model=tiny)
+    rows = {r["engine"]: r for r in read_rows(summary.results)}
+    assert rows["masactrl"]["error"] == "" and "zebra" in rows["p2p"]["error"]
+    assert calls == ["ddim"]  # the failing group inverted nothing; masactrl alone inverted once
 
 
 # ---------------------------------------------------------------- two processes on gloo

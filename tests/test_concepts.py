@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from spdinv.inversion.ddim import DDIMOptions
 from spdinv.cli import main
 from spdinv.concepts import Concept, load_concept, save_concept
 from spdinv.editing import edit
@@ -98,7 +99,7 @@ def test_every_inversion_inverts_under_the_concept(tiny, concept, image, method)
 
 def test_the_inversion_cache_keys_on_the_concept(tiny, concept, image, tmp_path):
     cache = InversionCache(tmp_path)
-    keys = {cache.key(m, image, SOURCE, "ddim", STEPS, 0, {})
+    keys = {cache.key(m, image, SOURCE, "ddim", STEPS, 0, DDIMOptions())
             for m in (tiny, tiny.with_concept(concept), tiny.with_concept(Concept("S", concept.vectors * 2)))}
     assert len(keys) == 3
 

@@ -377,8 +377,8 @@ def edit_args(image, out, model, cache, *extra):
 def test_cli_edit_writes_everything_and_reuses_the_cached_inversion(tmp_path, tiny_dir, red_circle, capsys,
                                                                     monkeypatch):
     calls = []
-    real_invert = spdinv.editing.cache.invert
-    monkeypatch.setattr(spdinv.editing.cache, "invert", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
+    real_invert = spdinv.editing.cache.run_method
+    monkeypatch.setattr(spdinv.editing.cache, "run_method", lambda *a, **k: calls.append(1) or real_invert(*a, **k))
     out, cache = tmp_path / "out", tmp_path / "cache"
     assert main(edit_args(red_circle, out, tiny_dir, cache, "--blend", "red blue", "--K", "2")) == 0
     assert {p.name for p in out.iterdir()} == {"source.png", "edit.png", "reconstruction.png", "mask.png",
@@ -462,8 +462,8 @@ def test_edits_inverts_once_per_method_and_each_pair_is_the_edit(tiny, image, mo
     import spdinv.editing
     from spdinv.editing import edits
 
-    real_invert, calls = spdinv.editing.invert, []
-    monkeypatch.setattr(spdinv.editing, "invert", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
+    real_invert, calls = spdinv.editing.run_method, []
+    monkeypatch.setattr(spdinv.editing, "run_method", lambda *a, **k: calls.append(a[3]) or real_invert(*a, **k))
     results = list(edits(tiny, image, SOURCE, TARGET, ["ddim", "spdinv"], ["none", "p2p"], num_steps=STEPS,
                          inversion_options={"spdinv": FAST["spdinv"]}, engine_options={"p2p": {"blend": "red blue"}}))
     assert calls == ["ddim", "spdinv"]  # one inversion per method, shared by both engines
@@ -475,6 +475,25 @@ def test_edits_inverts_once_per_method_and_each_pair_is_the_edit(tiny, image, mo
     with pytest.raises(SpdinvError, match="blend"):  # every engine's words are checked before any inversion
         next(edits(tiny, image, SOURCE, TARGET, ["ddim"], ["none", "p2p"], engine_options={"p2p": {"blend": "zebra"}}))
     assert calls == ["ddim", "spdinv"]
+
+
+def test_a_preset_inverts_once_per_method_for_engines_under_one_source_prompt(tiny, image, monkeypatch):
+    import spdinv.editing
+    from spdinv.editing import edits
+
+    real_invert, calls = spdinv.editing.run_method, []
+    monkeypatch.setattr(spdinv.editing, "run_method", lambda *a, **k: calls.append((a[3], a[2])) or real_invert(*a, **k))
+    results = list(edits(tiny, image, SOURCE, TARGET, ["ddim"], ["p2p", "masactrl", "pnp"],
+                         num_steps=2, preset="pnpinv", engine_options={"p2p": {"blend": "red blue"}}))
+    assert [r.engine for r in results] == ["p2p", "masactrl", "pnp"]
+    # masactrl's protocol inverts under the empty prompt; pnp's script runs on SD's DDIM spacing (offset 1),
+    # p2p's and masactrl's on their scripts' (offset 0), so pnp cannot reuse p2p's inversion
+    assert calls == [("ddim", SOURCE), ("ddim", ""), ("ddim", SOURCE)]
+    assert results[2].network_calls_by["invert"] > 0
+    shared = list(edits(tiny, image, SOURCE, TARGET, ["ddim"], ["p2p", "p2p"], num_steps=2, preset="pnpinv",
+                        engine_options={"p2p": {"blend": "red blue"}}))
+    assert shared[0].inversion is shared[1].inversion and shared[1].network_calls_by["invert"] == 0
+    assert calls[3:] == [("ddim", SOURCE)]  # one source prompt, one spacing: one inversion
 
 
 def test_cli_edit_goes_through_the_library(tmp_path, tiny_dir, red_circle, monkeypatch):

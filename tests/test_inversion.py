@@ -254,17 +254,17 @@ def test_the_ddim_guess_is_one_iteration_from_the_previous_latent(tiny, image):
     guess and f use the same coefficients, one as tensors, one as floats)."""
     from spdinv.inversion import image_latent
     from spdinv.inversion.base import ddim_guess, fixed_point_map
-    from spdinv.inversion.solvers import ddim_step
+    from spdinv.inversion.solvers import ddim_iterate
 
     schedule, embedding = tiny.schedule(10), tiny.encode_prompt(PROMPT)
     z_prev = image_latent(tiny, image)
     f = fixed_point_map(tiny, schedule, 3, z_prev, embedding)
     guess = ddim_guess(tiny, schedule, 3, z_prev, embedding)
-    earlier, residual = ddim_step(f, guess)
+    earlier, residual = ddim_iterate(f, guess)
     assert earlier is z_prev
     with torch.no_grad():
         assert torch.allclose(residual, f(z_prev) - z_prev, rtol=0, atol=1e-5)
-    assert ddim_step(contraction, guess) is None
+    assert ddim_iterate(contraction, guess) is None
 
 
 def test_gmres_solves_a_small_linear_system():

@@ -126,7 +126,7 @@ def test_cache_key_follows_the_model_files(tmp_path, red_circle):
     cache, image = InversionCache(tmp_path / "cache"), Image.open(red_circle)
 
     def key():
-        return cache.key(load_model(folder), image, "a red circle", "ddim", 4, 0, {})
+        return cache.key(load_model(folder), image, "a red circle", "ddim", 4, 0, DDIMOptions())
 
     first = key()
     assert key() == first
@@ -260,7 +260,7 @@ def test_single_file_cache_key_follows_the_config_folder(single_file, tmp_path, 
 
     def key():
         return cache.key(load_model(single_file / "tiny.safetensors", config=config), image, "a red circle",
-                         "ddim", 4, 0, {})
+                         "ddim", 4, 0, DDIMOptions())
 
     first = key()
     scheduler = config / "scheduler" / "scheduler_config.json"

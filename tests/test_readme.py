@@ -49,3 +49,16 @@ def test_reconstruct_reports_the_psnr_spdinv_invert_reports(tmp_path, tiny_dir, 
     for image in (Image.open(red_circle), str(red_circle)):  # a PIL image or its path: the same inversion
         recon = reconstruct(model, invert(model, image, prompt, "spdinv", 4, K=3, progress=False))
         assert recon.psnr == pytest.approx(written, rel=1e-6) and f"{recon.psnr:.2f}" == f"{printed:.2f}"
+
+
+def test_the_readme_names_every_solver_of_SOLVERS():
+    """The solver names live in `solvers.SOLVERS` (the help is generated from it); the README's
+    synopses list its choices and its `--solver` paragraph describes each one."""
+    from spdinv.inversion.solvers import SOLVERS
+
+    readme = (ROOT / "README.md").read_text()
+    choices = set(re.findall(r"--solver \{([a-z_,]+)\}", readme))
+    assert choices == {",".join(SOLVERS)}
+    start = readme.index("`--solver` picks")
+    paragraph = readme[start:readme.index("\n\n", start)]
+    assert all(f"`{name}`" in paragraph for name in SOLVERS), [n for n in SOLVERS if f"`{n}`" not in paragraph]

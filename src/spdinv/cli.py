@@ -20,17 +20,6 @@ from .arguments import Parser, add_framing_arguments, add_model_arguments, frami
 from .errors import SpdinvError  # noqa: E402
 
 
-def inversion_options(args: argparse.Namespace, method: str) -> dict:
-    """Only the options given on the command line, checked against the method's options."""
-    from .inversion import make_options
-
-    from .presets import inversion_settings
-
-    given = {**inversion_settings(getattr(args, "preset", None), method), **commands.inversion_options(args)}
-    make_options(method, **given)
-    return given
-
-
 def _method_help() -> str:
     from .inversion import METHODS
 
@@ -77,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_invert(args: argparse.Namespace) -> None:
     from .images import open_image
-    from .inversion import check_prompt, get_method
+    from .inversion import check_prompt, get_method, options_for
     from .export import INVERT_FILES
     from .outputs import check_no_foreign, check_output_dir
 
     prompt = check_prompt(args.prompt)
     get_method(args.method)
-    options = inversion_options(args, args.method)
+    options = options_for(args.method, commands.given_inversion_options(args), args.preset)  # typed once, here
     check_output_dir(args.out)
     check_no_foreign(args.out, list(INVERT_FILES))
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size

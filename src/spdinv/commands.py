@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from .arguments import add_option_arguments, add_steps_argument, flag_name, given_options
@@ -29,27 +28,28 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     add_option_arguments(parser, inversion_classes())
 
 
-def inversion_options(args: argparse.Namespace) -> dict[str, object]:
+def given_inversion_options(args: argparse.Namespace) -> dict[str, object]:
     """The inversion options given on the command line (field name -> value)."""
     return given_options(args, inversion_classes())
 
 
-def method_options(args: argparse.Namespace, methods: list[str]) -> dict[str, dict]:
-    """Each selected method's options from the inversion flags given (with several, each method
-    takes those it has); a flag no selected method has is an error."""
+def method_options(given: dict[str, object], methods: list[str]) -> dict[str, dict]:
+    """Each selected method's option fields among the option flags given (`given`: dest -> value;
+    with several methods, each takes those it has); an inversion flag no selected method has is an
+    error. Their values are checked where they become the methods' dataclasses
+    (`inversion.options_for`)."""
     import dataclasses
 
-    from .inversion import get_method, make_options
+    from .arguments import option_flags
+    from .inversion import get_method
 
-    given = inversion_options(args)
+    inversion_flags = option_flags(inversion_classes())
+    given = {dest: value for dest, value in given.items() if dest in inversion_flags}
     fields = {m: {f.name for f in dataclasses.fields(get_method(m).options)} for m in methods}
     unused = sorted(set(given) - set().union(*fields.values()))
     if unused:
         raise SpdinvError(f"{', '.join(flag_name(u) for u in unused)} do(es) not apply to inversion {', '.join(methods)}")
-    chosen = {m: {k: v for k, v in given.items() if k in fields[m]} for m in methods}
-    for m, options in chosen.items():
-        make_options(m, **options)
-    return chosen
+    return {m: {k: v for k, v in given.items() if k in fields[m]} for m in methods}
 
 
 def load_model_from_args(args: argparse.Namespace):
@@ -164,18 +164,10 @@ def add_concept_encoder_arguments(parser: argparse.ArgumentParser, *, for_edit: 
                                 "projections during inversion and editing")
 
 
-@dataclass(frozen=True)
-class EncoderChoice:
-    """Which concept encoder the flags name: `kind` "world" (spdinv's .safetensors) or "elite"."""
-
-    kind: str
-    path: Path | None  # None: the shipped world encoder
-    image_encoder: Path | None = None
-
-
-def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = False) -> EncoderChoice | None:
+def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = False):
     """The concept encoder the flags name (None: none), checked before any model loads."""
     from .concepts import PICKLE_SUFFIXES
+    from .world.concept_encoder import EncoderChoice
 
     path, image_encoder = args.concept_encoder, args.image_encoder
     projections = getattr(args, "elite_projections", False)
@@ -204,26 +196,3 @@ def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = F
     if not (image_encoder / "config.json").is_file():
         raise SpdinvError(f"--image-encoder must be a local CLIP model folder with a config.json: {image_encoder}")
     return EncoderChoice("elite", path, image_encoder)
-
-
-def encode_with(choice: EncoderChoice, model, image, word: str):
-    """(the concept `image` encodes to, ELITE's mapper or None). `model` (may be None for the world
-    encoder) is the model the concept is for."""
-    from .concepts import check_width
-
-    if choice.kind == "world":
-        from .world.concept_encoder import load_concept_encoder
-
-        concept = load_concept_encoder(choice.path).encode(image, word)
-        if model is not None:
-            check_width(concept, model.text_encoder.get_input_embeddings().embedding_dim,
-                        f"the concept encoder {choice.path or '(shipped, for the embedded model)'}")
-        return concept, None
-    from .elite import clip_pixels, encode_concept, load_global_mapper, load_image_encoder
-
-    if model.text_encoder_2 is not None:
-        raise SpdinvError("ELITE's global mapper is for SD 1.x models; this is an SDXL model")
-    image_encoder = load_image_encoder(choice.image_encoder).to(model.device)
-    mapper = load_global_mapper(choice.path, model.unet, input_dim=int(image_encoder.config.hidden_size))
-    pixels = clip_pixels(image, int(image_encoder.config.image_size)).to(model.device, image_encoder.dtype)
-    return encode_concept(mapper.to(model.device), image_encoder, pixels, word), mapper

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import require_finite
 from .images import Framing, to_pil
-from .inversion import METHODS, Inversion, invert
+from .inversion import METHODS, Inversion, run_method
 from .inversion.base import StepReport
 from .model import DiffusionModel
 from .outputs import staged_output, write_json
@@ -72,10 +72,11 @@ def _step_report(record: dict) -> StepReport:
 
 
 def invert_to_folder(model: DiffusionModel, image: Image.Image, prompt: str, method: str, num_steps: int,
-                     options: dict, out: Path, *, seed: int = 0, progress: bool = True, command=None) -> str:
-    """The `spdinv invert` job: invert, reconstruct, and write everything to `out` all-or-nothing."""
-    inversion = invert(model, image, prompt, method, num_steps, seed=seed, progress=progress,
-                       framing=Framing(size=image.size), **options)  # fitted by the caller
+                     options: object, out: Path, *, seed: int = 0, progress: bool = True, command=None) -> str:
+    """The `spdinv invert` job: invert with the method's options dataclass, reconstruct, and write
+    everything to `out` all-or-nothing."""
+    inversion = run_method(model, image, prompt, method, num_steps, options, seed=seed, progress=progress,
+                           framing=Framing(size=image.size))  # fitted by the caller
     require_finite(inversion.trajectory, f"the {method} inversion")
     recon = reconstruct(model, inversion)  # the one the diagnostics sampled, against the input image
     require_finite(recon.image, f"the {method} reconstruction")

@@ -80,7 +80,7 @@ def _model_or_none(name: str | None) -> str | None:
 
 
 def bench_options(args: argparse.Namespace):
-    from ..commands import inversion_options
+    from ..commands import given_inversion_options
     from ..model import resolve_dtype
     from .metrics import EvaluationModels, parse_metrics
     from .runner import BenchOptions
@@ -93,7 +93,7 @@ def bench_options(args: argparse.Namespace):
         seed=args.seed, metrics=parse_metrics(args.metrics),
         evaluation=EvaluationModels(dino=_model_or_none(args.dino), clip=_model_or_none(args.clip),
                                     lpips_backbone=args.lpips_backbone, classifier=args.classifier),
-        inversion_options=inversion_options(args),
+        inversion_options=given_inversion_options(args),
         engine_options=dict(args.engine_option), preset=args.preset, save_diagnostics=not args.no_diagnostics,
         save_images=args.save_images, progress=not args.quiet, protocol=args.protocol,
         structure_resize=args.structure_resize,

@@ -93,6 +93,8 @@ class EditRequest:
     engine_options: dict
     diagnose: bool = True  # the inversion's residuals and reconstruction error are wanted
     preset: str | None = None  # spdinv.presets, under the options
+    engines: tuple[str, ...] = ()  # the engines this run asks of this image x inversion, in order (an edit
+    # function may compute them together); empty: this job's engine only
 
 
 @dataclass
@@ -126,29 +128,55 @@ class BenchSummary:
 
 
 class SpdinvEdit:
-    """The default edit function: the library's `spdinv.editing.edit` with PIE-Bench's per-item
-    settings (the blend words for engines that take them). Each image is inverted once per method,
-    with diagnostics, and the inversion reused by every engine (jobs come image by image) through
-    the library's in-memory `LastInversion`."""
+    """The default edit function: the library's `spdinv.editing.edits` with PIE-Bench's per-item
+    settings (the blend words for engines that take them). The first job of an image x inversion
+    runs `edits()` for every engine the run asks of it (`EditRequest.engines`), so the image is
+    inverted once per method, with diagnostics; the next jobs take their engine's result. When that
+    group fails (one engine's words, say), each engine runs alone, so an error stays its own row's."""
 
     def __init__(self) -> None:
-        self.memos: dict[bool, object] = {}
+        self.group: tuple | None = None  # what the held results were computed for
+        self.results: dict[str, object] = {}  # engine -> EditResult of the group
 
     def __call__(self, request: EditRequest) -> EditOutcome:
-        from ..editing import edit
-        from ..editing.cache import LastInversion
         from ..images import to_pil
 
-        memo = self.memos.setdefault(request.diagnose, LastInversion(diagnose=request.diagnose))
-        result = edit(request.model, request.image, request.item.source_prompt, request.item.target_prompt,
-                      inversion=request.inversion, engine=request.engine, num_steps=request.steps, seed=request.seed,
-                      cache=memo, preset=request.preset, **method_arguments(request.inversion, request.inversion_options),
-                      **engine_arguments(request.engine, request.engine_options, request.item))
+        group = (id(request.model), request.item.id, request.inversion, request.steps, request.seed,
+                 request.diagnose, request.preset, tuple(request.engines))
+        if group != self.group or request.engine not in self.results:
+            self.group, self.results = group, {}
+            engines = list(request.engines) if request.engine in request.engines else [request.engine]
+            try:
+                self.results = self._edits(request, engines)
+            except SpdinvError:
+                if engines == [request.engine]:
+                    raise
+                self.results = self._edits(request, [request.engine])
+        result = self.results.pop(request.engine)
         inversion = result.inversion
         require_finite(inversion.trajectory, f"the {request.inversion} inversion")
         require_finite(result.edited, f"the {request.inversion} + {request.engine} edit")
         return EditOutcome(to_pil(result.edited)[0], inversion, inversion.seconds + result.timings["edit"],
                            result.network_calls_by["edit"])
+
+    @staticmethod
+    def _edits(request: EditRequest, engines: list[str]) -> dict[str, object]:
+        """engine -> EditResult: one `edits()` call, the inversion computed once for all of them."""
+        from ..editing import edits, split_fields
+
+        options = {engine: engine_arguments(engine, request.engine_options, request.item) for engine in engines}
+        per_engine, sampler = {}, {}
+        for engine, arguments in options.items():
+            engine_fields, sampler_fields, _ = split_fields(engine, None, arguments)
+            per_engine[engine] = engine_fields
+            sampler = sampler_fields  # the same for every engine (engine_arguments' sampler fields)
+        results = edits(request.model, request.image, request.item.source_prompt, request.item.target_prompt,
+                        [request.inversion], engines, num_steps=request.steps, seed=request.seed,
+                        diagnose=request.diagnose, preset=request.preset,
+                        inversion_options={request.inversion: method_arguments(request.inversion,
+                                                                               request.inversion_options)},
+                        engine_options=per_engine, sampler=sampler)
+        return {result.engine: result for result in results}
 
 
 def method_arguments(method: str, options: dict) -> dict:
@@ -258,9 +286,12 @@ def _run_jobs(jobs: list[Job], model, evaluator: Evaluator, edit_fn: EditFunctio
     try:
         bar = tqdm(jobs, desc=f"bench rank {shard.rank}" if shard.distributed else "bench", unit="edit",
                    position=shard.rank, disable=not options.progress, dynamic_ncols=True)
+        groups: dict[tuple[str, str], list[str]] = {}  # (image, inversion) -> the engines asked of it
+        for job in jobs:
+            groups.setdefault((job.item.id, job.inversion), []).append(job.engine)
         for job in bar:
             bar.set_postfix_str(f"{job.item.id} {job.inversion}+{job.engine}", refresh=False)
-            row = run_job(job, model, evaluator, edit_fn, options)
+            row = run_job(job, model, evaluator, edit_fn, options, tuple(groups[job.item.id, job.inversion]))
             failed += bool(row[ERROR_COLUMN])
             writer.append(row)
     finally:
@@ -268,8 +299,10 @@ def _run_jobs(jobs: list[Job], model, evaluator: Evaluator, edit_fn: EditFunctio
     return len(jobs), failed
 
 
-def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, options: BenchOptions) -> dict[str, str]:
+def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, options: BenchOptions,
+            engines: tuple[str, ...] = ()) -> dict[str, str]:
     """Edit one image with one inversion and engine, score it, save its side files; the row.
+    `engines`: every engine the run asks of this image x inversion (`EditRequest.engines`).
     A one-line SpdinvError from reading the images or from the edit is recorded in the row's error
     column (the row counts as done: a resume does not retry it)."""
     item = job.item
@@ -281,7 +314,7 @@ def run_job(job: Job, model, evaluator: Evaluator, edit_fn: EditFunction, option
         target = item.load_target()
         model_input, _ = conform_image(source, model.image_size)
         request = EditRequest(model, model_input, item, job.inversion, job.engine, options.steps, options.seed,
-                              options.inversion_options, options.engine_options, diagnose, options.preset)
+                              options.inversion_options, options.engine_options, diagnose, options.preset, engines)
         torch.manual_seed(options.seed)  # each job starts from the same state, whichever rank runs it
         started = time.perf_counter()
         outcome = edit_fn(request)

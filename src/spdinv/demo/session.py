@@ -4,7 +4,6 @@ files `spdinv edit --out` writes (plus the residual plot) into a folder and a zi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import json
@@ -199,7 +198,6 @@ class DemoSession:
                 engine_options, _ = preset_options(request.preset, engine, engine_fields, sampler_fields)
                 method_options = {**inversion_settings(request.preset, method), **method_fields}
                 pairs.append(Pair(method, engine, options, engine_options, method_options))
-        self._check_words(request, pairs)
         start = time.perf_counter()
         with self.lock:
             waited = time.perf_counter() - start
@@ -215,45 +213,36 @@ class DemoSession:
             shutil.rmtree(old, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix="edit-", dir=self.workdir))
 
-    def _check_words(self, request: EditRequest, pairs: list[Pair]) -> None:
-        """Blend, reweight and replace words against the prompts, before any compute (as the CLI does)."""
-        from ..editing import get_engine
-        from ..presets import empty_source
-
-        for pair in pairs:
-            source = "" if empty_source(request.preset, pair.engine) else request.source.strip()
-            get_engine(pair.engine).editor(self.model, source, request.target.strip(), pair.engine_options)
-
     def _run_all(self, image: Image.Image, request: EditRequest, pairs: list[Pair], progress: bool,
                  folder: Path) -> list[DemoRun]:
-        from ..editing import edit
-        from ..presets import empty_source
+        """Every pair through the library's `edits()` (one inversion per method, shared by its engines;
+        every engine's words checked before anything is inverted), in the pairs' order."""
+        from ..editing import edits
 
-        runs, inverted, plots = [], {}, {}
+        sampler = {k: v for k, v in pairs[0].options.items() if k in _sampler_fields()}  # the same for every pair
+        results = edits(self.model, image, request.source, request.target, list(request.inversions),
+                        list(request.engines), num_steps=request.steps, seed=request.seed, progress=progress,
+                        cache=self.cache, diagnose=True, preset=request.preset, framing=Framing(size=image.size),
+                        inversion_options={pair.method: pair.method_options for pair in pairs},
+                        engine_options={pair.engine: pair.engine_options for pair in pairs}, sampler=sampler)
+        by_pair = {(result.inversion.settings.get("method", result.inversion.method), result.engine): result
+                   for result in results}
+        runs, seen, plots = [], set(), {}
         source_tensor = to_tensor(image)
+        cached = {None: "not cached", True: "cache hit", False: "cache miss"}
         for pair in pairs:
-            own_source = empty_source(request.preset, pair.engine)  # the preset inverts under the empty prompt
-            given = None if own_source else inverted.get(pair.method)  # compare mode: one inversion per method
-            options = pair.options if given is None else _without_method_options(pair.options, pair.method)
-            result = edit(self.model, image, request.source, request.target, given or pair.method, pair.engine,
-                          num_steps=request.steps, seed=request.seed, progress=progress, diagnose=True,
-                          cache=None if given else self.cache, preset=request.preset,
-                          framing=Framing(size=image.size), **options)
+            result = by_pair[pair.method, pair.engine]
             require_finite(result.edited, f"the {pair.method} + {pair.engine} result")
-            if given is None:
-                if not own_source:
-                    inverted[pair.method] = result.inversion
+            reused = id(result.inversion) in seen  # compare mode: another engine's inversion
+            if not reused:
+                seen.add(id(result.inversion))
                 plots[pair.method] = self._plot(result.inversion, request.source,
                                                 folder / f"residuals-{pair.method}.png")
-                cached = {None: "not cached", True: "cache hit", False: "cache miss"}
-                status = cached[result.cache_hit]
-            else:
-                status = "reused"
             edited, reconstruction = result.pil()
-            timings = {k: v for k, v in result.timings.items() if not (given and k == "invert")}
+            timings = {k: v for k, v in result.timings.items() if not (reused and k == "invert")}
             runs.append(DemoRun(pair.method, pair.engine, edited, reconstruction, result.mask,
-                                psnr(result.reconstruction, source_tensor), status, timings,
-                                result.inversion.noise_error, plots[pair.method]))
+                                psnr(result.reconstruction, source_tensor), "reused" if reused else cached[result.cache_hit],
+                                timings, result.inversion.noise_error, plots[pair.method]))
         return runs
 
     def _plot(self, inversion, prompt: str, path: Path) -> Path | None:
@@ -269,7 +258,7 @@ class DemoSession:
                timings: dict, out: Path) -> Path:
         """The folder `spdinv edit --out` writes (source, edit, reconstruction, mask, grid, config.json)."""
         from ..editing import preset_options
-        from ..editing.command import Run, write_outputs
+        from ..editing.command import EditOutputs, Run, write_outputs
 
         per_method = {pair.method: pair.method_options for pair in pairs}
         per_engine = {pair.engine: pair.engine_options for pair in pairs}
@@ -277,11 +266,10 @@ class DemoSession:
                                    {k: v for k, v in pair.options.items() if k in _sampler_fields()})[1] for pair in pairs]
         written = [Run(r.method, r.engine, r.edited, r.reconstruction, r.mask, r.psnr, r.cache, r.timings,
                        sampler=dataclasses.asdict(sampler)) for r, sampler in zip(runs, samplers)]
-        args = argparse.Namespace(out=out, image=Path(request.image).name, seed=request.seed, steps=request.steps,
-                                  preset=request.preset)
-        sampler = samplers[0]
-        write_outputs(args, self.model, image, request.source.strip(), request.target.strip(), sampler, per_method,
-                      per_engine, written, timings, command=["spdinv demo", *_request_summary(request)])
+        outputs = EditOutputs(out, Path(request.image).name, request.seed, request.steps, request.preset,
+                              command=["spdinv demo", *_request_summary(request)])
+        write_outputs(outputs, self.model, image, request.source.strip(), request.target.strip(), samplers[0],
+                      per_method, per_engine, written, timings)
         return out
 
     def close(self) -> None:
@@ -325,14 +313,6 @@ def request_notices(model, request: EditRequest) -> list[str]:
     if given is not None and given != request.guidance:
         found.append(f"guidance_scale {given} from the options box is used, not the slider's {request.guidance}")
     return found
-
-
-def _without_method_options(options: dict, method: str) -> dict:
-    """A given inversion takes no inversion-method options."""
-    from ..inversion import get_method
-
-    names = {f.name for f in dataclasses.fields(get_method(method).options)}
-    return {k: v for k, v in options.items() if k not in names}
 
 
 def _request_summary(request: EditRequest) -> list[str]:

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..images import Framing
 from ..inputs import check_prompt_tokens, check_seed, library_image
-from ..inversion import METHODS, Inversion, check_prompt, get_method, invert, make_options
+from ..inversion import METHODS, Inversion, check_prompt, get_method, options_for, run_method
 from ..model import DiffusionModel
 from ..presets import empty_source, engine_settings, inversion_settings, preset_model
 from .base import Editor, NoEditor, no_editor
@@ -234,23 +234,54 @@ def run_editor(model: DiffusionModel, inversion: Inversion, target_prompt: str, 
 InversionSource = str | Inversion  # a method name, or an inversion already computed
 
 
-def _invert(model: DiffusionModel, image, source_prompt: str, inversion: InversionSource, *, num_steps: int,
-            seed: int, progress: bool, cache, diagnose: bool, options: dict,
+def _invert(model: DiffusionModel, image, source_prompt: str, inversion: InversionSource, options: object | None, *,
+            num_steps: int, seed: int, progress: bool, cache, diagnose: bool,
             framing: Framing | None) -> tuple[Inversion, bool | None, float]:
-    """(the inversion, whether `cache` had it (None without a cache or when given), seconds)."""
+    """(the inversion, whether `cache` had it (None without a cache or when given), seconds);
+    `options` is the method's options dataclass (None for a given inversion)."""
     start = time.perf_counter()
     if isinstance(inversion, Inversion):
         check_inversion(model, inversion, source_prompt)
         return inversion, None, time.perf_counter() - start
-    if not source_prompt:  # only a preset whose protocol inverts under the empty prompt gets here with one
-        options = {**options, "allow_empty_prompt": True}
+    # only a preset whose protocol inverts under the empty prompt gets here with one
+    common = dict(seed=seed, progress=progress, diagnose=diagnose, framing=framing, allow_empty_prompt=not source_prompt)
     if cache is not None:
-        inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, seed=seed, progress=progress,
-                                     diagnose=diagnose, framing=framing, **options)
+        inverted, hit = cache.invert(model, image, source_prompt, inversion, num_steps, options=options, **common)
         return inverted, hit, time.perf_counter() - start
-    inverted = invert(model, image, source_prompt, inversion, num_steps, seed=seed, diagnose=diagnose,
-                      progress=progress, framing=framing, **options)
+    inverted = run_method(model, image, source_prompt, inversion, num_steps, options, **common)
     return inverted, None, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """One engine of an `edits()` call, its options made once: the engine's options dataclass, the
+    sampler's, the source prompt it runs under (a preset's protocol may use the empty one) and the
+    model on the DDIM spacing of the preset's script for this engine (`presets.preset_model`)."""
+
+    engine: str
+    options: object
+    sampler: SamplerOptions
+    source_prompt: str
+    model: DiffusionModel
+
+
+def engine_run(model: DiffusionModel, engine: str, options: object | dict | None, sampler: SamplerOptions | dict | None,
+               preset: str | None, source_prompt: str, target_prompt: str) -> EngineRun:
+    """The engine's options and the sampler's, typed once (a dataclass as given: it sets every
+    field; a dict checked, over the preset's settings), and its words checked against the prompts
+    (blend, reweight, replace words), before anything is inverted."""
+    kind = get_engine(engine).options
+    if options is not None and not isinstance(options, (kind, dict)):
+        raise SpdinvError(f"{engine}'s options must be a dict or {kind.__name__}, got {type(options).__name__}")
+    if isinstance(options, kind) and isinstance(sampler, SamplerOptions):
+        chosen, sampler_options = options, sampler
+    elif isinstance(options, kind):
+        chosen, sampler_options = options, preset_options(preset, engine, {}, sampler)[1]
+    else:
+        chosen, sampler_options = preset_options(preset, engine, options, sampler)
+    source = "" if empty_source(preset, engine) else source_prompt
+    get_engine(engine).editor(model, source, target_prompt, chosen)  # the word checks
+    return EngineRun(engine, chosen, sampler_options, source, preset_model(model, preset, engine))
 
 
 def edits(
@@ -266,85 +297,87 @@ def edits(
     progress: bool = False,
     cache=None,
     diagnose: bool = False,
-    inversion_options: dict[str, dict] | None = None,
+    inversion_options: dict[str, object] | None = None,
     engine_options: dict[str, object] | None = None,
     sampler: SamplerOptions | dict | None = None,
     preset: str | None = None,
     framing: Framing | None = None,
 ) -> Iterator[EditResult]:
     """Every inversion x engine edit of `image`, inversions in the outer loop: each method inverts
-    once (through `cache`, anything with InversionCache's `invert`, when given) and every engine
-    edits from that inversion. `inversion_options` maps a method name to its options,
-    `engine_options` an engine name to its options dataclass (or a dict of its fields), `sampler`
-    is SamplerOptions (or a dict of its fields). Every engine's options and words are checked
-    before anything is inverted. A PIL image is fitted to the model as `framing` says
-    (`images.Framing`: by default at its own aspect ratio, about the model's native area;
-    `Framing(crop=True)`: the centre square; `Framing(size=(W, H))`); the edit comes out at that size.
+    once (through `cache`, an `InversionCache`, when given) and every engine edits from that
+    inversion. `inversion_options` maps a method name to its options dataclass (or a dict of its
+    fields), `engine_options` an engine name to its options dataclass (or a dict of its fields),
+    `sampler` is SamplerOptions (or a dict of its fields); each becomes its dataclass here, once.
+    Every engine's options and words are checked before anything is inverted. A PIL image is
+    fitted to the model as `framing` says (`images.Framing`: by default at its own aspect ratio,
+    about the model's native area; `Framing(crop=True)`: the centre square;
+    `Framing(size=(W, H))`); the edit comes out at that size.
 
     With `preset` (`spdinv.presets`) every method's and engine's options start from the preset's
     and the given ones override them (a dict sets the fields it has, a dataclass all of its
-    fields); engines then run one after the other, each inverting its methods (through `cache`),
-    since a preset's engines may differ in sampler settings and even in the source prompt."""
+    fields); engines then run one after the other, since a preset's engines may differ in sampler
+    settings and even in the source prompt; each method still inverts once per source prompt.
+
+    Everything is checked when `edits` is called; the iterator it returns does the work."""
     source_prompt, target_prompt = check_prompts(model, source_prompt, target_prompt)
     check_seed(seed)
     image = None if image is None else library_image(image)
     inversion_options, engine_options = inversion_options or {}, engine_options or {}
-    common = dict(num_steps=num_steps, seed=seed, progress=progress, cache=cache, diagnose=diagnose, framing=framing)
-    if preset is None:
-        sampler = SamplerOptions(**sampler) if isinstance(sampler, dict) else sampler or SamplerOptions()
-        yield from _edits(model, image, source_prompt, target_prompt, inversions, engines, inversion_options,
-                          engine_options, sampler, **common)
-        return
-    resolved = {engine: preset_options(preset, engine, engine_options.get(engine), sampler) for engine in engines}
-    for engine in engines:  # every engine's words checked before anything is inverted
-        get_engine(engine).editor(model, _source_for(preset, engine, source_prompt), target_prompt, resolved[engine][0])
-    methods = {m: {**inversion_settings(preset, m), **inversion_options.get(m, {})}
-               for m in inversions if isinstance(m, str)}
-    for engine in engines:  # on the DDIM spacing of the engine's script
-        chosen, sampler_options = resolved[engine]
-        yield from _edits(preset_model(model, preset, engine), image, _source_for(preset, engine, source_prompt),
-                          target_prompt, inversions, [engine], methods, {engine: chosen}, sampler_options, **common)
-
-
-def _source_for(preset: str | None, engine: str, source_prompt: str) -> str:
-    """The source prompt an engine runs under: the empty one where the preset's script uses it."""
-    return "" if empty_source(preset, engine) else source_prompt
-
-
-def _edits(model: DiffusionModel, image, source_prompt: str, target_prompt: str, inversions: list[InversionSource],
-           engines: list[str], inversion_options: dict[str, dict], engine_options: dict[str, object],
-           sampler: SamplerOptions, *, num_steps: int, seed: int, progress: bool, cache,
-           diagnose: bool, framing: Framing | None) -> Iterator[EditResult]:
-    """`edits` once the prompts are checked and the options resolved."""
+    methods: dict[str, object] = {}
     for inversion in inversions:
         check_engine_free(inversion.method if isinstance(inversion, Inversion) else inversion, engines)
         if not isinstance(inversion, Inversion):
-            make_options(inversion, **inversion_options.get(inversion, {}))
+            methods[inversion] = options_for(inversion, inversion_options.get(inversion), preset)
             if image is None:
                 raise SpdinvError("an image is needed unless an inversion is given")
-    chosen = {}
-    for engine in engines:
-        given = engine_options.get(engine, {})
-        chosen[engine] = get_engine(engine).options(**given) if isinstance(given, dict) else given
-        get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])  # word checks
-    for inversion in inversions:
-        options = {} if isinstance(inversion, Inversion) else inversion_options.get(inversion, {})
-        inverted, hit, inverting = _invert(model, image, source_prompt, inversion, num_steps=num_steps, seed=seed,
-                                           progress=progress, cache=cache, diagnose=diagnose, options=options,
-                                           framing=framing)
-        inverted_here = not isinstance(inversion, Inversion) and not hit
-        for engine in engines:
-            editor = get_engine(engine).editor(model, source_prompt, target_prompt, chosen[engine])
-            images, latents, sampling, rows = run_editor(model, inverted, target_prompt, editor, sampler,
-                                                         progress=progress, desc=f"edit ({inverted.method} + {engine})")
-            calls = {"invert": inverted.network_calls if inverted_here else 0,
-                     "diagnostics": inverted.diagnostic_calls if inverted_here else 0, "edit": rows}
-            inverted_here = False  # the next engine edits from the same inversion
-            yield EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
-                             engine=engine, options=dataclasses.asdict(chosen[engine]),
-                             sampler=dataclasses.asdict(sampler), latents=latents,
-                             timings={"invert": inverting, "edit": sampling, "total": inverting + sampling},
-                             cache_hit=hit, network_calls_by=calls)
+    runs = [engine_run(model, engine, engine_options.get(engine), sampler, preset, source_prompt, target_prompt)
+            for engine in engines]
+    groups = [runs] if preset is None else [[run] for run in runs]
+    return _edit_groups(image, target_prompt, inversions, methods, groups, num_steps=num_steps, seed=seed,
+                        progress=progress, cache=cache, diagnose=diagnose, framing=framing)
+
+
+def _edit_groups(image, target_prompt: str, inversions: list[InversionSource],
+                 methods: dict[str, object], groups: list[list[EngineRun]], *, num_steps: int, seed: int,
+                 progress: bool, cache, diagnose: bool, framing: Framing | None) -> Iterator[EditResult]:
+    """`edits` once everything is checked: for each group of engines, each inversion once (per
+    source prompt, across groups), then every engine of the group edits from it."""
+    done: dict[tuple, tuple[Inversion, bool | None, float]] = {}  # (method, source prompt, DDIM spacing): once each
+    for group in groups:
+        group_model = group[0].model  # a group is every engine (one model) or a preset's one engine
+        for inversion in inversions:
+            given = isinstance(inversion, Inversion)
+            key = (inversion.method if given else inversion, group[0].source_prompt, getattr(group_model, "ddim", None))
+            fresh = given or key not in done  # a preset's engines under one source prompt and spacing share it
+            if fresh:
+                computed = _invert(group_model, image, key[1], inversion, None if given else methods[inversion],
+                                   num_steps=num_steps, seed=seed, progress=progress, cache=cache, diagnose=diagnose,
+                                   framing=framing)
+                if not given:
+                    done[key] = computed
+            inverted, hit, inverting = computed if fresh else done[key]
+            inverted_here = fresh and not given and not hit
+            for run in group:
+                yield _edit_with(inverted, target_prompt, run, progress=progress, hit=hit, inverting=inverting,
+                                 inverted_here=inverted_here)
+                inverted_here = False  # the next engine edits from the same inversion
+
+
+def _edit_with(inverted: Inversion, target_prompt: str, run: EngineRun, *, progress: bool,
+               hit: bool | None, inverting: float, inverted_here: bool) -> EditResult:
+    """One engine's edit from an inversion, on the engine's model; its rows counted (the inversion's
+    when `inverted_here`)."""
+    model = run.model
+    editor = get_engine(run.engine).editor(model, run.source_prompt, target_prompt, run.options)
+    images, latents, sampling, rows = run_editor(model, inverted, target_prompt, editor, run.sampler,
+                                                 progress=progress, desc=f"edit ({inverted.method} + {run.engine})")
+    calls = {"invert": inverted.network_calls if inverted_here else 0,
+             "diagnostics": inverted.diagnostic_calls if inverted_here else 0, "edit": rows}
+    return EditResult(edited=images[1:], reconstruction=images[:1], mask=editor.mask, inversion=inverted,
+                      engine=run.engine, options=dataclasses.asdict(run.options),
+                      sampler=dataclasses.asdict(run.sampler), latents=latents,
+                      timings={"invert": inverting, "edit": sampling, "total": inverting + sampling},
+                      cache_hit=hit, network_calls_by=calls)
 
 
 def edit(

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import SpdinvError
 from ..images import Framing
-from ..inversion import Inversion, check_steps, invert, make_options
+from ..inversion import Inversion, check_steps, options_for, run_method
 from ..model import DiffusionModel
 from ..outputs import check_manifest, check_output_dir, staged_output
 
@@ -70,8 +70,9 @@ class InversionCache:
     problem: str | None = None  # why the last store failed
 
     def key(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int,
-            seed: int, options: dict, framing: Framing | None = None) -> str:
-        settings = dataclasses.asdict(make_options(method, **options))
+            seed: int, options: object, framing: Framing | None = None) -> str:
+        """The entry's name; `options` is the method's options dataclass (every setting is keyed)."""
+        settings = dataclasses.asdict(options)
         schedule = model.schedule(check_steps(steps))
         payload = {"version": CACHE_VERSION, "model": model.name, "weights": model_fingerprint(model),
                    "files": model.files, "prediction_type": model.prediction_type,
@@ -129,11 +130,12 @@ class InversionCache:
             self.problem = str(error).splitlines()[0] if str(error) else type(error).__name__
 
     def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
-               seed: int = 0, progress: bool = False, diagnose: bool = False, allow_empty_prompt: bool = False,
-               framing: Framing | None = None, **options) -> tuple[Inversion, bool]:
-        """(inversion, whether it came from the cache); `diagnose` and `allow_empty_prompt` as invert()
-        (not part of the key); a PIL image is fitted as `framing` says (`images.Framing`) and keyed at
-        that size."""
+               options: object | None = None, seed: int = 0, progress: bool = False, diagnose: bool = False,
+               allow_empty_prompt: bool = False, framing: Framing | None = None) -> tuple[Inversion, bool]:
+        """(inversion, whether it came from the cache); `options` is the method's options dataclass
+        (None: its defaults); `diagnose` and `allow_empty_prompt` as invert() (not part of the key); a
+        PIL image is fitted as `framing` says (`images.Framing`) and keyed at that size."""
+        options = options_for(method) if options is None else options
         image, framing = fitted(model, image, framing)
         key = self.key(model, image, prompt, method, steps, seed, options, framing)
         cached = self.load(key, model, steps, latent_hw(model, image))
@@ -141,44 +143,9 @@ class InversionCache:
             self.hits += 1
             return cached, True
         self.misses += 1
-        inversion = invert(model, image, prompt, method, steps, seed=seed, diagnose=diagnose, progress=progress,
-                           allow_empty_prompt=allow_empty_prompt,
-                           framing=framing, **options)
+        inversion = run_method(model, image, prompt, method, steps, options, seed=seed, diagnose=diagnose,
+                               progress=progress, allow_empty_prompt=allow_empty_prompt, framing=framing)
         self.store(key, inversion)
-        return inversion, False
-
-
-@dataclass
-class LastInversion:
-    """The most recent inversion, in memory: a benchmark edits one image with every engine in turn,
-    so each method inverts an image once. The same `invert` as InversionCache; `diagnose` (here,
-    or per call) asks the inversions for their diagnostics."""
-
-    diagnose: bool = False
-    hits: int = 0
-    misses: int = 0
-    _last: tuple[tuple, Inversion] | None = None
-
-    def invert(self, model: DiffusionModel, image: Image.Image | Tensor, prompt: str, method: str, steps: int, *,
-               seed: int = 0, progress: bool = False, diagnose: bool = False, allow_empty_prompt: bool = False,
-               framing: Framing | None = None,
-               **options) -> tuple[Inversion, bool]:
-        """(inversion, whether it was the last one computed)."""
-        diagnose = diagnose or self.diagnose
-        image, framing = fitted(model, image, framing)
-        key = (id(model), None if model.concept is None else model.concept.fingerprint,
-               hashlib.sha256(_image_bytes(model, image, framing)).hexdigest(), prompt, method, steps, seed,
-               json.dumps(options, sort_keys=True, default=str), diagnose)
-        if self._last is not None and self._last[0] == key:
-            self.hits += 1
-            return self._last[1], True
-        from .. import inversion as methods  # looked up at call time, so a patched `invert` is the one called
-
-        self.misses += 1
-        inversion = methods.invert(model, image, prompt, method, steps, seed=seed, diagnose=diagnose,
-                                   progress=progress, allow_empty_prompt=allow_empty_prompt,
-                                   framing=framing, **options)
-        self._last = key, inversion
         return inversion, False
 
 

@@ -99,31 +99,47 @@ def _names(value: str, registry: dict, kind: str) -> list[str]:
     return [value]
 
 
-def engine_options(args: argparse.Namespace, engines: list[str]) -> dict[str, object]:
-    """Each selected engine's options dataclass from the flags given (over the --preset's settings);
-    a flag of an unselected engine is an error."""
+def engine_options(given: dict[str, object], engines: list[str], preset: str | None,
+                   sampler: dict) -> dict[str, object]:
+    """Each selected engine's options dataclass from the option flags given (`given`: dest ->
+    value, over the --preset's settings; `sampler`: the sampler fields given); a flag of an
+    unselected engine is an error."""
     from . import get_engine, preset_options
 
-    given = engine_fields(args, engines)
-    preset = getattr(args, "preset", None)
+    fields = engine_fields(given, engines)
     if preset is None:
-        return {engine: get_engine(engine).options(**given.get(engine, {})) for engine in engines}
-    return {engine: preset_options(preset, engine, given.get(engine, {}), sampler_fields(args))[0] for engine in engines}
+        return {engine: get_engine(engine).options(**fields[engine]) for engine in engines}
+    return {engine: preset_options(preset, engine, fields[engine], sampler)[0] for engine in engines}
 
 
-def engine_fields(args: argparse.Namespace, engines: list[str]) -> dict[str, dict]:
-    """Each selected engine's option fields given on the command line."""
-    from ..arguments import given_options, option_flags
+def engine_fields(given: dict[str, object], engines: list[str]) -> dict[str, dict]:
+    """Each selected engine's option fields among the option flags given (dest -> value)."""
+    from ..arguments import option_flags
 
     flags = option_flags(engine_classes())
-    given: dict[str, dict] = {}
-    for dest, value in given_options(args, engine_classes()).items():
+    chosen: dict[str, dict] = {}
+    for dest, value in given.items():
+        if dest not in flags:
+            continue
         owners = flags[dest].fields
         if not set(owners) & set(engines):
             raise SpdinvError(f"{flag_name(dest)} is a {', '.join(owners)} option; the engine is {', '.join(engines)}")
         for engine, name in owners.items():
-            given.setdefault(engine, {})[name] = value
-    return {engine: given.get(engine, {}) for engine in engines}
+            chosen.setdefault(engine, {})[name] = value
+    return {engine: chosen.get(engine, {}) for engine in engines}
+
+
+@dataclass(frozen=True)
+class EditOutputs:
+    """Where an edit's files go and what config.json says of the request besides its runs."""
+
+    out: Path
+    image: str  # the input image as given
+    seed: int
+    steps: int
+    preset: str | None = None
+    concept: dict | None = None  # `concept_record`: the concept word's file, or its encoder and image
+    command: list[str] | None = None  # default: this process's sys.argv
 
 
 @dataclass
@@ -144,14 +160,15 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from ..commands import (check_concept_word, check_model_settings, concept_from_args, encode_with,
-                            encoder_choice_from_args, load_model_from_args, prompt_warnings)
-    from ..arguments import framing_from_args
+    from ..commands import (check_concept_word, check_model_settings, concept_from_args, encoder_choice_from_args,
+                            load_model_from_args, prompt_warnings)
+    from ..world.concept_encoder import encode_with
+    from ..arguments import framing_from_args, given_options
+    from ..commands import inversion_classes
     from ..images import open_image, psnr, to_pil, to_tensor
-    from ..inversion import METHODS, applies, check_prompt
+    from ..inversion import METHODS, applies, check_prompt, options_for
     from ..outputs import check_no_foreign, check_output_dir
-    from ..presets import empty_source
-    from . import ENGINES, check_pairs, engine_applies
+    from . import ENGINES, check_pairs, edits, engine_applies
     from .sampler import SamplerOptions
 
     wall = time.perf_counter()
@@ -159,9 +176,12 @@ def run_edit(args: argparse.Namespace) -> None:
     target = check_prompt(args.target, "target prompt")
     methods = _names(args.inversion, METHODS, "inversion method")
     engines = _names(args.engine, ENGINES, "engine")
-    per_engine = engine_options(args, engines)
-    per_method = method_options(args, methods)
-    sampler = SamplerOptions(**sampler_fields(args))
+    given = given_options(args, {**inversion_classes(), **engine_classes()})  # every option flag typed, read once
+    given_sampler = sampler_fields(args)
+    per_engine = engine_options(given, engines, args.preset, given_sampler)  # typed once, here
+    per_method = method_options(given, methods)  # the flags given, as config.json records them
+    typed_methods = {m: options_for(m, per_method[m], args.preset) for m in methods}
+    sampler = SamplerOptions(**given_sampler)
     check_output_dir(args.out)
     check_no_foreign(args.out, output_names(methods, engines))
     raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
@@ -194,19 +214,26 @@ def run_edit(args: argparse.Namespace) -> None:
         args.no_cache = True
     loaded = time.perf_counter() - wall
     image, notices = model.fit(raw_image, framing_from_args(args))
-    for engine in engines:  # word checks (blend, reweight, replace) before any inversion
-        ENGINES[engine].editor(model, "" if empty_source(args.preset, engine) else source, target, per_engine[engine])
+    cache, problem = inversion_cache(args)
+    results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
+                    progress=not args.quiet, cache=cache, inversion_options=typed_methods, engine_options=per_engine,
+                    sampler=sampler if args.preset is None else given_sampler, preset=args.preset,
+                    framing=Framing(size=image.size))  # every word checked here; fitted above
     for notice in opened + notices:
         print(f"note: {notice}", file=sys.stderr)
     for warning in prompt_warnings(model, source, "source prompt") + prompt_warnings(model, target, "target prompt"):
         print(f"warning: {warning}", file=sys.stderr)
+    if problem:
+        print(f"warning: not caching inversions: {problem}", file=sys.stderr)
     with elite_projections(model, mapper if args.elite_projections else None):
-        runs = edit_all(model, image, source, target, methods, engines, per_method, per_engine, sampler, args)
+        runs = edit_all(model, results, cache)
     source_tensor = to_tensor(image)
     for run in runs:
         run.psnr = psnr(run.reconstruction, source_tensor)
         run.edited, run.reconstruction = to_pil(run.edited)[0], to_pil(run.reconstruction)[0]
-    write_outputs(args, model, image, source, target, sampler, per_method, per_engine, runs,
+    concept = None if model.concept is None else concept_record(args, model.concept)
+    written = EditOutputs(args.out, str(args.image), args.seed, args.steps, args.preset, concept)
+    write_outputs(written, model, image, source, target, sampler, per_method, per_engine, runs,
                   {"model_load": loaded, "total": time.perf_counter() - wall})
     for run in runs:
         print(f"{run.method} + {run.engine}: reconstruction PSNR {run.psnr:.2f} dB, invert {run.timings['invert']:.1f} s "
@@ -223,24 +250,21 @@ def elite_projections(model, mapper):
     return contextlib.nullcontext() if mapper is None else projections_installed(model.unet, mapper)
 
 
-def edit_all(model, image, source: str, target: str, methods: list[str], engines: list[str], per_method: dict,
-             per_engine: dict, sampler, args: argparse.Namespace) -> list[Run]:
-    """Every method x engine through the library's `edits` (one inversion per method, through the cache)."""
-    from . import edits
+def inversion_cache(args: argparse.Namespace):
+    """(the inversion cache --cache names, or None with --no-cache or when it cannot be written; why not)."""
     from .cache import InversionCache, default_cache_dir
 
-    cache = None if args.no_cache else InversionCache(args.cache or default_cache_dir())
-    if cache is not None and (problem := cache.unusable()):
-        print(f"warning: not caching inversions: {problem}", file=sys.stderr)
-        cache = None
+    if args.no_cache:
+        return None, None
+    cache = InversionCache(args.cache or default_cache_dir())
+    problem = cache.unusable()
+    return (None, problem) if problem else (cache, None)
+
+
+def edit_all(model, results, cache) -> list[Run]:
+    """Every edit `results` (the iterator `editing.edits` returned) computes, checked finite, as Runs."""
     hint = _FLOAT16_HINT.get(str(model.dtype), "")
     runs = []
-    preset = getattr(args, "preset", None)
-    results = edits(model, image, source, target, methods, engines, num_steps=args.steps, seed=args.seed,
-                    progress=not args.quiet, cache=cache, inversion_options=per_method,
-                    engine_options=per_engine if preset is None else engine_fields(args, engines),
-                    sampler=sampler if preset is None else sampler_fields(args), preset=preset,
-                    framing=Framing(size=image.size))  # fitted by the caller
     for result in results:
         method, engine = result.inversion.settings.get("method", result.inversion.method), result.engine
         require_finite(result.inversion.trajectory, f"the {method} inversion" + hint)
@@ -274,17 +298,16 @@ def output_names(methods: list[str], engines: list[str]) -> list[str]:
             *(f"{kind}{suffix}.png" for suffix in suffixes for kind in ("edit", "reconstruction"))]
 
 
-def write_outputs(args, model, image, source: str, target: str, sampler, per_method: dict, per_engine: dict,
-                  runs: list[Run], timings: dict, command: list[str] | None = None) -> None:
+def write_outputs(outputs: EditOutputs, model, image, source: str, target: str, sampler, per_method: dict,
+                  per_engine: dict, runs: list[Run], timings: dict) -> None:
     """edit.png / reconstruction.png / mask.png (suffixed -METHOD-ENGINE when several), source.png,
-    grid.png and config.json, moved into --out only when all are written. `command` is what
-    config.json records as the command (default: this process's sys.argv)."""
+    grid.png and config.json, moved into `outputs.out` only when all are written."""
     from ..outputs import staged_output, write_json
     from .grid import labelled_grid
 
     single = len(runs) == 1
     records, rows = [], []
-    with staged_output(args.out) as stage:
+    with staged_output(outputs.out) as stage:
         image.save(stage / "source.png")
         for run in runs:
             suffix = "" if single else f"-{run.method}-{run.engine}"
@@ -309,12 +332,11 @@ def write_outputs(args, model, image, source: str, target: str, sampler, per_met
             rows = [(label, cells[:3]) for label, cells in rows]
         labelled_grid(rows, columns, [f"source: {source}", f"target: {target}"]).save(stage / "grid.png")
         write_json(stage / "config.json", {
-            "source": source, "target": target, "image": str(args.image), "model": model.name,
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": args.seed,
-            "steps": args.steps, "preset": getattr(args, "preset", None), "sampler": dataclasses.asdict(sampler),
-            "runs": records, "timings": timings,
-            "concept": None if model.concept is None else concept_record(args, model.concept),
-            "command": sys.argv if command is None else command,
+            "source": source, "target": target, "image": outputs.image, "model": model.name,
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": outputs.seed,
+            "steps": outputs.steps, "preset": outputs.preset, "sampler": dataclasses.asdict(sampler),
+            "runs": records, "timings": timings, "concept": outputs.concept,
+            "command": sys.argv if outputs.command is None else outputs.command,
         })
 
 

@@ -55,7 +55,8 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "ddim": Method(ddim, DDIMOptions, "plain DDIM inversion; explicit Euler on a rectified flow (1 call/step)"),
-    "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search by gradient descent (ECCV 2024)"),
+    "spdinv": Method(spdinv, SPDInvOptions, "SPDInv fixed-point search (default solver anderson; the paper's gradient descent: --solver gradient) "
+                     "(ECCV 2024)"),
     "null_text": Method(null_text, NullTextOptions,
                         "null-text inversion, per-step Adam on the null embedding (CVPR 2023)", True),
     "negative_prompt": Method(negative_prompt, NegativePromptOptions,
@@ -90,6 +91,20 @@ def make_options(name: str, **options):
         valid = ", ".join(sorted(fields)) or "none"
         raise SpdinvError(f"option(s) {', '.join(unknown)} do not apply to {name}; its options: {valid}")
     return method.options(**options)
+
+
+def options_for(method: str, given: object | dict | None = None, preset: str | None = None):
+    """The method's options dataclass, made once at an entry point: a dataclass of the method's
+    class as given (it sets every field), else the preset's settings overridden by the given dict's
+    fields, checked (`make_options`)."""
+    entry = get_method(method)
+    if dataclasses.is_dataclass(given) and not isinstance(given, type):
+        if not isinstance(given, entry.options):
+            raise SpdinvError(f"{type(given).__name__} are not {method}'s options ({entry.options.__name__})")
+        return given
+    if given is not None and not isinstance(given, dict):
+        raise SpdinvError(f"{method}'s options must be a dict or {entry.options.__name__}, got {type(given).__name__}")
+    return make_options(method, **{**inversion_settings(preset, method), **(given or {})})
 
 
 def check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
@@ -148,31 +163,42 @@ def invert(
     preset: str | None = None,
     allow_empty_prompt: bool = False,
     framing: Framing | None = None,
-    **options,
+    options: object | dict | None = None,
+    **fields,
 ) -> Inversion:
     """Invert an image (a path, a PIL image, an (H, W, 3) array or a (1, 3, H, W) tensor in [-1, 1])
     under its source prompt with the named method; with `diagnose` the result carries per-step
     residuals, the noise error and the (latent) reconstruction error, whose UNet rows are counted in
     `diagnostic_calls` (`total_calls` = the method's + the diagnostics'). A PIL image is fitted to
     the model as `framing` says (`images.Framing`; default: its own aspect ratio at about the model's
-    native area). `preset` (spdinv.presets)
-    sets the options a published script uses; explicit options override it. `allow_empty_prompt`
-    accepts the empty prompt, which some official protocols invert under (PnPInversion's MasaCtrl script)."""
+    native area). The method's options: `options` (its dataclass, or a dict of fields) or keyword
+    fields (e.g. K=10), over the settings of `preset` (spdinv.presets), which the given ones
+    override, on the DDIM spacing of the preset's script. `allow_empty_prompt` accepts the empty prompt, which some official protocols invert
+    under (PnPInversion's MasaCtrl script)."""
+    if options is not None and fields:
+        raise SpdinvError("give the inversion options as `options` or as keyword fields, not both")
+    model = preset_model(model, preset)  # the DDIM spacing of the preset's script
+    return run_method(model, image, prompt, method, num_steps, options_for(method, options or fields, preset),
+                      seed=seed, diagnose=diagnose, progress=progress, allow_empty_prompt=allow_empty_prompt,
+                      framing=framing)
+
+
+def run_method(model: DiffusionModel, image, prompt: str, method: str, num_steps: int, options: object, *,
+               seed: int = 0, diagnose: bool = True, progress: bool = True, allow_empty_prompt: bool = False,
+               framing: Framing | None = None) -> Inversion:
+    """`invert` with the method's options dataclass already made (`options_for`): not checked again."""
     prompt = check_prompt(prompt, allow_empty=allow_empty_prompt)
     if prompt:
         check_prompt_tokens(model.tokenizer, prompt)
     check_steps(num_steps, model.scheduler.config.num_train_timesteps)
-    options = {**inversion_settings(preset, method), **options}
-    model = preset_model(model, preset)  # the DDIM spacing of the preset's script
-    entry, opts = get_method(method), make_options(method, **options)
     check_family(model, method)
     torch.manual_seed(check_seed(seed))
     source = image_tensor(model, library_image(image), framing)
     z0 = model.encode_image(source)
     schedule = model.schedule(num_steps, tuple(z0.shape[-2:]))
-    inversion = entry.function(model, z0, model.encode_prompt(prompt), schedule, opts, diagnose=diagnose,
-                               progress=progress)
-    inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(opts),
+    inversion = get_method(method).function(model, z0, model.encode_prompt(prompt), schedule, options,
+                                            diagnose=diagnose, progress=progress)
+    inversion.settings = {"method": method, "steps": num_steps, "seed": seed, **dataclasses.asdict(options),
                           **inversion.settings}  # what a method resolved itself (FlowEdit's family defaults) wins
     inversion.source = source.detach()
     if diagnose:
@@ -180,5 +206,5 @@ def invert(
     return inversion
 
 
-__all__ = ["Inversion", "StepReport", "METHODS", "Method", "invert", "get_method", "make_options", "reconstruct",
-           "reconstruct_latent", "reconstruction_error", "Reconstruction", "source_branch"]
+__all__ = ["Inversion", "StepReport", "METHODS", "Method", "invert", "run_method", "get_method", "make_options",
+           "options_for", "reconstruct", "reconstruct_latent", "reconstruction_error", "Reconstruction", "source_branch"]

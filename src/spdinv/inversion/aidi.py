@@ -9,7 +9,7 @@ mixing (Walker & Ni 2011). AIDI's blended guidance belongs to editing, not to th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -56,8 +56,5 @@ def solve_anderson(f, z_init: Tensor, options: AIDIOptions, f_init: Tensor | Non
 def aidi(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
          options: AIDIOptions = AIDIOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """AIDI: DDIM guess, then Anderson-accelerated fixed-point iteration z <- f(z) (forwards only)."""
-    def solver(f, guess: Tensor, f_guess: Tensor | None) -> StepResult:
-        return solve_anderson(f, guess, options, f_guess)
-
-    return fixed_point_inversion(model, z0, embedding, schedule, solver, method="aidi", settings=asdict(options),
+    return fixed_point_inversion(model, z0, embedding, schedule, solve_anderson, options, method="aidi",
                                  diagnose=diagnose, progress=progress)

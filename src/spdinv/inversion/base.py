@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -256,22 +257,64 @@ def measure_residuals(model: DiffusionModel, schedule: Schedule, k: int, z_prev:
     report.residual_before, report.residual_after = before, after
 
 
+Solver = Callable[[FixedPointMap, Tensor, object, "Tensor | None"], StepResult]
+"""A fixed-point solver: solver(f, z_init, options, f_init) -> StepResult, the best measured iterate
+of f from z_init (`f_init`: f(z_init) when the caller has it). `solvers.SOLVERS` and
+`aidi.solve_anderson` are solvers."""
+
+
+@dataclass
+class LookAhead:
+    """What a fixed-point inversion carries from one step to the next: the next step's plain guess
+    when this step kept its own (and the rows it cost), and whether the last step kept its guess."""
+
+    ahead: dict[int, tuple[Tensor, int]] = field(default_factory=dict)
+    kept_previous: bool = True
+
+
+def fixed_point_step(model: DiffusionModel, schedule: Schedule, embedding: Tensor, solver: Solver, options: object,
+                     state: LookAhead | None, z_prev: Tensor, k: int) -> StepResult:
+    """Inversion step k of a fixed-point method: the plain guess, then `solver(f, guess, options,
+    f_guess)` on the step's map f. With a `state` (look-ahead), a step whose predecessor kept its
+    guess evaluates f(guess) and the next step's plain noise in one call of two rows."""
+    f = fixed_point_map(model, schedule, k, z_prev, embedding)
+    guess, calls = state.ahead.pop(k, (None, 1)) if state else (None, 1)  # evaluated here, or by the step before
+    if guess is None:
+        guess = ddim_guess(model, schedule, k, z_prev, embedding)
+    f_guess = next_eps = None
+    if state is not None and state.kept_previous and k < schedule.num_steps:
+        f_guess, next_eps = f.with_next_eps(guess, schedule.guess_timestep(k + 1))
+    result = solver(f, guess, options, f_guess)  # counts the evaluations of f, f_guess included
+    kept = torch.equal(result.latent, guess)
+    if state is not None:
+        state.kept_previous = kept
+    if next_eps is not None:
+        extra_row = int(f.timestep != schedule.guess_timestep(k + 1))
+        if kept:
+            state.ahead[k + 1] = guess_from_eps(schedule, k + 1, guess, next_eps), extra_row
+        else:
+            calls += extra_row  # the next step's row, unused
+    result.network_calls += calls
+    return result
+
+
 def fixed_point_inversion(
     model: DiffusionModel,
     z0: Tensor,
     embedding: Tensor,
     schedule: Schedule,
-    solver: Callable[[FixedPointMap, Tensor, Tensor | None], StepResult],
+    solver: Solver,
+    options: object,
     *,
     method: str,
-    settings: dict,
     diagnose: bool = True,
     progress: bool = True,
     look_ahead: bool = True,
     **fields,
 ) -> Inversion:
-    """The inversion SPDInv and AIDI share: per step, the DDIM guess, then `solver(f, guess, f_guess)`
-    on the step's fixed-point map f; they differ only in the solver.
+    """The inversion SPDInv and AIDI share: per step, the DDIM guess, then `solver(f, guess,
+    options, f_guess)` on the step's fixed-point map f (`fixed_point_step`); they differ only in
+    the solver. The inversion's settings are the options' fields.
 
     Most steps keep their guess (it already meets the tolerance), and then z_t is the guess, so
     the next step's DDIM noise eps(z_t, t_{k+1}) can be evaluated in the same UNet call as
@@ -280,32 +323,11 @@ def fixed_point_inversion(
     evaluated without a graph, not to be evaluated again); after a step that iterated, the next
     one leaves f(guess) to its solver. The result is the same either way, up to rounding. On a
     rectified flow the next plain step evaluates v(z_t, t) itself, f(guess)'s own row: no extra row."""
-    ahead: dict[int, tuple[Tensor, int]] = {}  # step -> its plain guess, found by the step before, and its rows
-    kept_previous = True
-
-    def solve(z_prev: Tensor, k: int) -> StepResult:
-        nonlocal kept_previous
-        f = fixed_point_map(model, schedule, k, z_prev, embedding)
-        guess, calls = ahead.pop(k, (None, 1))  # the plain guess: evaluated here, or a row of the step before's call
-        if guess is None:
-            guess = ddim_guess(model, schedule, k, z_prev, embedding)
-        f_guess = next_eps = None
-        if look_ahead and kept_previous and k < schedule.num_steps:
-            f_guess, next_eps = f.with_next_eps(guess, schedule.guess_timestep(k + 1))
-        result = solver(f, guess, f_guess)  # counts the evaluations of f, f_guess included
-        kept_previous = torch.equal(result.latent, guess)
-        if next_eps is not None:
-            extra_row = int(f.timestep != schedule.guess_timestep(k + 1))
-            if kept_previous:
-                ahead[k + 1] = guess_from_eps(schedule, k + 1, guess, next_eps), extra_row
-            else:
-                calls += extra_row  # the next step's row, unused
-        result.network_calls += calls
-        return result
-
-    trajectory, steps = run_inversion(model, z0, embedding, schedule, solve, method=method, diagnose=diagnose,
+    step = functools.partial(fixed_point_step, model, schedule, embedding, solver, options,
+                             LookAhead() if look_ahead else None)
+    trajectory, steps = run_inversion(model, z0, embedding, schedule, step, method=method, diagnose=diagnose,
                                       progress=progress)
-    return Inversion(method, trajectory, schedule, embedding, steps, settings=settings,
+    return Inversion(method, trajectory, schedule, embedding, steps, settings=asdict(options),
                      noise_error=noise_error(steps) if diagnose else None, **fields)
 
 

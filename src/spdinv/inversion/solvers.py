@@ -201,7 +201,7 @@ def anderson_mixing(f: Map, z_init: Tensor, f_init: Tensor | None, *, updates: i
     return tracker.result(steps, gradient_calls=backwards)
 
 
-def ddim_step(f: Map, z_init: Tensor) -> tuple[Tensor, Tensor] | None:
+def ddim_iterate(f: Map, z_init: Tensor) -> tuple[Tensor, Tensor] | None:
     """The DDIM guess is one fixed-point iteration from the step's previous latent, z_init =
     f(z_prev), so (z_prev, z_init - z_prev) is an iterate and its residual, known at no cost."""
     z_prev = getattr(f, "z_prev", None)
@@ -211,14 +211,14 @@ def ddim_step(f: Map, z_init: Tensor) -> tuple[Tensor, Tensor] | None:
 def anderson(f: Map, z_init: Tensor, options, f_init: Tensor | None = None) -> StepResult:
     """Anderson-accelerated fixed-point iteration, its history started with the DDIM step."""
     return anderson_mixing(f, z_init, f_init, updates=options.K, window=ANDERSON_WINDOW, damping=1.0,
-                           done=lambda value, first: converged(value, first, options), earlier=ddim_step(f, z_init))
+                           done=lambda value, first: converged(value, first, options), earlier=ddim_iterate(f, z_init))
 
 
 def hybrid(f: Map, z_init: Tensor, options, f_init: Tensor | None = None) -> StepResult:
     """Safeguarded Anderson: a Polyak gradient step from the best iterate when it stalls or diverges."""
     return anderson_mixing(f, z_init, f_init, updates=options.K, window=ANDERSON_WINDOW, damping=1.0,
                            done=lambda value, first: converged(value, first, options), safeguard=True,
-                           earlier=ddim_step(f, z_init))
+                           earlier=ddim_iterate(f, z_init))
 
 
 def jvp(f: Map, z: Tensor, v: Tensor) -> Tensor:
@@ -273,3 +273,20 @@ def newton_krylov(f: Map, z_init: Tensor, options, f_init: Tensor | None = None)
 SOLVERS: dict[str, Callable[..., StepResult]] = {
     "gradient": gradient, "anderson": anderson, "hybrid": hybrid, "polyak": polyak, "newton_krylov": newton_krylov,
 }
+# One line each for `--solver`'s help (SPDInvOptions.solver), generated from here; tests/test_readme.py
+# checks that README.md names every solver.
+SOLVER_SUMMARIES: dict[str, str] = {
+    "gradient": "the paper's: --optimizer steps through the UNet",
+    "anderson": "Anderson-accelerated iteration, forwards only",
+    "hybrid": "Anderson with gradient fallback",
+    "polyak": "residual-scaled gradient steps",
+    "newton_krylov": "GMRES with UNet JVPs",
+}
+if SOLVER_SUMMARIES.keys() != SOLVERS.keys():  # a new solver needs its line
+    raise ImportError(f"SOLVER_SUMMARIES {sorted(SOLVER_SUMMARIES)} != SOLVERS {sorted(SOLVERS)}")
+
+
+def solver_help(default: str) -> str:
+    """`--solver`'s help: every solver of SOLVERS with its summary, the default first."""
+    names = [default, *(name for name in SOLVERS if name != default)]
+    return "fixed-point solver: " + ", ".join(f"{name} ({SOLVER_SUMMARIES[name]})" for name in names)

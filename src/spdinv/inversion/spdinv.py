@@ -6,7 +6,7 @@ Anderson-accelerated fixed-point iteration (the default), by gradient descent on
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -15,7 +15,7 @@ from ..errors import SpdinvError
 from ..model import DiffusionModel
 from ..schedule import Schedule
 from .base import Inversion, StepResult, fixed_point_inversion
-from .solvers import DESCENT_SOLVERS, OPTIMIZERS, SOLVERS, STOP_RULES
+from .solvers import DESCENT_SOLVERS, OPTIMIZERS, SOLVERS, STOP_RULES, solver_help
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class SPDInvOptions:
     delta: stop once the mean squared residual is below it; relative_delta (scale-aware, off by
     default): stop only once the residual is also below this fraction of the step's first
     (DDIM-guess) residual; optimizer: adamw (the paper's code, weight decay 0.01), adam or sgd, for
-    the gradient solver; solver: anderson (the default: forwards only, the same fixed point at a lower
-    cost, docs/results.md), gradient (the paper's), hybrid, polyak or newton_krylov (`solvers`);
+    the gradient solver; solver: a name of `solvers.SOLVERS` (its `SOLVER_SUMMARIES` line is the
+    flag's help); anderson, the default, finds the same fixed point as the paper's gradient at a
+    lower cost (docs/results.md);
     stop_rule: measured (check before each update, return the best measured iterate) or official
     (the paper's code: update, then check; the unmeasured post-update iterate)."""
 
@@ -36,10 +37,7 @@ class SPDInvOptions:
         None, "also stop only below this fraction of each step's first residual (scale-aware; default off)",
         parse=positive_float)
     optimizer: str = option("adamw", "the gradient solver's optimiser: adamw, adam or sgd")
-    solver: str = option("anderson", "fixed-point solver: anderson (Anderson-accelerated iteration, forwards only), "
-                         "gradient (the paper's: --optimizer steps through the UNet), hybrid (Anderson with gradient "
-                         "fallback), polyak (residual-scaled gradient steps), newton_krylov (GMRES with UNet JVPs)",
-                         choices=tuple(SOLVERS))
+    solver: str = option("anderson", solver_help("anderson"), choices=tuple(SOLVERS))
     stop_rule: str = option("measured", "when a step stops: measured (check the residual before each update, return "
                             "the best measured iterate) or official (the paper's code: update, then check the loss "
                             "measured before it; keep the unmeasured post-update iterate; >= 1 update per step; "
@@ -76,12 +74,8 @@ def solve_fixed_point(f, z_init: Tensor, options: SPDInvOptions, f_init: Tensor 
 def spdinv(model: DiffusionModel, z0: Tensor, embedding: Tensor, schedule: Schedule,
            options: SPDInvOptions = SPDInvOptions(), *, diagnose: bool = True, progress: bool = True) -> Inversion:
     """SPDInv: DDIM guess, then the solver's search for the step's fixed point (frozen UNet)."""
-
-    def solver(f, guess: Tensor, f_guess: Tensor | None) -> StepResult:
-        return solve_fixed_point(f, guess, options, f_guess)
-
     # The official code edits with the source prompt's embedding as the unconditional one; that is
     # negative-prompt inversion's ingredient, not SPDInv's, so it is the editor's explicit switch
     # (`uncond="source"`), not a property of this inversion.
-    return fixed_point_inversion(model, z0, embedding, schedule, solver, method="spdinv", settings=asdict(options),
+    return fixed_point_inversion(model, z0, embedding, schedule, SOLVERS[options.solver], options, method="spdinv",
                                  diagnose=diagnose, progress=progress)
