@@ -8,7 +8,8 @@ w0, all its words, and each ViT feature level (CLS and patch mean) to the object
 concept images of the training identities (world renders), tested on the held-out identities' renders and
 on `--n` drawn objects of two families on the concept gray: `spdinv.testing.hand_drawn_object` and the
 benchmark's own `concept_test_drawings.test_drawing`, the latter also drawn on another plain background and
-passed through the encode path (`conform_image`, `on_concept_background`). Also: nearest world identity of
+passed through the encode path (`conform_image`, `on_concept_background`); and the encoder's own training
+drawer (`spdinv.world.concept_drawing.random_drawing`, in-distribution for a `--drawn` run). Also: nearest world identity of
 each drawing's w0 (cosine, over the 192 renders) has the right shape; the attribute classifier (the judge)
 reads each drawing's shape; and the pixels the repaint leaves neither gray nor within 60 of the object's
 colour (anti-aliased edges keep a halo of the old background).
@@ -31,7 +32,7 @@ from spdinv.world.classifier import load_classifier, read_scenes
 from spdinv.world.concept_encoder import (CONCEPT_BACKGROUND, IMAGE_SIZE, concept_image, identities, is_held_out,
                                           load_concept_encoder, on_concept_background)
 from spdinv.world.concept_training import encoder_from_checkpoint
-from spdinv.world.scene import BACKGROUNDS, COLOURS, SHAPES
+from spdinv.world.scene import BACKGROUNDS, COLOURS, SHAPES, WorldObject
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concept_test_drawings import test_drawing  # noqa: E402
@@ -82,6 +83,9 @@ def drawn_sets(n: int, seed: int) -> dict[str, tuple[list, list[str]]]:
         halos.append(int(stray.sum()))
         repainted.append(image)
     sets["test family on another background, repainted"] = repainted
+    from spdinv.world.concept_drawing import random_drawing  # the training drawer: in-distribution for --drawn runs
+
+    sets["training drawer"] = [random_drawing(WorldObject(s, c, "centre"), rng) for s, c in picks]
     return {name: (images, [s for s, _ in picks]) for name, images in sets.items()} | {"halo": halos}
 
 
