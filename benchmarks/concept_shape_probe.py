@@ -103,6 +103,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default=None, help=".safetensors (default: the shipped one) or checkpoint.pt")
     parser.add_argument("--n", type=int, default=96, help="drawn objects per family")
+    parser.add_argument("--canonical", action="store_true",
+                        help="every image (training renders included) first put in the canonical frame of "
+                             "concept_shape_learnability.canonical (object's box scaled to 26 px and centred)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -117,9 +120,15 @@ def main() -> None:
     drawn = drawn_sets(args.n, args.seed)
     halos = drawn.pop("halo")
     sets.update(drawn)
-    train_features = features(encoder, [concept_image(o) for o in train])
+    train_images, all_images = [concept_image(o) for o in train], [concept_image(o) for o in everything]
     labels = torch.tensor([SHAPES.index(o.shape) for o in train])
-    all_w0 = features(encoder, [concept_image(o) for o in everything])["w0"]
+    if args.canonical:
+        from concept_shape_learnability import canonical
+
+        sets = {name: ([canonical(i) for i in images], shapes) for name, (images, shapes) in sets.items()}
+        train_images, all_images = [canonical(i) for i in train_images], [canonical(i) for i in all_images]
+    train_features = features(encoder, train_images)
+    all_w0 = features(encoder, all_images)["w0"]
     results: dict = {"probe": {}, "nearest identity by w0": {}, "judge reads the input": {}}
     for level, x in train_features.items():
         probe = fit_probe(x, labels, len(SHAPES))
