@@ -100,6 +100,32 @@ def score(classifier, images: torch.Tensor, scenes: list[Scene]) -> dict[str, fl
     return {k: sum(f[k] for f in flags) / len(flags) for k in flags[0]} | {"images": len(flags)}
 
 
+def stock_pipeline(model):
+    """The stock diffusers pipeline on the model's parts (no progress bars)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=model.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def drawn_groups(args, everything) -> dict[str, tuple[list, list]]:
+    """The drawn groups asked for: (objects, concept images) per group, each from its own draws (the other
+    groups stay as without them)."""
+    filled = [o for o in everything if o.material == "plain" and o.style == "filled"]
+    gray = BACKGROUNDS[CONCEPT_BACKGROUND]
+    out = {}
+    for group, count, drawing, draw in (("drawn", args.drawn, random.Random(args.seed + 1), hand_drawn_object),
+                                        ("drawn (test family)", args.test_drawn,
+                                         random.Random(f"{args.seed} test family"), test_drawing)):
+        if count:
+            objects = [drawing.choice(filled) for _ in range(count)]
+            out[group] = (objects, [draw(o.shape, COLOURS[o.colour], gray, drawing) for o in objects])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default=None,
@@ -117,13 +143,8 @@ def main() -> None:
     torch.set_num_threads(1)
     wall = time.time()
 
-    from diffusers import StableDiffusionPipeline
-
     model = load_model()
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=model.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(model)
     classifier = load_classifier()
     started = time.perf_counter()
     if args.encoder is not None and args.encoder.endswith(".pt"):
@@ -141,18 +162,8 @@ def main() -> None:
     groups = {"seen": rng.sample([o for o in everything if not is_held_out(o)], args.n),
               "held-out": rng.sample([o for o in everything if is_held_out(o)], args.n)}
     images = {group: [concept_image(o) for o in objects] for group, objects in groups.items()}
-    if args.drawn:
-        drawing = random.Random(args.seed + 1)  # its own draws: the other groups' stay as without --drawn
-        filled = [o for o in everything if o.material == "plain" and o.style == "filled"]
-        groups["drawn"] = [drawing.choice(filled) for _ in range(args.drawn)]
-        gray = BACKGROUNDS[CONCEPT_BACKGROUND]
-        images["drawn"] = [hand_drawn_object(o.shape, COLOURS[o.colour], gray, drawing) for o in groups["drawn"]]
-    if args.test_drawn:
-        drawing = random.Random(f"{args.seed} test family")
-        filled = [o for o in everything if o.material == "plain" and o.style == "filled"]
-        groups["drawn (test family)"] = [drawing.choice(filled) for _ in range(args.test_drawn)]
-        images["drawn (test family)"] = [test_drawing(o.shape, COLOURS[o.colour], BACKGROUNDS[CONCEPT_BACKGROUND], drawing)
-                                         for o in groups["drawn (test family)"]]
+    for group, (objects, drawings) in drawn_groups(args, everything).items():
+        groups[group], images[group] = objects, drawings
     for group, objects in groups.items():
         if not objects:
             continue
