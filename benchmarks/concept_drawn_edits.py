@@ -1,22 +1,23 @@
 """Customised editing of images the world renderer did not draw (numbers go to docs/model-card.md,
-"Concept encoder").
+"Concept encoder"; issue 26).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/concept_drawn_edits.py [--n 24] [--steps 50]
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/concept_drawn_edits.py [--n 24] [--steps 50] \
+        [--encoder PATH] [--families hand,test] [--json out.json]
 
-For `--n` plain filled objects (seeded draws over every shape x colour), PIL draws the object
-(`spdinv.testing.hand_drawn_object`: its own geometry, size, offset, rotation and shade) twice: on the
-world's gray, the concept encoder's convention, and on a plain background B, the image edited. The
-edit changes the background: "a large S in the centre on a B background" -> "... on a B2 background"
-(B, B2 world backgrounds, neither the object's colour), P2P without LocalBlend (a background change
-is the whole frame; LocalBlend on "blue black" or "background" keeps the old background here), `--steps`
-DDIM steps, guidance 7.5. Rows:
-- encoder S from the gray drawing, SPDInv (`anderson`) + P2P and DDIM + P2P;
-- encoder S from the edited image itself (what `spdinv edit --concept-encoder` does without
-  `--concept-image`), SPDInv (`anderson`) + P2P;
-- the object's words instead of S ("a large red star ..."), SPDInv (`anderson`) + P2P: the reference.
-The attribute classifier reads each edit: the object's shape and colour at the centre (or the only object
-read), the background (B2), and all three. It also reads the drawings themselves, as a check of the judge
-on drawn shapes.
+For `--n` plain filled objects per family (seeded draws over every shape x colour), an object is drawn twice
+with the same geometry and shade: on the world's gray, the concept encoder's convention, and on a plain
+background B, the image edited. Families: `hand` = `spdinv.testing.hand_drawn_object`, `test` = this folder's
+`concept_test_drawings.test_drawing` (code none of the project's drawing code shares: other proportions,
+gradients, outlines, anti-aliasing). The edit changes the background: "a large S in the centre on a B
+background" -> "... on a B2 background" (B, B2 world backgrounds, neither gray nor the object's colour),
+SPDInv (`anderson`) + P2P without LocalBlend, `--steps` DDIM steps, guidance 7.5. Rows:
+- encoder S from the edited image itself (what `spdinv edit --concept-encoder` does without `--concept-image`);
+- encoder S from the gray drawing;
+- the object's words instead of S ("a large red star ..."): the reference.
+Per edit: the object's IoU with the source (object = pixels more than 40 per channel from the background:
+the known B in the source, the median of the 2-pixel border in the edit), its colour (the palette colour
+nearest the mean of the edit's object pixels, and the attribute classifier's reading), the classifier's
+shape and new background (B2). The classifier also reads the drawings themselves, as a check of the judge.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from spdinv.editing import edit
@@ -34,77 +38,111 @@ from spdinv.model import load_model
 from spdinv.testing import hand_drawn_object
 from spdinv.world.classifier import load_classifier, read_scenes
 from spdinv.world.concept_encoder import CONCEPT_BACKGROUND, identities, load_concept_encoder
+from spdinv.world.concept_training import encoder_from_checkpoint
 from spdinv.world.scene import BACKGROUNDS, COLOURS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from concept_test_drawings import test_drawing  # noqa: E402
+
 WORD = "S"
+FAMILIES = {"hand": hand_drawn_object, "test": test_drawing}
+PALETTE = np.array(list(COLOURS.values()))
 
 
-def read(classifier, pixels: torch.Tensor, shape: str, colour: str, background: str) -> dict[str, bool]:
-    """What the classifier reads of one image (1, 3, 64, 64) in [-1, 1], against the truth."""
-    reading = read_scenes(classifier, pixels)[0]
+def object_mask(pixels: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
+    """(64, 64) bool: pixels more than 40 per channel from the background (given, or the border's median)."""
+    if background is None:
+        ring = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3), pixels[:, :2].reshape(-1, 3),
+                               pixels[:, -2:].reshape(-1, 3)])
+        background = np.median(ring, axis=0)
+    return np.abs(pixels.astype(int) - background).max(axis=2) > 40
+
+
+def measure(classifier, edited: torch.Tensor, source_mask: np.ndarray, shape: str, colour: str,
+            background: str) -> dict[str, float]:
+    """One edit (1, 3, 64, 64) in [-1, 1] against the source object's mask and the truth."""
+    pixels = ((edited[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
+    mask = object_mask(pixels)
+    union = (mask | source_mask).sum()
+    mean = pixels[mask].mean(axis=0) if mask.any() else np.zeros(3)
+    reading = read_scenes(classifier, edited)[0]
     found = reading.objects.get("centre")
     if found is None and len(reading.objects) == 1:
         found = next(iter(reading.objects.values()))
-    flags = {"shape": found is not None and found["shape"] == shape,
-             "colour": found is not None and found["colour"] == colour,
-             "background": reading.background == background}
-    flags["all"] = all(flags.values())
-    return flags
+    return {"iou": float((mask & source_mask).sum() / union) if union else 0.0,
+            "colour (pixels)": float(mask.any() and list(COLOURS)[int(np.abs(PALETTE - mean).sum(1).argmin())] == colour),
+            "colour (judge)": float(found is not None and found["colour"] == colour),
+            "shape (judge)": float(found is not None and found["shape"] == shape),
+            "background (judge)": float(reading.background == background)}
+
+
+def drawings(family: str, obj, source_bg: str, rng: random.Random):
+    """The object drawn on gray and on `source_bg` with the same draws."""
+    draw = FAMILIES[family]
+    drawing = random.Random(rng.random())
+    state = drawing.getstate()
+    on_gray = draw(obj.shape, COLOURS[obj.colour], BACKGROUNDS[CONCEPT_BACKGROUND], drawing)
+    drawing.setstate(state)
+    return on_gray, draw(obj.shape, COLOURS[obj.colour], BACKGROUNDS[source_bg], drawing)
+
+
+def run_family(family: str, args, model, classifier, encoder) -> dict[str, list[dict[str, float]]]:
+    rng = random.Random(f"{args.seed} {family}")
+    filled = [o for o in identities() if o.material == "plain" and o.style == "filled"]
+    rows: dict[str, list[dict[str, float]]] = {}
+    for _ in range(args.n):
+        obj = rng.choice(filled)
+        source_bg, target_bg = rng.sample([b for b in BACKGROUNDS if b not in (obj.colour, CONCEPT_BACKGROUND)], 2)
+        on_gray, image = drawings(family, obj, source_bg, rng)
+        source_mask = object_mask(np.asarray(image), np.array(BACKGROUNDS[source_bg]))
+        rows.setdefault("judge reads the drawing", []).append(
+            measure(classifier, to_tensor(image), source_mask, obj.shape, obj.colour, source_bg))
+        source = f"a large {WORD} in the centre on a {source_bg} background"
+        target = f"a large {WORD} in the centre on a {target_bg} background"
+        words = f"{obj.colour} {obj.shape}"
+        cases = {"encoder S (the edited image)": (encoder.encode(image, WORD), source, target),
+                 "encoder S (gray drawing)": (encoder.encode(on_gray, WORD), source, target),
+                 "object's words": (None, source.replace(WORD, words), target.replace(WORD, words))}
+        for name, (concept, source_prompt, target_prompt) in cases.items():
+            concept_model = model if concept is None else model.with_concept(concept)
+            result = edit(concept_model, image, source_prompt, target_prompt, inversion="spdinv", engine="p2p",
+                          num_steps=args.steps, seed=args.seed, solver="anderson")
+            rows.setdefault(name, []).append(measure(classifier, result.edited.float().cpu(), source_mask, obj.shape,
+                                                     obj.colour, target_bg))
+    return rows
+
+
+def summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    summary = {name: {k: round((1 if k == "iou" else 100) * sum(f[k] for f in flags) / len(flags), 3 if k == "iou" else 1)
+                      for k in flags[0]} | {"n": len(flags)} for name, flags in rows.items()}
+    words = summary["object's words"]["iou"]
+    for name in ("encoder S (the edited image)", "encoder S (gray drawing)"):
+        summary[name]["iou / words' iou"] = round(summary[name]["iou"] / words, 3) if words else None
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--n", type=int, default=24, help="objects per family")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--encoder", default=None, help="concept encoder .safetensors (default: the shipped one)")
+    parser.add_argument("--encoder", default=None, help=".safetensors (default: the shipped one) or checkpoint.pt")
+    parser.add_argument("--families", default="hand,test", help="comma-separated: hand, test")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.time()
-    model, classifier, encoder = load_model(), load_classifier(), load_concept_encoder(args.encoder)
-    rng = random.Random(args.seed)
-    filled = [o for o in identities() if o.material == "plain" and o.style == "filled"]
-    rows: dict[str, list[dict[str, bool]]] = {}
-
-    def add(name: str, flags: dict[str, bool]) -> None:
-        rows.setdefault(name, []).append(flags)
-
-    for _ in range(args.n):
-        obj = rng.choice(filled)
-        source_bg, target_bg = rng.sample([b for b in BACKGROUNDS if b not in (obj.colour, CONCEPT_BACKGROUND)], 2)
-        drawing = random.Random(rng.random())  # the same geometry and shade on both backgrounds
-        state = drawing.getstate()
-        on_gray = hand_drawn_object(obj.shape, COLOURS[obj.colour], BACKGROUNDS[CONCEPT_BACKGROUND], drawing)
-        drawing.setstate(state)
-        image = hand_drawn_object(obj.shape, COLOURS[obj.colour], BACKGROUNDS[source_bg], drawing)
-        add("judge reads the drawing", read(classifier, to_tensor(image), obj.shape, obj.colour, source_bg))
-        source = f"a large {WORD} in the centre on a {source_bg} background"
-        target = f"a large {WORD} in the centre on a {target_bg} background"
-        words = f"{obj.colour} {obj.shape}"
-        from_gray = encoder.encode(on_gray, WORD)
-        cases = {
-            "encoder S (gray drawing), SPDInv anderson + P2P": (from_gray, "spdinv", source, target),
-            "encoder S (gray drawing), DDIM + P2P": (from_gray, "ddim", source, target),
-            "encoder S (the edited image), SPDInv anderson + P2P": (encoder.encode(image, WORD), "spdinv", source,
-                                                                    target),
-            "object's words, SPDInv anderson + P2P": (None, "spdinv", source.replace(WORD, words),
-                                                      target.replace(WORD, words)),
-        }
-        for name, (concept, inversion, source_prompt, target_prompt) in cases.items():
-            concept_model = model if concept is None else model.with_concept(concept)
-            options = {"solver": "anderson"} if inversion == "spdinv" else {}
-            result = edit(concept_model, image, source_prompt, target_prompt, inversion=inversion, engine="p2p",
-                          num_steps=args.steps, seed=args.seed, **options)
-            add(name, read(classifier, result.edited.float().cpu(), obj.shape, obj.colour, target_bg))
-    summary = {name: {k: round(100 * sum(f[k] for f in flags) / len(flags), 1) for k in flags[0]} | {"n": len(flags)}
-               for name, flags in rows.items()}
-    for name, numbers in summary.items():
-        print(f"{name}: {numbers}")
+    model, classifier = load_model(), load_classifier()
+    encoder = (encoder_from_checkpoint(args.encoder) if args.encoder and args.encoder.endswith(".pt")
+               else load_concept_encoder(args.encoder))
+    results = {}
+    for family in args.families.split(","):
+        results[family] = summarise(run_family(family, args, model, classifier, encoder))
+        for name, numbers in results[family].items():
+            print(f"{family} / {name}: {numbers}", flush=True)
     print(f"{time.time() - started:.0f} s")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "percent": summary}, handle, indent=2)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ the captioned position (else the only object read anywhere) has it. Rows:
 With `--drawn N`, a third group: N plain filled objects (seeded draws over every shape x colour) whose
 concept images are drawn with PIL by `spdinv.testing.hand_drawn_object` (its own geometry, size, offset,
 rotation and shade, aliased, on the world's gray) instead of the world renderer: images it did not draw.
+With `--test-drawn N`, a fourth group ("drawn (test family)"): N plain filled objects drawn by this folder's
+`concept_test_drawings.test_drawing` (other proportions, gradients, outlines, anti-aliasing: code none of the
+project's own drawing code shares, the concept encoder's training drawer included). `--n 0` leaves out the
+seen and held-out groups.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import torch
@@ -41,6 +47,9 @@ from spdinv.world.classifier import load_classifier, read_scenes
 from spdinv.world.concept_encoder import CONCEPT_BACKGROUND, concept_image, identities, is_held_out, load_concept_encoder
 from spdinv.world.concept_training import encoder_from_checkpoint
 from spdinv.world.scene import BACKGROUNDS, COLOURS, SIDE_POSITIONS, Scene
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from concept_test_drawings import test_drawing  # noqa: E402
 
 WORD = "S"
 ATTRIBUTES = ("shape", "colour", "material", "style")
@@ -91,6 +100,32 @@ def score(classifier, images: torch.Tensor, scenes: list[Scene]) -> dict[str, fl
     return {k: sum(f[k] for f in flags) / len(flags) for k in flags[0]} | {"images": len(flags)}
 
 
+def stock_pipeline(model):
+    """The stock diffusers pipeline on the model's parts (no progress bars)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=model.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def drawn_groups(args, everything) -> dict[str, tuple[list, list]]:
+    """The drawn groups asked for: (objects, concept images) per group, each from its own draws (the other
+    groups stay as without them)."""
+    filled = [o for o in everything if o.material == "plain" and o.style == "filled"]
+    gray = BACKGROUNDS[CONCEPT_BACKGROUND]
+    out = {}
+    for group, count, drawing, draw in (("drawn", args.drawn, random.Random(args.seed + 1), hand_drawn_object),
+                                        ("drawn (test family)", args.test_drawn,
+                                         random.Random(f"{args.seed} test family"), test_drawing)):
+        if count:
+            objects = [drawing.choice(filled) for _ in range(count)]
+            out[group] = (objects, [draw(o.shape, COLOURS[o.colour], gray, drawing) for o in objects])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default=None,
@@ -100,19 +135,16 @@ def main() -> None:
     parser.add_argument("--drawn", type=int, default=0,
                         help="also this many concept images drawn with PIL (spdinv.testing.hand_drawn_object), "
                              "not by the world renderer")
+    parser.add_argument("--test-drawn", type=int, default=0,
+                        help="also this many concept images drawn by benchmarks/concept_test_drawings.py")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     wall = time.time()
 
-    from diffusers import StableDiffusionPipeline
-
     model = load_model()
-    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=model.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = stock_pipeline(model)
     classifier = load_classifier()
     started = time.perf_counter()
     if args.encoder is not None and args.encoder.endswith(".pt"):
@@ -130,14 +162,14 @@ def main() -> None:
     groups = {"seen": rng.sample([o for o in everything if not is_held_out(o)], args.n),
               "held-out": rng.sample([o for o in everything if is_held_out(o)], args.n)}
     images = {group: [concept_image(o) for o in objects] for group, objects in groups.items()}
-    if args.drawn:
-        drawing = random.Random(args.seed + 1)  # its own draws: the other groups' stay as without --drawn
-        filled = [o for o in everything if o.material == "plain" and o.style == "filled"]
-        groups["drawn"] = [drawing.choice(filled) for _ in range(args.drawn)]
-        gray = BACKGROUNDS[CONCEPT_BACKGROUND]
-        images["drawn"] = [hand_drawn_object(o.shape, COLOURS[o.colour], gray, drawing) for o in groups["drawn"]]
+    for group, (objects, drawings) in drawn_groups(args, everything).items():
+        groups[group], images[group] = objects, drawings
     for group, objects in groups.items():
-        scenes_of = [contexts(o, rng) for o in objects]
+        if not objects:
+            continue
+        # the drawn groups draw their contexts apart, so that they do not depend on --n
+        context_rng = random.Random(f"{args.seed} {group} contexts") if group.startswith("drawn") else rng
+        scenes_of = [contexts(o, context_rng) for o in objects]
         scenes = [s for per in scenes_of for s in per]
         placeholder = [caption(s, placeholders={0: WORD}) for s in scenes]
         words = [caption(s) for s in scenes]
@@ -153,7 +185,7 @@ def main() -> None:
             print(f"{group} / {name}: {results[f'{group} / {name}']}", flush=True)
         # textual inversion on the first objects, with the encoder and text rows on the same images' prompts
         subset = scenes[:args.ti * repeat]
-        if args.ti > 0 and group != "drawn":
+        if args.ti > 0 and not group.startswith("drawn"):
             learned = []
             for obj in objects[:args.ti]:
                 prompt = f"a large {WORD} in the centre on a {CONCEPT_BACKGROUND} background"

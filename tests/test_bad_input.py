@@ -377,6 +377,11 @@ def test_encoder_flag_combinations_are_one_line(tmp_path, tiny_dir, red_circle, 
     (["--teacher", "-0.5"], "--teacher must be in [0, 1], got -0.5"),
     (["--attributes", "-1"], "--attributes must be >= 0, got -1.0"),
     (["--learning-rate", "nan"], "--learning-rate must be > 0, got nan"),
+    (["--drawn", "1.5"], "--drawn must be in [0, 1], got 1.5"),
+    (["--word-teacher", "-1"], "--word-teacher must be >= 0, got -1.0"),
+    (["--diffusion", "-1"], "--diffusion must be >= 0, got -1.0"),
+    (["--start", "missing.safetensors"], "--start: concept encoder not found: missing.safetensors"),
+    (["--word-teacher", "1"], "--word-teacher needs --start"),
 ])
 def test_concept_encoder_training_settings_are_one_line(tmp_path, capsys, extra, message):
     code, _, err = run(["world", "train-concept-encoder", "--out", tmp_path / "enc", *extra], capsys)

@@ -304,3 +304,59 @@ def test_a_plain_background_is_repainted_gray_for_the_encoder_and_anything_else_
     assert np.array_equal(np.asarray(on_concept_background(grid)), np.asarray(grid))
     encoder = ConceptEncoder(SMALL)  # encode() reads the repainted image
     assert torch.equal(encoder.encode(drawn).vectors, encoder.encode(on_concept_background(drawn)).vectors)
+
+
+def test_random_drawings_are_seeded_one_object_of_the_identity_on_the_concept_gray():
+    import random
+
+    from spdinv.world.concept_drawing import random_drawing
+    from spdinv.world.scene import SHAPES
+
+    gray = np.array(BACKGROUNDS[CONCEPT_BACKGROUND])
+    palette = np.array(list(COLOURS.values()))
+    rng = random.Random(0)
+    for obj in identities()[::5]:
+        state = rng.getstate()
+        pixels = np.asarray(random_drawing(obj, rng)).astype(int)
+        rng.setstate(state)
+        assert np.array_equal(pixels, np.asarray(random_drawing(obj, rng)))  # the same draws, the same drawing
+        assert pixels.shape == (64, 64, 3) and (pixels[0] == gray).all() and (pixels[:, -1] == gray).all()
+        drawn = np.abs(pixels - gray).max(axis=2) > 30
+        assert 0.005 < drawn.mean() < 0.4, (obj, drawn.mean())
+        if obj.material == "plain" and obj.style == "filled":  # its typical pixel is nearest the identity's colour
+            typical = np.median(pixels[drawn], axis=0)
+            assert list(COLOURS)[int(np.abs(palette - typical).sum(1).argmin())] == obj.colour, obj
+    assert {o.shape for o in identities()[::5]} == set(SHAPES)
+
+
+def test_the_drawn_share_replaces_concept_images_by_drawings_of_the_same_identity(tiny, tmp_path):
+    rendered, drawn = trainer(tiny, tmp_path / "a"), trainer(tiny, tmp_path / "b", drawn=1.0)
+    chosen, poses = rendered.batch(0)[:2]
+    assert torch.equal(rendered.concept_batch(0, chosen, poses), rendered.concept_pixels[chosen])
+    pictures = drawn.concept_batch(0, chosen, poses)
+    assert torch.equal(pictures, drawn.concept_batch(0, chosen, poses))  # seeded by (seed, step)
+    assert all((pictures[i] - drawn.concept_pixels[chosen[i]]).abs().max() > 0.3 for i in range(len(chosen)))
+    assert not torch.equal(pictures, drawn.concept_batch(1, chosen, poses))
+
+
+def test_a_fine_tune_starts_from_the_start_encoder_and_the_word_teacher_keeps_its_words(tiny, tmp_path):
+    from spdinv.errors import SpdinvError
+    from spdinv.world.concept_encoder import save_concept_encoder
+
+    torch.manual_seed(3)
+    start = save_concept_encoder(ConceptEncoder(SMALL), tmp_path / "start.safetensors")
+    keep = trainer(tiny, tmp_path / "a", start=str(start), word_teacher=2.0, attributes=0.0, diffusion=0.0)
+    assert all(torch.equal(v, load_concept_encoder(start).state_dict()[k]) for k, v in keep.encoder.state_dict().items())
+    assert keep.batch(0)[2] is None  # no UNet term: no target latents
+    total, logged = keep.loss(0)  # rendered images, the start's own weights: the word-teacher term is 0
+    # up to float rounding: the start's words were computed in a batch of every identity, these in a batch of 2
+    # (a relative squared error: rounding of 1e-6 relative gives 1e-12)
+    assert logged == pytest.approx(0.0, abs=1e-10)
+    drawn = trainer(tiny, tmp_path / "b", start=str(start), word_teacher=2.0, attributes=0.0, diffusion=0.0, drawn=1.0)
+    total, logged = drawn.loss(0)
+    words = drawn.encoder(drawn.concept_batch(0, *drawn.batch(0)[:2]))
+    assert logged > 1e-3 and float(total.detach()) == pytest.approx(2.0 * logged + 0.01 * float(words.detach().abs().mean()), rel=1e-4)
+    drawn.train(progress=False, until=2)
+    assert len(drawn.losses) == 2 and drawn.save_result(tmp_path / "out").is_file()
+    with pytest.raises(SpdinvError, match="needs --start"):
+        trainer(tiny, tmp_path / "c", word_teacher=1.0)

@@ -145,12 +145,16 @@ def check_concept_encoder_config(config) -> None:
     for name in ("steps", "batch", "warmup", "checkpoint_every", "threads", "learning_rate"):
         if not getattr(config, name) > 0:
             raise SpdinvError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
-    for name in ("word_l1", "attributes"):
+    for name in ("word_l1", "attributes", "word_teacher", "diffusion"):
         if not getattr(config, name) >= 0:
             raise SpdinvError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
-    for name in ("w0_only", "teacher", "augment"):
+    for name in ("w0_only", "teacher", "augment", "drawn"):
         if not 0 <= getattr(config, name) <= 1:
             raise SpdinvError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
+    if config.start and not Path(config.start).is_file():
+        raise SpdinvError(f"--start: concept encoder not found: {config.start}")
+    if config.word_teacher > 0 and not config.start:
+        raise SpdinvError("--word-teacher needs --start (the encoder whose words it keeps)")
     if not 0 <= config.seed <= MAX_SEED // 2_000_000:  # per-step seeds are seed * 1_000_003 + step
         raise SpdinvError(f"--seed must be in [0, {MAX_SEED // 2_000_000}], got {config.seed}")
 

@@ -43,8 +43,9 @@ from ..images import to_tensor
 from ..model import DiffusionModel, load_model
 from ..outputs import atomic_file
 from .captions import Phrasing, caption
+from .concept_drawing import random_drawing
 from .concept_encoder import (CONCEPT_BACKGROUND, HELD_OUT_PAIRS, ConceptEncoder, EncoderConfig, concept_image,
-                              identities, is_held_out, save_concept_encoder)
+                              identities, is_held_out, load_concept_encoder, save_concept_encoder)
 from .config import CONCEPT_ENCODER_SETTINGS_BEFORE, ConceptEncoderConfig
 from .render import render
 from .scene import (BACKGROUND_KINDS, BACKGROUNDS, COLOURS, MATERIALS, POSITIONS, SHAPES, SIDE_POSITIONS, SIZES, STYLES,
@@ -128,7 +129,11 @@ class ConceptEncoderTrainer:
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.model = load_model() if model is None else model
+        start = load_concept_encoder(config.start) if config.start else None
+        encoder_config = encoder_config if start is None else start.config
         self.encoder = ConceptEncoder(encoder_config)
+        if start is not None:
+            self.encoder.load_state_dict(start.state_dict())
         width = self.model.text_encoder.get_input_embeddings().embedding_dim
         if encoder_config.word_width != width:
             raise SpdinvError(f"the encoder makes {encoder_config.word_width}-wide words; the model's text encoder "
@@ -136,6 +141,7 @@ class ConceptEncoderTrainer:
         self.tokenizer = ConceptTokenizer(self.model.tokenizer, WORD, encoder_config.levels)
         self.objects = [o for o in identities() if not is_held_out(o)]
         self.concept_pixels = torch.cat([to_tensor(concept_image(o)) for o in self.objects])
+        self.teacher_words = self.start_words(start)
         self.labels = {name: torch.tensor([values.index(getattr(o, name)) for o in self.objects])
                        for name, values in ATTRIBUTE_VALUES.items()}
         self.head = AttributeHead(encoder_config.width)
@@ -143,6 +149,16 @@ class ConceptEncoderTrainer:
         self.optimizer = torch.optim.AdamW(self.trained, lr=config.learning_rate, weight_decay=0.01)
         self.step = 0
         self.losses: list[float] = []
+
+    def start_words(self, start: ConceptEncoder | None) -> Tensor | None:
+        """The start encoder's words for each training identity's rendered concept image, (N, levels, width),
+        when `word_teacher` keeps the words there."""
+        if self.config.word_teacher == 0:
+            return None
+        if start is None:
+            raise SpdinvError("--word-teacher needs --start (the encoder whose words it keeps)")
+        with torch.no_grad():
+            return start.eval()(self.concept_pixels.to(self.model.device)).float().cpu()
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -195,9 +211,25 @@ class ConceptEncoderTrainer:
             scenes.append(scene)
             prompts.append(prompt)
             worded.append(caption(scene, phrasing))
-        targets = torch.cat([to_tensor(render(s)) for s in scenes])
         poses = torch.tensor([random_pose(rng) if rng.random() < cfg.augment else IDENTITY_POSE for _ in chosen])
-        return torch.tensor(chosen), poses, self.model.encode_image(targets), prompts, worded, generator
+        latents = None  # no UNet term: the targets are not rendered
+        if cfg.diffusion > 0:
+            latents = self.model.encode_image(torch.cat([to_tensor(render(s)) for s in scenes]))
+        return torch.tensor(chosen), poses, latents, prompts, worded, generator
+
+    def concept_batch(self, step: int, chosen: Tensor, poses: Tensor) -> Tensor:
+        """The chosen identities' concept images (B, 3, 64, 64): rendered, posed (`augment`), and a `drawn`
+        fraction replaced by randomised drawings (their own seeded draws: runs without them are unchanged)."""
+        cfg = self.config
+        pixels = self.concept_pixels[chosen]
+        if cfg.augment > 0:
+            pixels = posed(pixels, poses, BACKGROUNDS[CONCEPT_BACKGROUND])
+        if cfg.drawn > 0:
+            rng = random.Random(f"drawn {cfg.seed} {step}")
+            for row, index in enumerate(chosen.tolist()):
+                if rng.random() < cfg.drawn:
+                    pixels[row] = to_tensor(random_drawing(self.objects[index], rng))[0]
+        return pixels
 
     @torch.no_grad()
     def target(self, noisy: Tensor, timesteps: list[int], noise: Tensor, worded: list[str]) -> Tensor:
@@ -210,13 +242,29 @@ class ConceptEncoderTrainer:
         return torch.lerp(noise, taught.to(noise.dtype), self.config.teacher)
 
     def loss(self, step: int) -> tuple[torch.Tensor, float]:
-        """(the step's loss, its diffusion part)."""
+        """(the step's loss, the part logged: the diffusion term, or the word-teacher term when the UNet
+        is not run)."""
+        cfg = self.config
         chosen, poses, latents, prompts, worded, generator = self.batch(step)
-        pixels = self.concept_pixels[chosen]
-        if self.config.augment > 0:
-            pixels = posed(pixels, poses, BACKGROUNDS[CONCEPT_BACKGROUND])
-        features = self.encoder.features(pixels.to(self.model.device))
+        features = self.encoder.features(self.concept_batch(step, chosen, poses).to(self.model.device))
         words = self.encoder.mapper(features)
+        total, logged = cfg.word_l1 * words.abs().mean(), 0.0
+        if cfg.diffusion > 0:
+            diffusion = self.diffusion_loss(words, latents, prompts, worded, generator)
+            total, logged = total + cfg.diffusion * diffusion, float(diffusion.detach())
+        if cfg.attributes > 0:
+            labels = {name: values[chosen].to(self.model.device) for name, values in self.labels.items()}
+            total = total + cfg.attributes * self.head.loss(features[0], labels)
+        if cfg.word_teacher > 0:
+            target = self.teacher_words[chosen].to(words)
+            kept = (words - target).square().mean() / target.square().mean()
+            total = total + cfg.word_teacher * kept
+            logged = logged if cfg.diffusion > 0 else float(kept.detach())
+        return total, logged
+
+    def diffusion_loss(self, words: Tensor, latents: Tensor, prompts: list[str], worded: list[str],
+                       generator: torch.Generator) -> Tensor:
+        """The frozen UNet's noise-prediction error on the target latents under the captions with S."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.model.device)
         with injected(self.model.text_encoder, self.tokenizer.first_id, words):
@@ -226,12 +274,7 @@ class ConceptEncoderTrainer:
         abar = self.model.alphas_cumprod[timesteps].float().view(-1, 1, 1, 1).to(latents)
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
         target = self.target(noisy, timesteps.tolist(), noise, worded)
-        diffusion = F.mse_loss(self.model.eps(noisy, timesteps.tolist(), embedding), target)
-        total = diffusion + self.config.word_l1 * words.abs().mean()
-        if self.config.attributes > 0:
-            labels = {name: values[chosen].to(self.model.device) for name, values in self.labels.items()}
-            total = total + self.config.attributes * self.head.loss(features[0], labels)
-        return total, float(diffusion.detach())
+        return F.mse_loss(self.model.eps(noisy, timesteps.tolist(), embedding), target)
 
     # ---------------------------------------------------------------- the run
     def train(self, progress: bool = True, log_every: int = 25, until: int | None = None) -> None:
@@ -257,7 +300,7 @@ class ConceptEncoderTrainer:
             bar.set_postfix(loss=f"{diffusion:.4f}")
             if self.step % log_every == 0:
                 recent = self.losses[-log_every:]
-                log.info("step %d diffusion loss %.5f (mean of %d) lr %.2e, %.2f s/step", self.step,
+                log.info("step %d loss %.5f (mean of %d) lr %.2e, %.2f s/step", self.step,
                          sum(recent) / len(recent), len(recent), schedule.get_last_lr()[0],
                          (time.time() - started) / (self.step - since))
             if self.step % cfg.checkpoint_every == 0 or self.step == end:
@@ -267,9 +310,10 @@ class ConceptEncoderTrainer:
 
     def save_result(self, out: Path) -> Path:
         window = min(100, len(self.losses))
+        logged = "diffusion" if self.config.diffusion > 0 else "word_teacher"  # what `loss` logs
         first, last = self.losses[:window], self.losses[-window:]
         extra = {"training": asdict(self.config), "steps_done": self.step, "held_out_pairs": HELD_OUT_PAIRS,
                  "concept_image": "the object alone, large, centre, on plain gray (concept_encoder.concept_image)",
-                 "diffusion_loss_first_100": sum(first) / max(1, len(first)),
-                 "diffusion_loss_last_100": sum(last) / max(1, len(last))}
+                 f"{logged}_loss_first_100": sum(first) / max(1, len(first)),
+                 f"{logged}_loss_last_100": sum(last) / max(1, len(last))}
         return save_concept_encoder(self.encoder, Path(out) / RESULT_NAME, extra)

@@ -77,10 +77,22 @@ class ConceptEncoderConfig:
     # Fraction of the concept images shown in a random pose (rotation, scale, shift, shade of the object's
     # colour: concept_training.random_pose) rather than exactly as rendered
     augment: float = 0.0
+    # Fraction of the concept images replaced by a randomised drawing of the identity (concept_drawing.
+    # random_drawing: geometry, proportions, shades, fills, edges and backgrounds the renderer never makes)
+    drawn: float = 0.0
+    # A concept encoder (.safetensors) to start from instead of random weights ("": from scratch)
+    start: str = ""
+    # Weight of matching each concept image's words (rendered or drawn) to the `start` encoder's words for
+    # the identity's rendered concept image (relative squared error: the squared error over the mean
+    # squared target); it keeps a fine-tuned encoder's words where the shipped ones were
+    word_teacher: float = 0.0
+    # Weight of the noise-prediction term (0: the frozen UNet is not run at all)
+    diffusion: float = 1.0
     checkpoint_every: int = 100
     threads: int = 1
 
 
 # The value of each setting added after the first concept-encoder runs that trains as those runs did
 # (a checkpoint without the setting resumes with it).
-CONCEPT_ENCODER_SETTINGS_BEFORE = {"teacher": 0.0, "attributes": 0.0, "augment": 0.0}
+CONCEPT_ENCODER_SETTINGS_BEFORE = {"teacher": 0.0, "attributes": 0.0, "augment": 0.0, "drawn": 0.0, "start": "",
+                                   "word_teacher": 0.0, "diffusion": 1.0}
