@@ -42,13 +42,45 @@ SOURCE = "a large red circle in the centre on a white background"
 TARGET = "a large blue circle in the centre on a white background"
 
 
-def sdxl_shaped_model(width: float):
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def sdxl_unet(channels: tuple[int, int, int], norm_groups: int):
+    """SDXL base's UNet config (unet/config.json) at the given block widths."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        cross_attention_dim=2048, norm_num_groups=norm_groups)
+
+
+def sdxl_vae(channels: tuple[int, ...], layers: int, norm_groups: int):
+    """SDXL's VAE config (vae/config.json: factor 8, scaling 0.13025, upcast) at the given widths."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, block_out_channels=channels,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=layers, norm_num_groups=norm_groups, scaling_factor=0.13025,
+                         force_upcast=True)
+
+
+def as_model(tokenizer, text_encoder, text_encoder_2, unet, vae, name: str):
+    from diffusers import StableDiffusionXLPipeline
 
     from spdinv.model import from_pipeline
     from spdinv.testing import tiny_scheduler
+
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=tiny_scheduler(), force_zeros_for_empty_prompt=True)
+    return from_pipeline(pipe, name=name)
+
+
+def sdxl_shaped_model(width: float):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     from spdinv.world.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
@@ -60,21 +92,9 @@ def sdxl_shaped_model(width: float):
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, hidden_size=1280, num_hidden_layers=10,
                                                                 projection_dim=1280))
     channels = tuple(max(40, int(c * width) // 20 * 20) for c in (320, 640, 1280))
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        cross_attention_dim=2048, norm_num_groups=20)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=1024,
-                        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
-                        scaling_factor=0.13025, force_upcast=True)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-                                     scheduler=tiny_scheduler(), force_zeros_for_empty_prompt=True)
-    return from_pipeline(pipe, name="sdxl-shaped")
+    unet = sdxl_unet(channels, 20)
+    vae = sdxl_vae((16, 32, 32, 32), 1, 8)
+    return as_model(tokenizer, text_encoder, text_encoder_2, unet, vae, "sdxl-shaped")
 
 
 def published_sdxl_model():
@@ -83,11 +103,8 @@ def published_sdxl_model():
     OpenCLIP bigG text encoders (vocabulary 49,408, 77 positions), the SDXL VAE. The prompts are tokenized by
     the shapes world's CLIP BPE tokenizer (ids < 49,408) padded to 77 tokens, as SDXL's are."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from spdinv.model import from_pipeline
-    from spdinv.testing import tiny_scheduler
     from spdinv.world.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
@@ -100,21 +117,9 @@ def published_sdxl_model():
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
         **ids, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
         projection_dim=1280, hidden_act="gelu"))
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        cross_attention_dim=2048, norm_num_groups=32)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=1024,
-                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32,
-                        scaling_factor=0.13025, force_upcast=True)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-                                     scheduler=tiny_scheduler(), force_zeros_for_empty_prompt=True)
-    return from_pipeline(pipe, name="sdxl-base-1.0-random")
+    unet = sdxl_unet((320, 640, 1280), 32)
+    vae = sdxl_vae((128, 256, 512, 512), 2, 32)
+    return as_model(tokenizer, text_encoder, text_encoder_2, unet, vae, "sdxl-base-1.0-random")
 
 
 def rss_kib() -> int:
