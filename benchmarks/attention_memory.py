@@ -151,7 +151,7 @@ def drawn_circle(size: int):
     return image
 
 
-def run_case(case: str, size: int, steps: int, width: float) -> dict:
+def run_case(case: str, size: int, steps: int, width: float, vae_slicing: bool = False) -> dict:
     """One whole run in this process, a user's: `plain` samples the target prompt from noise (prompt
     encoding, `steps` DDIM steps at guidance 7.5, 2 UNet rows a step, decode); the editing cases invert
     the drawn image (VAE encode, DDIM inversion, `steps` steps) and edit it (`run_editor`: 3 UNet rows a
@@ -167,6 +167,8 @@ def run_case(case: str, size: int, steps: int, width: float) -> dict:
     torch.set_num_threads(1)
     phases = Phases()
     model = published_sdxl_model() if width >= 1 else sdxl_shaped_model(width)
+    if vae_slicing:  # decode a batch one image at a time (the edit decodes its source and target rows)
+        model.vae.enable_slicing()
     phases.mark("model built")
     loaded = rss_kib() / 1024
     with torch.no_grad():
@@ -242,7 +244,8 @@ def run_child(case: str, args: argparse.Namespace) -> dict:
     """One case in a fresh process; its peak resident set as the kernel counted it (wait4's rusage of that
     child alone, so no earlier case's peak leaks in)."""
     command = [sys.executable, __file__, "--one", case, "--size", str(args.size), "--steps", str(args.steps),
-               "--width", str(args.width), *(["--layer"] if args.layer else [])]
+               "--width", str(args.width), *(["--layer"] if args.layer else []),
+               *(["--vae-slicing"] if args.vae_slicing else [])]
     with tempfile.TemporaryFile("w+") as out:
         child = subprocess.Popen(command, stdout=out)
         _, status, usage = os.wait4(child.pid, 0)
@@ -265,11 +268,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--layer", action="store_true", help="one SDXL 64x64 self-attention layer per case "
                         "(plain, p2p, p2p-probs) instead of a whole edit")
+    parser.add_argument("--vae-slicing", action="store_true", help="the VAE decodes a batch one image at a time")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        result = run_layer(args.one, (args.size // 16) ** 2) if args.layer else run_case(args.one, args.size, args.steps,
-                                                                                       args.width)
+        result = run_layer(args.one, (args.size // 16) ** 2) if args.layer else run_case(
+            args.one, args.size, args.steps, args.width, args.vae_slicing)
         print(json.dumps(result))
         return
     if args.layer and args.cases == parser.get_default("cases"):
