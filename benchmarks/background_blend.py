@@ -1,11 +1,12 @@
 """Background edits with blend words that name the background (issue 27 C7), on images the world
 renderer did not draw and on the world benchmark's background pairs.
 
-    OMP_NUM_THREADS=1 python benchmarks/background_blend.py [--drawn 24] [--world world-bg] [--limit 16]
-        [--steps 50] [--inversion ddim] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/background_blend.py [--drawn 24] [--seed 27] [--world world-bg]
+        [--limit 16 (0: all)] [--skip 0] [--steps 50] [--inversion ddim] [--configs none,before,after,max] [--json out.json]
 
 Drawn: one PIL-drawn object (`spdinv.testing.hand_drawn_object`: a random shape and colour of the world's,
-its own geometry and shades) on a plain background of the world's palette; "a large C S in the centre on
+its own size, place, rotation, outline and shade) on a plain background whose colour is a shade of one of
+the world's backgrounds (each channel moved by up to 20, so off the palette); "a large C S in the centre on
 a B background" -> "... on a B2 background". World: the category-8 pairs of a `spdinv world export` folder
 (`--world`), with the dataset's blend words ("background background") and with the words that differ.
 Each image is inverted once; the edit is SPDInv's P2P with each LocalBlend setting:
@@ -72,6 +73,10 @@ def score(classifier, result, scene: Scene) -> dict:
             "coverage": coverage}
 
 
+def shade(rgb: tuple[int, int, int], rng: random.Random, spread: int = 20) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-spread, spread))) for c in rgb)
+
+
 def drawn_cases(n: int, seed: int = 27) -> list[tuple]:
     rng = random.Random(seed)
     cases = []
@@ -79,7 +84,7 @@ def drawn_cases(n: int, seed: int = 27) -> list[tuple]:
         shape, background = rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
         colour = rng.choice([c for c in COLOURS if c != background])
         new = rng.choice([b for b in BACKGROUNDS if b not in (background, colour)])
-        image = hand_drawn_object(shape, COLOURS[colour], BACKGROUNDS[background], rng)
+        image = hand_drawn_object(shape, COLOURS[colour], shade(BACKGROUNDS[background], rng), rng)
         source = f"a large {colour} {shape} in the centre on a {background} background"
         target = f"a large {colour} {shape} in the centre on a {new} background"
         truth = Scene((WorldObject(shape, colour, "centre"),), new)
@@ -87,8 +92,8 @@ def drawn_cases(n: int, seed: int = 27) -> list[tuple]:
     return cases
 
 
-def world_cases(folder: Path, limit: int) -> list[tuple]:
-    items = [item for item in load_dataset(folder).items if item.category == "8"][:limit]
+def world_cases(folder: Path, limit: int, skip: int = 0) -> list[tuple]:
+    items = [item for item in load_dataset(folder).items if item.category == "8"][skip:skip + limit if limit else None]
     cases = []
     for item in items:
         truth = scene_from_dict(item.ground_truth.target_scene)
@@ -98,18 +103,21 @@ def world_cases(folder: Path, limit: int) -> list[tuple]:
     return cases
 
 
-def run(model, classifier, cases, steps: int, method: str) -> list[dict]:
+def run(model, classifier, cases, steps: int, method: str, configs: tuple[str, ...], log: Path | None) -> list[dict]:
     rows = []
     for case_id, image, source, target, blends, truth in cases:
         inversion = invert(model, conform_image(image, model.image_size)[0], source, method, steps, progress=False)
         for blend in blends:
-            for config in CONFIGS:
+            for config in configs:
                 if config == "none" and blend != blends[0]:
                     continue
                 result = edit_once(model, inversion, source, target, blend, config, steps)
                 rows.append({"id": case_id, "blend": "" if config == "none" else blend, "config": config,
                              **score(classifier, result, truth)})
                 print(json.dumps(rows[-1]), flush=True)
+                if log:
+                    with log.open("a") as out:
+                        out.write(json.dumps(rows[-1]) + "\n")
     return rows
 
 
@@ -118,7 +126,7 @@ def table(title: str, rows: list[dict]) -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        kind = "none" if row["config"] == "none" else ("dataset's" if row["blend"].startswith("background")
+        kind = "none" if row["config"] == "none" else ("dataset's" if row["blend"] == "background background"
                                                        else "differing")
         groups.setdefault((row["config"], kind), []).append(row)
     for (config, kind), rs in groups.items():
@@ -133,14 +141,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drawn", type=int, default=24)
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--skip", type=int, default=0, help="world pairs to skip first (to split a run)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--inversion", default="ddim")
+    parser.add_argument("--seed", type=int, default=27, help="of the drawn images")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="LocalBlend settings to run, of " + ", ".join(CONFIGS))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--log", type=Path, default=None, help="append every row to this JSON-lines file as it is made")
     args = parser.parse_args(argv)
+    configs = tuple(args.configs.split(","))
     torch.set_num_threads(1)
     model, classifier = load_model(), load_classifier()
-    drawn = run(model, classifier, drawn_cases(args.drawn), args.steps, args.inversion)
-    world = run(model, classifier, world_cases(args.world, args.limit), args.steps, args.inversion) if args.world else []
+    drawn = run(model, classifier, drawn_cases(args.drawn, args.seed), args.steps, args.inversion, configs, args.log)
+    world = run(model, classifier, world_cases(args.world, args.limit, args.skip), args.steps, args.inversion, configs,
+                args.log) if args.world else []
     table(f"Drawn background edits ({args.drawn} images, {args.inversion} inversion + P2P, {args.steps} steps)", drawn)
     if world:
         table(f"World background pairs ({args.world}, {args.inversion} inversion + P2P, {args.steps} steps)", world)

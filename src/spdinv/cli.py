@@ -115,6 +115,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace | int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    except KeyboardInterrupt:  # Ctrl-C while the libraries import: nothing started, one line
+        print("spdinv: interrupted while starting; nothing was done", file=sys.stderr)
+        return 130
     if not getattr(args, "verbose", False):
         quiet_libraries()
     return args

@@ -225,7 +225,10 @@ class DiffusionModel:
         latents = latents.to(self.device).float()
         shift, spread = self._latent_statistics(latents)
         raw = latents * spread / self.latent_scale + shift
-        return self.vae.decode(self._vae_input(raw)).sample.float().clamp(-1, 1)
+        # One image at a time: a batch's full-resolution decoder activations set an edit's peak memory
+        # (it decodes its source and target rows; docs/results.md, "Memory of the attention processors").
+        images = [self.vae.decode(self._vae_input(one)).sample.float() for one in raw.split(1)]
+        return torch.cat(images).clamp(-1, 1)
 
     def _latent_statistics(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
         shift = getattr(self.vae.config, "shift_factor", None)  # SD3 / FLUX: z = (x - shift) * scaling

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -34,25 +42,65 @@ def _port(text: str) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    check_address(args.host, args.port)  # before the model loads: the right reason, in one line
+    workdir = Path(tempfile.mkdtemp(prefix="spdinv-demo-"))
+    # Gradio's copies of uploads and examples go there too (read when Gradio is imported), so none outlive the demo.
+    gradio_temp = "GRADIO_TEMP_DIR" not in os.environ
+    if gradio_temp:
+        os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
+    with sigterm_interrupts():  # SIGTERM (kill, systemd, docker stop) stops the demo as Ctrl-C does
+        try:
+            serve(args, workdir)
+        except KeyboardInterrupt:  # Ctrl-C is how a server stops: not an interruption of work
+            pass
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)  # results and uploads of this run
+            if gradio_temp:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+    print("stopped", file=sys.stderr)
+
+
+def serve(args: argparse.Namespace, workdir: Path) -> None:
+    """Load the model and serve the demo until Ctrl-C or SIGTERM (KeyboardInterrupt)."""
     from ..commands import load_model_from_args
     from ..errors import SpdinvError
     from .session import DemoSession
 
-    check_address(args.host, args.port)  # before the model loads: the right reason, in one line
     try:
         from .app import launch, readable_folders
     except ImportError as error:
         raise SpdinvError(f"the demo needs Gradio ({error.name} is missing): pip install 'spdinv[demo]'") from None
     model = load_model_from_args(args)
-    session = DemoSession(model, demo_cache(args), readable_folders(), seed=args.seed)
+    session = DemoSession(model, demo_cache(args), readable_folders(), seed=args.seed, workdir=workdir)
+    app, _ = launch(session, args.host, args.port, queue_size=args.queue_size, block=False)
     print(f"serving {model.name} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+    serve_until_stopped(app)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within: SIGTERM raises KeyboardInterrupt in the main thread, so the cleanup that Ctrl-C runs runs
+    (the default action kills the process where it stands and leaves the temporary folder behind)."""
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        launch(session, args.host, args.port, queue_size=args.queue_size)
-    except KeyboardInterrupt:  # Ctrl-C is how a server stops: not an interruption of work
-        pass
+        yield
     finally:
-        session.close()
-    print("stopped", file=sys.stderr)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve_until_stopped(app) -> None:
+    """Block until a signal (Ctrl-C, SIGTERM) interrupts or the server closes, then close it."""
+    try:
+        while app.is_running:
+            time.sleep(0.2)
+    finally:
+        app.close(verbose=False)
 
 
 def check_address(host: str, port: int) -> None:
