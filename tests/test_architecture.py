@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("editing", ("editing",)),
     ("world", ("world", "world.concept_encoder", "world.concept_training", "testing")),
     ("bench", ("bench",)),
-    ("commands", ("commands", "concept_command", "editing.command", "bench.command", "world.command", "demo")),
+    ("commands", ("commands", "demo")),
     ("cli", ("cli", "__main__")),
 ]
 

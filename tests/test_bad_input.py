@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import spdinv.editing.command
+import spdinv.editing
 import spdinv.model
 from spdinv.bench.results import read_rows
 from spdinv.bench.runner import BenchOptions, EditOutcome, run_benchmark

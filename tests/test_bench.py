@@ -810,7 +810,7 @@ def test_non_square_sources_are_scored_on_the_square_the_model_saw(tmp_path):
 
 
 def test_cli_protocol_and_structure_resize_options(world, capsys):
-    from spdinv.bench.command import bench_options
+    from spdinv.commands.bench import bench_options
     from spdinv.cli import build_parser
 
     args = build_parser().parse_args(["bench", str(world), "--inversion", "ddim", "--engine", "p2p", "--protocol",

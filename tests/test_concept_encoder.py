@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-import spdinv.commands
-import spdinv.editing.command
+import spdinv.commands.common
+import spdinv.commands.edit
 from spdinv.cli import main
 from spdinv.concepts import load_concept
 from spdinv.elite import GlobalMapper, projections_installed
@@ -184,8 +184,8 @@ def test_elite_on_edit_projections_only_inside_and_they_change_the_result(tmp_pa
 
     mapper, clip = elite_files
     seen = {}
-    load = spdinv.commands.load_model_from_args
-    edit_all = spdinv.editing.command.edit_all
+    load = spdinv.commands.common.load_model_from_args
+    edit_all = spdinv.commands.edit.edit_all
 
     def loading(args):
         model = load(args)
@@ -199,8 +199,8 @@ def test_elite_on_edit_projections_only_inside_and_they_change_the_result(tmp_pa
                           if getattr(m, "is_cross_attention", False)}
         return edit_all(model, *args, **kwargs)
 
-    monkeypatch.setattr(spdinv.commands, "load_model_from_args", loading)
-    monkeypatch.setattr(spdinv.editing.command, "edit_all", editing)
+    monkeypatch.setattr(spdinv.commands.common, "load_model_from_args", loading)
+    monkeypatch.setattr(spdinv.commands.edit, "edit_all", editing)
     plain, swapped = tmp_path / "plain", tmp_path / "swapped"
     assert main(edit_args(red_circle, plain, tiny_dir, mapper, clip)) == 0
     assert seen["inside"] == seen["originals"]  # without the switch the UNet's own projections

@@ -98,7 +98,7 @@ def test_sigterm_while_the_model_loads_removes_the_temporary_folder(tmp_path, mo
     """In this process: SIGTERM arrives during start-up, after the temporary folder is made."""
     import tempfile
 
-    import spdinv.commands
+    import spdinv.commands.common
     from spdinv.cli import main
     from spdinv.demo.app import free_port
 
@@ -108,7 +108,7 @@ def test_sigterm_while_the_model_loads_removes_the_temporary_folder(tmp_path, mo
         raise AssertionError("SIGTERM did not interrupt the start-up")
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(spdinv.commands, "load_model_from_args", slow_load)
+    monkeypatch.setattr(spdinv.commands.common, "load_model_from_args", slow_load)
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["demo", "--port", str(free_port()), "--no-cache"]) == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spdinv.commands import prompt_warnings
+from spdinv.commands.common import prompt_warnings
 from spdinv.editing import edit
 from spdinv.errors import SpdinvError
 from spdinv.inversion import image_tensor, invert

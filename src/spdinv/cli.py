@@ -10,86 +10,37 @@ import os
 import sys
 import threading
 import warnings
-from pathlib import Path
 
 # Before anything imports transformers: its optional-dependency notices are not for CLI users.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from . import commands  # noqa: E402
-from .arguments import Parser, add_framing_arguments, add_model_arguments, framing_from_args  # noqa: E402
+from .arguments import Parser  # noqa: E402
 from .errors import SpdinvError  # noqa: E402
 
 
-def _method_help() -> str:
-    from .inversion import METHODS
-
-    return "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .presets import PRESETS
-
     parser = Parser(prog="spdinv", description="Text-driven editing of real images with diffusion inversion (SPDInv and peers).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    invert = sub.add_parser("invert", help="invert an image; write z_T, the trajectory, diagnostics and a reconstruction")
-    invert.add_argument("image", type=Path)
-    invert.add_argument("--prompt", required=True, help="the source prompt describing the image")
-    invert.add_argument("--method", default="spdinv", help=_method_help())
-    commands.add_inversion_arguments(invert)
-    invert.add_argument("--preset", default=None, choices=tuple(PRESETS),
-                        help="a published script's inversion settings (explicit flags override them; see spdinv edit "
-                             "--help)")
-    commands.add_concept_arguments(invert)
-    add_model_arguments(invert)
-    add_framing_arguments(invert)
-    invert.add_argument("--out", type=Path, default=Path("spdinv-out"), help="output folder (default ./spdinv-out)")
-    invert.set_defaults(run=run_invert)
+    from .commands.invert import add_invert_parser
 
-    from .editing.command import add_edit_parser
+    add_invert_parser(sub)
+    from .commands.edit import add_edit_parser
 
     add_edit_parser(sub)
-    from .world.command import add_world_parser
+    from .commands.world import add_world_parser
 
     add_world_parser(sub)
-    from .concept_command import add_concept_parser
+    from .commands.concept import add_concept_parser
 
     add_concept_parser(sub)
-    from .bench.command import add_bench_parser
+    from .commands.bench import add_bench_parser
 
     add_bench_parser(sub)
-    from .demo.command import add_demo_parser
+    from .commands.demo import add_demo_parser
 
     add_demo_parser(sub)
     return parser
-
-
-def run_invert(args: argparse.Namespace) -> None:
-    from .images import open_image
-    from .inversion import check_prompt, get_method, options_for
-    from .export import INVERT_FILES
-    from .outputs import check_no_foreign, check_output_dir
-
-    prompt = check_prompt(args.prompt)
-    get_method(args.method)
-    options = options_for(args.method, commands.given_inversion_options(args), args.preset)  # typed once, here
-    check_output_dir(args.out)
-    check_no_foreign(args.out, list(INVERT_FILES))
-    raw_image, opened = open_image(args.image)  # fail before the model loads; fitting it needs the model's size
-    commands.check_model_settings(args)
-    framing = framing_from_args(args)
-    concept = commands.concept_from_args(args, {"prompt": prompt})
-    from .export import invert_to_folder
-
-    model = commands.load_model_from_args(args).with_concept(concept)
-    image, notices = model.fit(raw_image, framing)
-    for notice in opened + notices:
-        print(f"note: {notice}", file=sys.stderr)
-    for warning in commands.prompt_warnings(model, prompt):
-        print(f"warning: {warning}", file=sys.stderr)
-    summary = invert_to_folder(model, image, prompt, args.method, args.steps, options, args.out, seed=args.seed,
-                               progress=not args.quiet, command=sys.argv)
-    print(summary)
 
 
 def quiet_libraries() -> None:

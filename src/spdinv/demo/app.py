@@ -151,7 +151,7 @@ def _outputs() -> list:
 
 def build_app(session: DemoSession) -> gr.Blocks:
     """The page and its API endpoint `edit`."""
-    from ..editing.command import _mask_image
+    from ..commands.edit import _mask_image
 
     def edit(image, source: str, target: str, inversion: str = "spdinv", engine: str = "p2p", blend: str = "",
              steps: int = 20, guidance: float = 7.5, seed: int = 0, options: str = "",

@@ -258,7 +258,7 @@ class DemoSession:
                timings: dict, out: Path) -> Path:
         """The folder `spdinv edit --out` writes (source, edit, reconstruction, mask, grid, config.json)."""
         from ..editing import preset_options
-        from ..editing.command import EditOutputs, Run, write_outputs
+        from ..commands.edit import EditOutputs, Run, write_outputs
 
         per_method = {pair.method: pair.method_options for pair in pairs}
         per_engine = {pair.engine: pair.engine_options for pair in pairs}
@@ -305,7 +305,7 @@ def _sampler_fields() -> set[str]:
 def request_notices(model, request: EditRequest) -> list[str]:
     """What the CLI would warn about (words the model does not know, a prompt past the text
     encoder's window, characters read as unknown), and an options box that overrides the slider."""
-    from ..commands import prompt_warnings
+    from ..commands.common import prompt_warnings
 
     found = prompt_warnings(model, request.source.strip(), "source prompt")
     found += prompt_warnings(model, request.target.strip(), "target prompt")

@@ -9,15 +9,15 @@ import re
 import sys
 from pathlib import Path
 
-from .arguments import add_option_arguments, add_steps_argument, flag_name, given_options
-from .errors import SpdinvError
+from ..arguments import add_option_arguments, add_steps_argument, flag_name, given_options
+from ..errors import SpdinvError
 
 WORD_LEVEL_VOCABULARY = 5000  # fewer tokens than this: whole words (the shapes world's 333), not sub-word pieces
 
 
 def inversion_classes() -> dict[str, type]:
     """Inversion method name -> its options dataclass."""
-    from .inversion import METHODS
+    from ..inversion import METHODS
 
     return {name: method.options for name, method in METHODS.items()}
 
@@ -40,8 +40,8 @@ def method_options(given: dict[str, object], methods: list[str]) -> dict[str, di
     (`inversion.options_for`)."""
     import dataclasses
 
-    from .arguments import option_flags
-    from .inversion import get_method
+    from ..arguments import option_flags
+    from ..inversion import get_method
 
     inversion_flags = option_flags(inversion_classes())
     given = {dest: value for dest, value in given.items() if dest in inversion_flags}
@@ -54,7 +54,7 @@ def method_options(given: dict[str, object], methods: list[str]) -> dict[str, di
 
 def load_model_from_args(args: argparse.Namespace):
     """The model `spdinv.arguments.add_model_arguments` describes."""
-    from .model import load_model
+    from ..model import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, variant=args.variant, config=args.config)
 
@@ -67,8 +67,8 @@ def check_model_settings(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .inversion import check_steps
-    from .model import resolve_model
+    from ..inversion import check_steps
+    from ..model import resolve_model
 
     config = Path(resolve_model(args.model)) / "scheduler" / "scheduler_config.json"
     try:
@@ -86,7 +86,7 @@ def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
     """One line each: the words the text encoder's window cuts off, for a word-level tokenizer like
     the embedded model's the words it does not know (spelled out in letters, which the model never
     learnt), and the pieces with characters it reads as its unknown token (emoji, zero-width spaces)."""
-    from .inputs import unread_pieces
+    from ..inputs import unread_pieces
 
     tokenizer, found = model.tokenizer, []
     ids = tokenizer(prompt, truncation=False).input_ids
@@ -97,7 +97,7 @@ def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
         found.append(f"the {what} is {len(ids)} tokens; the text encoder reads {window}, so it ignores: {cut!r}")
     if len(tokenizer) < WORD_LEVEL_VOCABULARY:
         if getattr(model, "concept", None) is not None:  # the concept word is known by construction
-            from .concepts import word_pattern
+            from ..concepts import word_pattern
 
             prompt = word_pattern(model.concept.word).sub(" ", prompt)
         words = dict.fromkeys(re.findall(r"[a-z]+", prompt.lower()))
@@ -113,7 +113,7 @@ def prompt_warnings(model, prompt: str, what: str = "prompt") -> list[str]:
 
 def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
     """--concept FILE and --concept-word WORD."""
-    from .concepts import DEFAULT_WORD
+    from ..concepts import DEFAULT_WORD
 
     group = parser.add_argument_group("concept word")
     group.add_argument("--concept", type=Path, default=None,
@@ -127,7 +127,7 @@ def add_concept_arguments(parser: argparse.ArgumentParser) -> None:
 def concept_from_args(args: argparse.Namespace, prompts: dict[str, str]):
     """The concept --concept names (None without it), read and checked before the model loads:
     at least one of `prompts` (what -> prompt) must contain the concept word."""
-    from .concepts import check_word, load_concept
+    from ..concepts import check_word, load_concept
 
     if args.concept is None:
         return None
@@ -139,7 +139,7 @@ def concept_from_args(args: argparse.Namespace, prompts: dict[str, str]):
 
 def check_concept_word(word: str, prompts: dict[str, str], flag: str) -> None:
     """At least one of `prompts` (what -> prompt) contains the concept word."""
-    from .concepts import check_word, mentions
+    from ..concepts import check_word, mentions
 
     check_word(word)
     if not any(mentions(prompt, word) for prompt in prompts.values()):
@@ -166,8 +166,8 @@ def add_concept_encoder_arguments(parser: argparse.ArgumentParser, *, for_edit: 
 
 def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = False):
     """The concept encoder the flags name (None: none), checked before any model loads."""
-    from .concepts import PICKLE_SUFFIXES
-    from .world.concept_encoder import EncoderChoice
+    from ..concepts import PICKLE_SUFFIXES
+    from ..world.concept_encoder import EncoderChoice
 
     path, image_encoder = args.concept_encoder, args.image_encoder
     projections = getattr(args, "elite_projections", False)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 def add_concept_parser(sub) -> None:
-    from .arguments import Parser, add_model_arguments, number, positive_int
-    from .concepts import DEFAULT_WORD
-    from .textual_inversion import LearnOptions
+    from ..arguments import Parser, add_model_arguments, number, positive_int
+    from ..concepts import DEFAULT_WORD
+    from ..textual_inversion import LearnOptions
 
     concept = sub.add_parser("concept", help="concept words from an image: learn (textual inversion) or encode")
     actions = concept.add_subparsers(dest="concept_command", required=True, parser_class=Parser)
@@ -35,7 +35,7 @@ def add_concept_parser(sub) -> None:
     add_model_arguments(learn)
     learn.set_defaults(run=run_learn)
 
-    from .commands import add_concept_encoder_arguments
+    from .common import add_concept_encoder_arguments
 
     encode = actions.add_parser("encode", help="encode an image into the concept word's embedding (one forward pass)")
     encode.add_argument("image", type=Path)
@@ -47,7 +47,7 @@ def add_concept_parser(sub) -> None:
 
 
 def check_out_file(out: Path) -> None:
-    from .errors import SpdinvError
+    from ..errors import SpdinvError
 
     if out.suffix.lower() != ".safetensors":
         raise SpdinvError(f"--out must name a .safetensors file, not {out}")
@@ -57,12 +57,12 @@ def check_out_file(out: Path) -> None:
 
 
 def run_learn(args: argparse.Namespace) -> None:
-    from .commands import load_model_from_args, prompt_warnings
-    from .concepts import check_word, save_concept
-    from .errors import SpdinvError, require_finite
-    from .images import conform_image, open_image
-    from .inversion import check_prompt
-    from .textual_inversion import LearnOptions, check_learn_prompt, learn_concept
+    from .common import load_model_from_args, prompt_warnings
+    from ..concepts import check_word, save_concept
+    from ..errors import SpdinvError, require_finite
+    from ..images import conform_image, open_image
+    from ..inversion import check_prompt
+    from ..textual_inversion import LearnOptions, check_learn_prompt, learn_concept
 
     wall = time.perf_counter()
     word = check_word(args.concept_word)
@@ -88,11 +88,11 @@ def run_learn(args: argparse.Namespace) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> None:
-    from .commands import encoder_choice_from_args, load_model_from_args
-    from .world.concept_encoder import encode_with
-    from .concepts import check_word, save_concept
-    from .errors import require_finite
-    from .images import open_image
+    from .common import encoder_choice_from_args, load_model_from_args
+    from ..world.concept_encoder import encode_with
+    from ..concepts import check_word, save_concept
+    from ..errors import require_finite
+    from ..images import open_image
 
     wall = time.perf_counter()
     word = check_word(args.concept_word)

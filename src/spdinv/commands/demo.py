@@ -62,12 +62,12 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def serve(args: argparse.Namespace, workdir: Path) -> None:
     """Load the model and serve the demo until Ctrl-C or SIGTERM (KeyboardInterrupt)."""
-    from ..commands import load_model_from_args
+    from .common import load_model_from_args
     from ..errors import SpdinvError
-    from .session import DemoSession
+    from ..demo.session import DemoSession
 
     try:
-        from .app import launch, readable_folders
+        from ..demo.app import launch, readable_folders
     except ImportError as error:
         raise SpdinvError(f"the demo needs Gradio ({error.name} is missing): pip install 'spdinv[demo]'") from None
     model = load_model_from_args(args)

@@ -25,14 +25,14 @@ def add_world_parser(sub) -> None:
                        help="train shapes-world-flow instead: a rectified-flow MMDiT (StableDiffusion3Pipeline folder) "
                             "on the shipped model's frozen VAE and text encoder; the --flow-* options and the shared "
                             "ones apply, the --vae-* / --unet-* ones do not")
-    from .config import FlowTrainConfig, TrainConfig
+    from ..world.config import FlowTrainConfig, TrainConfig
 
     settings = {**asdict(TrainConfig()), **asdict(FlowTrainConfig())}  # shared names have the same defaults
     for name, value in settings.items():
         train.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     train.set_defaults(run=run_train)
 
-    from .config import ConceptEncoderConfig
+    from ..world.config import ConceptEncoderConfig
 
     encoder = actions.add_parser("train-concept-encoder",
                                  help="train the ELITE-style concept encoder on the embedded model (resumable)")
@@ -48,7 +48,7 @@ def add_world_parser(sub) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from ..errors import SpdinvError
     from ..outputs import check_output_dir
-    from .dataset import export
+    from ..world.dataset import export
 
     if args.n <= 0:
         raise SpdinvError(f"--n must be > 0, got {args.n}")
@@ -108,7 +108,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     from ..errors import SpdinvError
     from ..outputs import check_output_dir
-    from .config import FlowTrainConfig, TrainConfig
+    from ..world.config import FlowTrainConfig, TrainConfig
 
     settings, check = (FlowTrainConfig, check_flow_config) if args.flow else (TrainConfig, check_config)
     config = settings(**{k: getattr(args, k) for k in asdict(settings())})
@@ -120,7 +120,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.flow:
-        from .flow_train import FlowTrainer
+        from ..world.flow_train import FlowTrainer
 
         flow = FlowTrainer(args.work, config)
         flow.resume()
@@ -129,7 +129,7 @@ def run_train(args: argparse.Namespace) -> None:
         flow.save_pipeline(args.out)
         return
 
-    from .train import Trainer
+    from ..world.train import Trainer
 
     trainer = Trainer(args.work, config)
     if args.export_only:
@@ -164,7 +164,7 @@ def run_train_concept_encoder(args: argparse.Namespace) -> None:
     import time
 
     from ..errors import SpdinvError
-    from .config import ConceptEncoderConfig
+    from ..world.config import ConceptEncoderConfig
 
     config = ConceptEncoderConfig(**{k: getattr(args, k) for k in asdict(ConceptEncoderConfig())})
     check_concept_encoder_config(config)
@@ -175,7 +175,7 @@ def run_train_concept_encoder(args: argparse.Namespace) -> None:
     except OSError as error:
         raise SpdinvError(f"cannot create {args.out} ({error.strerror or error})") from None
 
-    from .concept_training import ConceptEncoderTrainer
+    from ..world.concept_training import ConceptEncoderTrainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     wall = time.perf_counter()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..arguments import flag_name
-from ..commands import method_options
+from .common import method_options
 from ..errors import SpdinvError, require_finite
 from ..images import Framing
 
@@ -21,7 +21,7 @@ _FLOAT16_HINT = {"torch.float16": " (float16 overflows easily: try --dtype float
 
 def engine_classes() -> dict[str, type]:
     """Engine name -> its options dataclass."""
-    from . import ENGINES
+    from ..editing import ENGINES
 
     return {name: engine.options for name, engine in ENGINES.items()}
 
@@ -39,9 +39,9 @@ def family_note(methods: dict) -> str:
 def add_edit_parser(sub) -> None:
     """Register `spdinv edit` on the CLI's subparsers."""
     from ..arguments import add_framing_arguments, add_model_arguments, add_option_arguments, number
-    from ..commands import add_concept_arguments, add_concept_encoder_arguments, add_inversion_arguments
+    from .common import add_concept_arguments, add_concept_encoder_arguments, add_inversion_arguments
     from ..inversion import METHODS
-    from . import ENGINES
+    from ..editing import ENGINES
 
     edit = sub.add_parser("edit", help="edit an image from a source prompt to a target prompt (any inversion x any engine)")
     edit.add_argument("image", type=Path)
@@ -104,7 +104,7 @@ def engine_options(given: dict[str, object], engines: list[str], preset: str | N
     """Each selected engine's options dataclass from the option flags given (`given`: dest ->
     value, over the --preset's settings; `sampler`: the sampler fields given); a flag of an
     unselected engine is an error."""
-    from . import get_engine, preset_options
+    from ..editing import get_engine, preset_options
 
     fields = engine_fields(given, engines)
     if preset is None:
@@ -160,16 +160,16 @@ class Run:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    from ..commands import (check_concept_word, check_model_settings, concept_from_args, encoder_choice_from_args,
+    from .common import (check_concept_word, check_model_settings, concept_from_args, encoder_choice_from_args,
                             load_model_from_args, prompt_warnings)
     from ..world.concept_encoder import encode_with
     from ..arguments import framing_from_args, given_options
-    from ..commands import inversion_classes
+    from .common import inversion_classes
     from ..images import open_image, psnr, to_pil, to_tensor
     from ..inversion import METHODS, applies, check_prompt, options_for
     from ..outputs import check_no_foreign, check_output_dir
-    from . import ENGINES, check_pairs, edits, engine_applies
-    from .sampler import SamplerOptions
+    from ..editing import ENGINES, check_pairs, edits, engine_applies
+    from ..editing.sampler import SamplerOptions
 
     wall = time.perf_counter()
     source = check_prompt(args.source, "source prompt")
@@ -252,7 +252,7 @@ def elite_projections(model, mapper):
 
 def inversion_cache(args: argparse.Namespace):
     """(the inversion cache --cache names, or None with --no-cache or when it cannot be written; why not)."""
-    from .cache import InversionCache, default_cache_dir
+    from ..editing.cache import InversionCache, default_cache_dir
 
     if args.no_cache:
         return None, None
@@ -303,7 +303,7 @@ def write_outputs(outputs: EditOutputs, model, image, source: str, target: str, 
     """edit.png / reconstruction.png / mask.png (suffixed -METHOD-ENGINE when several), source.png,
     grid.png and config.json, moved into `outputs.out` only when all are written."""
     from ..outputs import staged_output, write_json
-    from .grid import labelled_grid
+    from ..editing.grid import labelled_grid
 
     single = len(runs) == 1
     records, rows = [], []

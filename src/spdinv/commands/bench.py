@@ -26,11 +26,11 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def add_bench_parser(sub) -> None:
     from ..arguments import add_model_arguments, positive_int
-    from ..commands import add_inversion_arguments
-    from ..editing.command import add_preset_argument
-    from .lpips import BACKBONE_FILE
-    from .metrics import DEFAULT_CLIP, DEFAULT_DINO, METRICS, STRUCTURE_RESIZES
-    from .protocol import PROTOCOLS
+    from .common import add_inversion_arguments
+    from .edit import add_preset_argument
+    from ..bench.lpips import BACKBONE_FILE
+    from ..bench.metrics import DEFAULT_CLIP, DEFAULT_DINO, METRICS, STRUCTURE_RESIZES
+    from ..bench.protocol import PROTOCOLS
 
     bench = sub.add_parser("bench", help="benchmark inversions x engines on a PIE-Bench-format folder (resumable)",
                            description="One CSV row per image x inversion x engine. Rerun the same command to "
@@ -80,10 +80,10 @@ def _model_or_none(name: str | None) -> str | None:
 
 
 def bench_options(args: argparse.Namespace):
-    from ..commands import given_inversion_options
+    from .common import given_inversion_options
     from ..model import resolve_dtype
-    from .metrics import EvaluationModels, parse_metrics
-    from .runner import BenchOptions
+    from ..bench.metrics import EvaluationModels, parse_metrics
+    from ..bench.runner import BenchOptions
 
     return BenchOptions(
         data=args.data, inversions=_names(args.inversion), engines=_names(args.engine),
@@ -101,9 +101,9 @@ def bench_options(args: argparse.Namespace):
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    from ..commands import check_model_settings
+    from .common import check_model_settings
     from ..outputs import check_output_dir
-    from .runner import run_benchmark
+    from ..bench.runner import run_benchmark
 
     options = bench_options(args)
     check_output_dir(options.out)
@@ -114,7 +114,7 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
-    from .report import write_report
+    from ..bench.report import write_report
 
     path = write_report(args.results, args.out)
     print(f"wrote {path}", file=sys.stdout)
