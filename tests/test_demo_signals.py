@@ -19,6 +19,10 @@ pytest.importorskip("gradio", reason="the demo extra is not installed: pip insta
 
 STARTED = 600  # seconds a loaded machine may take to import torch and Gradio and serve
 INTERRUPTED = "spdinv: interrupted while starting; nothing was done"
+# `python -m spdinv` with Ctrl-C delivered as a terminal delivers it, even where this test runs with SIGINT
+# ignored (a CI job started in the background or under nohup), which the child would otherwise inherit
+WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "sys.argv[0] = 'spdinv'; runpy.run_module('spdinv', run_name='__main__', alter_sys=True)")
 
 
 def start_demo(tmp_path: Path) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
@@ -27,7 +31,7 @@ def start_demo(tmp_path: Path) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
     env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(spdinv.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     env.pop("GRADIO_TEMP_DIR", None)
-    child = subprocess.Popen([sys.executable, "-m", "spdinv", "demo", "--port", str(free_port()), "--no-cache"],
+    child = subprocess.Popen([sys.executable, "-c", WITH_CTRL_C, "demo", "--port", str(free_port()), "--no-cache"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
 
