@@ -81,13 +81,11 @@ def sdxl_shaped_model(width: float):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from spdinv.world.tokenizer import build_tokenizer
+    from spdinv.world.tokenizer import build_tokenizer, text_config_fields
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    config = dict(vocab_size=len(tokenizer), intermediate_size=64, num_attention_heads=4,
-                  max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    config = dict(**text_config_fields(tokenizer), intermediate_size=64, num_attention_heads=4, hidden_act="gelu")
     text_encoder = CLIPTextModel(CLIPTextConfig(**config, hidden_size=768, num_hidden_layers=2))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, hidden_size=1280, num_hidden_layers=10,
                                                                 projection_dim=1280))

@@ -68,16 +68,14 @@ def tiny_vit_dir(tmp_path_factory):
 def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from spdinv.world.tokenizer import build_tokenizer
+    from spdinv.world.tokenizer import build_tokenizer, text_config_fields
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     folder = tmp_path_factory.mktemp("tiny-clip")
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
+        text_config=dict(**text_config_fields(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4),
         projection_dim=16)

@@ -23,7 +23,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjec
 from .editing import ENGINES
 from .inversion import METHODS
 from .model import DiffusionModel, from_pipeline
-from .world.tokenizer import build_tokenizer
+from .world.tokenizer import build_tokenizer, text_config_fields
 from .schedule import sd_ddim_scheduler
 
 # What runs on the tiny SD / SDXL test models (UNets, denoising diffusion): rf_edit shares a flow
@@ -42,11 +42,8 @@ def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiff
     `prediction_type` v_prediction makes it an SD 2.x v model (same weights, another objective)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config_fields(tokenizer), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -70,9 +67,7 @@ def tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableD
     empty prompt. 32x32 images, 8x8x4 latents."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    config = dict(vocab_size=len(tokenizer), intermediate_size=37, num_attention_heads=4,
-                  max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    config = dict(**text_config_fields(tokenizer), intermediate_size=37, num_attention_heads=4, hidden_act="gelu")
     text_encoder = CLIPTextModel(CLIPTextConfig(**config, hidden_size=32, num_hidden_layers=3))
     # SDXL's second encoder is wider and deeper than the first (diffusers tells an SDXL checkpoint by its 10th layer).
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, hidden_size=48, num_hidden_layers=10,
@@ -119,10 +114,8 @@ def tiny_flow_vae() -> AutoencoderKL:
 
 
 def _clip_config(tokenizer, hidden: int, **extra) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, hidden_act="gelu", **extra)
+    return CLIPTextConfig(**text_config_fields(tokenizer), hidden_size=hidden, intermediate_size=37,
+                          num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu", **extra)
 
 
 def tiny_sd3_pipeline(seed: int = 0, *, t5: bool = False, dual_attention_layers: tuple[int, ...] = (),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..concepts import Concept, load_concept, save_concept
 from ..errors import SpdinvError, require_finite
-from ..images import conform_image, to_pil, to_tensor
+from ..images import conform_image, to_pil
 from ..inversion import Inversion
 from ..model import DiffusionModel
 from ..outputs import write_json

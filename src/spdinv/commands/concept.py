@@ -59,7 +59,7 @@ def check_out_file(out: Path) -> None:
 def run_learn(args: argparse.Namespace) -> None:
     from .common import load_model_from_args, prompt_warnings
     from ..concepts import check_word, save_concept
-    from ..errors import SpdinvError, require_finite
+    from ..errors import require_finite
     from ..images import conform_image, open_image
     from ..inversion import check_prompt
     from ..textual_inversion import LearnOptions, check_learn_prompt, learn_concept

@@ -22,7 +22,7 @@ from ..images import Framing
 from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..inversion import METHODS, Inversion, check_prompt, get_method, options_for, run_method
 from ..model import DiffusionModel
-from ..presets import empty_source, engine_settings, inversion_settings, preset_model
+from ..presets import empty_source, engine_settings, preset_model
 from .base import Editor, NoEditor, no_editor
 from .cache import InversionCache
 from .flow_p2p import flow_p2p_editor

@@ -61,6 +61,14 @@ def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
     raise RuntimeError(f"tokenizer splits world words: {split}")
 
 
+def text_config_fields(tokenizer: CLIPTokenizer) -> dict:
+    """The fields of a CLIP text encoder's config that the tokenizer fixes (vocabulary, window, special
+    token ids); every text encoder built for it takes these and chooses its own sizes."""
+    return dict(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
 def save_tokenizer(tokenizer: CLIPTokenizer, folder) -> None:
     """Save in both formats: tokenizer.json and CLIP's classic vocab.json + merges.txt."""
     import json

@@ -30,7 +30,7 @@ from .captions import Phrasing, caption
 from .config import TrainConfig
 from .render import render_array
 from .scene import random_scene
-from .tokenizer import build_tokenizer, save_tokenizer
+from .tokenizer import build_tokenizer, save_tokenizer, text_config_fields
 
 log = logging.getLogger("spdinv.world.train")
 
@@ -45,11 +45,8 @@ def build_vae() -> AutoencoderKL:
 
 
 def build_text_encoder(tokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = CLIPTextConfig(**text_config_fields(tokenizer), hidden_size=128, intermediate_size=512,
+                            num_hidden_layers=3, num_attention_heads=4)
     return CLIPTextModel(config)
 
 
