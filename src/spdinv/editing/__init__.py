@@ -347,7 +347,7 @@ def _edit_groups(image, target_prompt: str, inversions: list[InversionSource],
         group_model = group[0].model  # a group is every engine (one model) or a preset's one engine
         for inversion in inversions:
             given = isinstance(inversion, Inversion)
-            key = (inversion.method if given else inversion, group[0].source_prompt, getattr(group_model, "ddim", None))
+            key = (inversion.method if given else inversion, group[0].source_prompt, group_model.ddim)
             fresh = given or key not in done  # a preset's engines under one source prompt and spacing share it
             if fresh:
                 computed = _invert(group_model, image, key[1], inversion, None if given else methods[inversion],
