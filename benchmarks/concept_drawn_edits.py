@@ -36,7 +36,7 @@ from spdinv.editing import edit
 from spdinv.images import to_tensor
 from spdinv.model import load_model
 from spdinv.testing import hand_drawn_object
-from spdinv.world.classifier import load_classifier, read_scenes
+from spdinv.world.classifier import load_classifier, read_single_object
 from spdinv.world.concept_encoder import CONCEPT_BACKGROUND, identities, load_concept_encoder
 from spdinv.world.concept_training import encoder_from_checkpoint
 from spdinv.world.scene import BACKGROUNDS, COLOURS
@@ -65,15 +65,12 @@ def measure(classifier, edited: torch.Tensor, source_mask: np.ndarray, shape: st
     mask = object_mask(pixels)
     union = (mask | source_mask).sum()
     mean = pixels[mask].mean(axis=0) if mask.any() else np.zeros(3)
-    reading = read_scenes(classifier, edited)[0]
-    found = reading.objects.get("centre")
-    if found is None and len(reading.objects) == 1:
-        found = next(iter(reading.objects.values()))
+    found, background_read = read_single_object(classifier, edited)
     return {"iou": float((mask & source_mask).sum() / union) if union else 0.0,
             "colour (pixels)": float(mask.any() and list(COLOURS)[int(np.abs(PALETTE - mean).sum(1).argmin())] == colour),
             "colour (judge)": float(found is not None and found["colour"] == colour),
             "shape (judge)": float(found is not None and found["shape"] == shape),
-            "background (judge)": float(reading.background == background)}
+            "background (judge)": float(background_read == background)}
 
 
 def drawings(family: str, obj, source_bg: str, rng: random.Random):

@@ -49,12 +49,11 @@ from scipy.ndimage import binary_dilation, binary_erosion
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from concept_drawn_edits import read  # noqa: E402
 from spdinv.editing import EditResult, edits  # noqa: E402
 from spdinv.images import to_tensor  # noqa: E402
 from spdinv.model import load_model  # noqa: E402
 from spdinv.testing import hand_drawn_object  # noqa: E402
-from spdinv.world.classifier import load_classifier  # noqa: E402
+from spdinv.world.classifier import load_classifier, read_single_object  # noqa: E402
 from spdinv.world.scene import BACKGROUNDS, COLOURS, SHAPES  # noqa: E402
 
 KEPT_DB = 22.0
@@ -129,13 +128,17 @@ def judge(classifier, case: Case, result: EditResult) -> dict:
         share = nearest_share(edited, changed, COLOURS, case.target_colour)
     else:
         share = nearest_share(edited, changed, BACKGROUNDS, case.target_background)
-    reading = read(classifier, result.edited.float().cpu(), case.shape, case.target_colour, case.target_background)
-    read_right = reading["colour"] if case.kind == "colour" else reading["background"]
+    found, background = read_single_object(classifier, result.edited.float().cpu())
+    shape_read = found is not None and found["shape"] == case.shape
+    if case.kind == "colour":
+        read_right = found is not None and found["colour"] == case.target_colour
+    else:
+        read_right = background == case.target_background
     kept_db = psnr(edited, source, stay)
     right = share >= 0.5 and read_right
     return {"case": case.name, "kind": case.kind, "inversion": result.inversion.method, "engine": result.engine,
             "share": round(share, 3), "classifier": bool(read_right), "right": bool(right),
-            "kept_db": round(kept_db, 2), "kept": bool(kept_db >= KEPT_DB), "shape_read": bool(reading["shape"]),
+            "kept_db": round(kept_db, 2), "kept": bool(kept_db >= KEPT_DB), "shape_read": bool(shape_read),
             "both": bool(right and kept_db >= KEPT_DB), "calls": result.network_calls,
             "rows": dict(result.network_calls_by)}
 

@@ -142,6 +142,16 @@ def read_scenes(model: AttributeClassifier, images: Tensor) -> list[SceneReading
     return readings
 
 
+def read_single_object(model: AttributeClassifier, image: Tensor) -> tuple[dict | None, str]:
+    """(the one object read in image (1, 3, 64, 64) in [-1, 1]: the centre's, or the only one read,
+    else None; the background read): how the drawn-object benchmarks judge an edit."""
+    reading = read_scenes(model, image)[0]
+    found = reading.objects.get("centre")
+    if found is None and len(reading.objects) == 1:
+        found = next(iter(reading.objects.values()))
+    return found, reading.background
+
+
 def compare(reading: SceneReading, scene: Scene) -> dict[str, bool]:
     """Per-attribute agreement of a reading with a scene: each object's shape/colour/size/material/
     style at its position (colour bound to the right shape), background, kind, object count."""
