@@ -167,6 +167,40 @@ def test_converged_steps_share_the_next_guess_row(models, image):
     assert inversion.network_calls == sum(rows) == STEPS + 1  # step 1's guess, then f(guess) per step
 
 
+@pytest.mark.parametrize("method, options", [("spdinv", dict(solver="anderson", delta=1e-12, K=2)),
+                                             ("spdinv", dict(solver="gradient", lr=1e-2, delta=1e-12, K=2)),
+                                             ("aidi", dict(iterations=2, tol=1e-12))])
+def test_iterating_steps_hand_their_results_velocity_to_the_next_guess(models, image, monkeypatch, method, options):
+    """On a flow the next plain step evaluates v(z_k, t_k), which the solver evaluated when it measured
+    the residual of the iterate it returns: the next guess costs no row. Against the inversion that
+    evaluates every guess itself (no look-ahead): the same steps, one row fewer per step but the last."""
+    import functools
+    import sys
+
+    from spdinv.inversion.base import fixed_point_inversion
+
+    def run(look_ahead: bool):
+        module = sys.modules[f"spdinv.inversion.{method}"]
+        monkeypatch.setattr(module, "fixed_point_inversion", functools.partial(fixed_point_inversion,
+                                                                               look_ahead=look_ahead))
+        rows = []
+        hook = models["sd3"].transformer.register_forward_pre_hook(lambda module, args, kwargs: rows.append(
+            kwargs["hidden_states"].shape[0]), with_kwargs=True)
+        try:
+            return invert(models["sd3"], image, SOURCE, method, STEPS, progress=False, diagnose=False, **options), rows
+        finally:
+            hook.remove()
+
+    (alone, alone_rows), (ahead, ahead_rows) = run(False), run(True)
+    assert all(s.iterations > 0 for s in ahead.steps)  # every step iterates (delta 1e-12)
+    assert [s.iterations for s in ahead.steps] == [s.iterations for s in alone.steps]
+    # the same one-row evaluations in the same order; a tolerance, not bit-equality, in case a
+    # kernel differs between calls (measured: equal)
+    torch.testing.assert_close(ahead.trajectory, alone.trajectory, rtol=0, atol=1e-6)
+    assert alone.network_calls == sum(alone_rows) and ahead.network_calls == sum(ahead_rows)
+    assert alone.network_calls - ahead.network_calls == STEPS - 1
+
+
 def test_sampling_back_and_editing_with_engine_none(models, image):
     """Reconstruction and `edit(..., engine="none")` on a flow model; DirectInversion's pin works."""
     model = models["sd3-t5"]

@@ -163,29 +163,38 @@ class FixedPointMap:
     timestep: int
     c1: float
     c2: float
+    evaluated: list[tuple[Tensor, Tensor]] | None = field(default=None, compare=False, repr=False)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.of_eps(self.model.eps(x, self.timestep, self.embedding))
+        eps = self.model.eps(x, self.timestep, self.embedding)
+        self.remember(x, eps)
+        return self.of_eps(eps)
+
+    def remember(self, x: Tensor, eps: Tensor) -> None:
+        """With `evaluated` (a list), keep the network's output at x (a copy: a descent moves x in place)."""
+        if self.evaluated is not None:
+            self.evaluated.append((x.detach().clone(), eps.detach()))
+
+    def eps_at(self, x: Tensor) -> Tensor | None:
+        """The network's output at x if this map evaluated it (with `evaluated`), else None."""
+        return next((eps for seen, eps in self.evaluated or () if torch.equal(seen, x)), None)
 
     def of_eps(self, eps: Tensor) -> Tensor:
         return self.c1 * self.z_prev + self.c2 * eps
 
     @torch.no_grad()
     def with_next_eps(self, x: Tensor, next_timestep: int) -> tuple[Tensor, Tensor]:
-        """(f(x), eps(x, next_timestep, c)) from one UNet call on a batch of two rows; of one row when
-        the two timesteps are the same (rectified flow: the next plain step evaluates v where f does)."""
-        if next_timestep == self.timestep:
-            eps = self.model.eps(x, self.timestep, self.embedding)
-            return self.of_eps(eps), eps
+        """(f(x), eps(x, next_timestep, c)) from one UNet call on a batch of two rows."""
         eps = self.model.eps(torch.cat([x, x]), [self.timestep, next_timestep], self.embedding)
         return self.of_eps(eps[:1]), eps[1:]
 
 
 def fixed_point_map(model: DiffusionModel, schedule: Schedule, k: int, z_prev: Tensor,
-                    embedding: Tensor) -> FixedPointMap:
-    """The fixed-point map f of inversion step k."""
+                    embedding: Tensor, remember: bool = False) -> FixedPointMap:
+    """The fixed-point map f of inversion step k (`remember`: keeping its evaluations, `eps_at`)."""
     c1, c2 = schedule.coefficients(k)
-    return FixedPointMap(model, z_prev, embedding, schedule.timesteps[k - 1], float(c1), float(c2))
+    return FixedPointMap(model, z_prev, embedding, schedule.timesteps[k - 1], float(c1), float(c2),
+                         [] if remember else None)
 
 
 @torch.no_grad()
@@ -276,24 +285,28 @@ def fixed_point_step(model: DiffusionModel, schedule: Schedule, embedding: Tenso
                      state: LookAhead | None, z_prev: Tensor, k: int) -> StepResult:
     """Inversion step k of a fixed-point method: the plain guess, then `solver(f, guess, options,
     f_guess)` on the step's map f. With a `state` (look-ahead), a step whose predecessor kept its
-    guess evaluates f(guess) and the next step's plain noise in one call of two rows."""
-    f = fixed_point_map(model, schedule, k, z_prev, embedding)
+    guess evaluates f(guess) and the next step's plain noise in one call of two rows. On a rectified
+    flow, where the next plain step evaluates v(z_k, t_k) (f's own time), the velocity f evaluated at
+    the step's result is reused, whichever iterate the result is: no row for the next guess."""
+    last = k == schedule.num_steps
+    reuse = state is not None and not last and schedule.guess_timestep(k + 1) == schedule.timesteps[k - 1]
+    f = fixed_point_map(model, schedule, k, z_prev, embedding, remember=reuse)
     guess, calls = state.ahead.pop(k, (None, 1)) if state else (None, 1)  # evaluated here, or by the step before
     if guess is None:
         guess = ddim_guess(model, schedule, k, z_prev, embedding)
     f_guess = next_eps = None
-    if state is not None and state.kept_previous and k < schedule.num_steps:
+    if state is not None and state.kept_previous and not last and not reuse:
         f_guess, next_eps = f.with_next_eps(guess, schedule.guess_timestep(k + 1))
     result = solver(f, guess, options, f_guess)  # counts the evaluations of f, f_guess included
     kept = torch.equal(result.latent, guess)
     if state is not None:
         state.kept_previous = kept
-    if next_eps is not None:
-        extra_row = int(f.timestep != schedule.guess_timestep(k + 1))
-        if kept:
-            state.ahead[k + 1] = guess_from_eps(schedule, k + 1, guess, next_eps), extra_row
-        else:
-            calls += extra_row  # the next step's row, unused
+    if next_eps is not None and kept:
+        state.ahead[k + 1] = guess_from_eps(schedule, k + 1, guess, next_eps), 1
+    elif next_eps is not None:
+        calls += 1  # the next step's row, unused
+    if reuse and (eps := f.eps_at(result.latent)) is not None:
+        state.ahead[k + 1] = guess_from_eps(schedule, k + 1, result.latent, eps), 0
     result.network_calls += calls
     return result
 
@@ -322,7 +335,8 @@ def fixed_point_inversion(
     whose predecessor kept its guess does that and hands f(guess) to the solver (`f_guess`,
     evaluated without a graph, not to be evaluated again); after a step that iterated, the next
     one leaves f(guess) to its solver. The result is the same either way, up to rounding. On a
-    rectified flow the next plain step evaluates v(z_t, t) itself, f(guess)'s own row: no extra row."""
+    rectified flow the next plain step evaluates v(z_t, t), which f evaluated at the step's result
+    (kept guess or iterate): every step but the first costs no row for its guess."""
     step = functools.partial(fixed_point_step, model, schedule, embedding, solver, options,
                              LookAhead() if look_ahead else None)
     trajectory, steps = run_inversion(model, z0, embedding, schedule, step, method=method, diagnose=diagnose,
