@@ -175,7 +175,7 @@ def test_api_endpoint_and_two_requests_at_once(tiny_session):
     session, tiny_server = tiny_session
     client = gradio_client.Client(tiny_server, verbose=False)
     targets = (EXAMPLE.target, EXAMPLE.target.replace("blue", "green"))
-    with session.lock:
+    with session.lock():
         jobs = [_edit(client, t) for t in targets]
         time.sleep(2.0)
     together = [job.result(timeout=120) for job in jobs]
