@@ -33,8 +33,8 @@ def add_edit_parser(sub) -> None:
     from ..inversion import METHODS
     from ..editing import ENGINES
 
-    edit = sub.add_parser("edit", help="edit an image from a source prompt to a target prompt (any inversion x any engine)",
-                          epilog=families_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    edit = sub.add_parser("edit", epilog=families_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                          help="edit an image from a source prompt to a target prompt (any inversion x any engine)")
     edit.add_argument("image", type=Path)
     edit.add_argument("--source", required=True, help="the source prompt describing the image")
     edit.add_argument("--target", required=True, help="the target prompt describing the edit")
@@ -324,10 +324,10 @@ def write_outputs(outputs: EditOutputs, model, image, source: str, target: str, 
             rows = [(label, cells[:3]) for label, cells in rows]
         labelled_grid(rows, columns, [f"source: {source}", f"target: {target}"]).save(stage / "grid.png")
         write_json(stage / "config.json", {
-            "source": source, "target": target, "image": outputs.image, "model": model.name, "family": model.family.name,
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": outputs.seed,
-            "steps": outputs.steps, "preset": outputs.preset, "sampler": dataclasses.asdict(sampler),
-            "runs": records, "timings": timings, "concept": outputs.concept,
+            "source": source, "target": target, "image": outputs.image, "model": model.name,
+            "family": model.family.name, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+            "seed": outputs.seed, "steps": outputs.steps, "preset": outputs.preset,
+            "sampler": dataclasses.asdict(sampler), "runs": records, "timings": timings, "concept": outputs.concept,
             "command": sys.argv if outputs.command is None else outputs.command,
         })
 

@@ -19,8 +19,9 @@ def _method_help() -> str:
 def add_invert_parser(sub) -> None:
     from ..presets import PRESETS
 
-    invert = sub.add_parser("invert", help="invert an image; write z_T, the trajectory, diagnostics and a reconstruction",
-                            epilog=common.families_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    invert = sub.add_parser("invert", epilog=common.families_epilog(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            help="invert an image; write z_T, the trajectory, diagnostics and a reconstruction")
     invert.add_argument("image", type=Path)
     invert.add_argument("--prompt", required=True, help="the source prompt describing the image")
     invert.add_argument("--method", default="spdinv", help=_method_help() + "; which run on which model family: below")

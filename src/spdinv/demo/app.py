@@ -138,8 +138,8 @@ def _inputs(seed: int, offered: ModelChoices, names: list[str]) -> Inputs:
         gr.Markdown(_options_help())
         seed = gr.Number(seed, precision=0, label="seed", minimum=0)
     run = gr.Button("Edit", variant="primary", elem_id="edit-button")
-    return Inputs(model, image, converted, source, target, blend, suggested, inversion, engine, steps, presets, guidance,
-                  compare_inversions, compare_engines, options, seed, run)
+    return Inputs(model, image, converted, source, target, blend, suggested, inversion, engine, steps, presets,
+                  guidance, compare_inversions, compare_engines, options, seed, run)
 
 
 def _outputs() -> list:

@@ -392,5 +392,5 @@ def _zip(folder: Path) -> Path:
     return archive
 
 
-__all__ = ["DemoModels", "DemoSession", "ModelChoices", "DemoResult", "DemoRun", "EditRequest", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
-           "blend_suggestions", "parse_options", "read_upload"]
+__all__ = ["DemoModels", "DemoSession", "ModelChoices", "DemoResult", "DemoRun", "EditRequest", "MAX_UPLOAD_BYTES",
+           "MAX_UPLOAD_PIXELS", "blend_suggestions", "parse_options", "read_upload"]

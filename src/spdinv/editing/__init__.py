@@ -79,7 +79,8 @@ ENGINES: dict[str, Engine] = {
                   "Plug-and-Play feature and self-attention injection (CVPR 2023); UNets only", denoisers=("unet",)),
     "none": Engine(NoOptions, no_editor, "plain regeneration from z_T with the target prompt"),
     "rf_edit": Engine(RFEditOptions, rf_edit_editor,
-                      "RF-Solver-Edit's value sharing in the late blocks' first steps (ICML 2025); flow transformers only",
+                      "RF-Solver-Edit's value sharing in the late blocks' first steps (ICML 2025); flow transformers "
+                      "only",
                       denoisers=("transformer",)),
 }
 

@@ -215,5 +215,6 @@ def run_method(model: DiffusionModel, image, prompt: str, method: str, num_steps
     return inversion
 
 
-__all__ = ["Inversion", "StepReport", "METHODS", "Method", "applies", "applies_to", "invert", "run_method", "get_method", "make_options",
-           "options_for", "reconstruct", "reconstruct_latent", "reconstruction_error", "Reconstruction", "source_branch"]
+__all__ = ["Inversion", "StepReport", "METHODS", "Method", "applies", "applies_to", "invert", "run_method",
+           "get_method", "make_options", "options_for", "reconstruct", "reconstruct_latent",
+           "reconstruction_error", "Reconstruction", "source_branch"]
