@@ -50,8 +50,8 @@ def browser():
         launched.close()
 
 
-def serve(model, cache_dir: Path | None):
-    session = DemoSession(model, None if cache_dir is None else InversionCache(cache_dir), readable_folders())
+def serve(models, cache_dir: Path | None):
+    session = DemoSession(models, None if cache_dir is None else InversionCache(cache_dir), readable_folders())
     app, url = launch(session, port=free_port(), block=False)
     return session, app, url
 
@@ -60,9 +60,14 @@ def serve(model, cache_dir: Path | None):
 def embedded_server(tmp_path_factory):
     if not (EMBEDDED_MODEL / "model_index.json").exists():
         pytest.skip("embedded model not built")
-    from spdinv.model import load_model
+    from functools import partial
 
-    session, app, url = serve(load_model(), tmp_path_factory.mktemp("demo-cache"))
+    from spdinv.demo.models import DemoModels
+    from spdinv.model import NAMED_MODELS, load_model
+
+    # what `spdinv demo` offers: the shipped models in the picker, the page opened on the embedded one
+    models = DemoModels({name: partial(load_model, name) for name in NAMED_MODELS}, "shapes-world")
+    session, app, url = serve(models, tmp_path_factory.mktemp("demo-cache"))
     yield url
     app.close()
     session.close()
