@@ -163,3 +163,33 @@ def test_solver_flag_is_listed_and_reaches_the_inversion(tmp_path, tiny_dir, red
     assert code == 0 and json.loads((out / "config.json").read_text())["solver"] == "anderson"
     code, _, err = run(invert_args(red_circle, tmp_path / "bad", tiny_dir, "--solver", "nope"), capsys)
     assert code == 2 and "invalid choice: 'nope'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["invert", "edit", "bench", "demo"])
+def test_help_lists_which_inversions_and_engines_run_on_which_family(command):
+    """Each command's help closes with, for each supported family, the inversions and engines that
+    run on it: those `applies_to` / `engine_applies_to` give (pnp on UNets only, rf_edit and the flow
+    inversions on flow transformers only, null_text and negative_prompt not on FLUX)."""
+    import re
+
+    from spdinv.cli import build_parser
+    from spdinv.editing import ENGINES, engine_applies_to
+    from spdinv.families import FLUX, SD, SD3, SUPPORTED_FAMILIES
+    from spdinv.inversion import METHODS, applies_to
+
+    help_text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    listed = help_text[help_text.index("which inversions and engines run on which model family"):]
+    found = {}
+    for entry in re.findall(r"^  (\S.*?)(?=^  \S|\Z)", listed, re.S | re.M):
+        families, inversions, engines = re.fullmatch(r"(.*): inversions (.*); engines (.*)",
+                                                     " ".join(entry.split())).groups()
+        names = [{n.strip() for n in re.sub(r"\s*\([^)]*\)", "", text).split(",")} for text in (inversions, engines)]
+        found.update({family.name: names for family in SUPPORTED_FAMILIES if family.name in families})
+    assert set(found) == {family.name for family in SUPPORTED_FAMILIES}
+    for family in SUPPORTED_FAMILIES:
+        assert found[family.name] == [{m for m in METHODS if applies_to(family, m)},
+                                      {e for e in ENGINES if engine_applies_to(family, e)}], family.name
+    (sd_inversions, sd_engines), (sd3_inversions, sd3_engines) = found[SD.name], found[SD3.name]
+    assert "pnp" in sd_engines and "rf_edit" not in sd_engines and "rf_edit" in sd3_engines and "pnp" not in sd3_engines
+    assert "rf_solver" in sd3_inversions and "rf_solver" not in sd_inversions
+    assert "null_text" in sd3_inversions and "null_text" not in found[FLUX.name][0]

@@ -50,8 +50,8 @@ def browser():
         launched.close()
 
 
-def serve(model, cache_dir: Path | None):
-    session = DemoSession(model, None if cache_dir is None else InversionCache(cache_dir), readable_folders())
+def serve(models, cache_dir: Path | None):
+    session = DemoSession(models, None if cache_dir is None else InversionCache(cache_dir), readable_folders())
     app, url = launch(session, port=free_port(), block=False)
     return session, app, url
 
@@ -60,9 +60,14 @@ def serve(model, cache_dir: Path | None):
 def embedded_server(tmp_path_factory):
     if not (EMBEDDED_MODEL / "model_index.json").exists():
         pytest.skip("embedded model not built")
-    from spdinv.model import load_model
+    from functools import partial
 
-    session, app, url = serve(load_model(), tmp_path_factory.mktemp("demo-cache"))
+    from spdinv.demo.models import DemoModels
+    from spdinv.model import NAMED_MODELS, load_model
+
+    # what `spdinv demo` offers: the shipped models in the picker, the page opened on the embedded one
+    models = DemoModels({name: partial(load_model, name) for name in NAMED_MODELS}, "shapes-world")
+    session, app, url = serve(models, tmp_path_factory.mktemp("demo-cache"))
     yield url
     app.close()
     session.close()
@@ -175,7 +180,7 @@ def test_api_endpoint_and_two_requests_at_once(tiny_session):
     session, tiny_server = tiny_session
     client = gradio_client.Client(tiny_server, verbose=False)
     targets = (EXAMPLE.target, EXAMPLE.target.replace("blue", "green"))
-    with session.lock:
+    with session.lock():
         jobs = [_edit(client, t) for t in targets]
         time.sleep(2.0)
     together = [job.result(timeout=120) for job in jobs]
@@ -230,3 +235,69 @@ def test_a_server_path_in_a_request_is_not_read(tiny_server):
     with httpx.stream("GET", f"{tiny_server}gradio_api/call/edit/{event}", timeout=60) as stream:
         answer = "".join(stream.iter_text())
     assert "event: error" in answer and "complete" not in answer, answer
+
+
+@pytest.fixture(scope="module")
+def two_models_server(tiny, tmp_path_factory):
+    """The tiny UNet model and a tiny SD3 (rectified-flow MMDiT) in the picker, the UNet first."""
+    from spdinv.demo.models import DemoModels
+    from spdinv.model import from_pipeline
+    from spdinv.testing import tiny_sd3_pipeline
+
+    models = DemoModels({"tiny": lambda: tiny, "tiny-sd3": lambda: from_pipeline(tiny_sd3_pipeline(), "tiny-sd3")},
+                        "tiny")
+    session = DemoSession(models, InversionCache(tmp_path_factory.mktemp("demo-cache-two")), readable_folders())
+    app, url = launch(session, port=free_port(), block=False)
+    yield url
+    app.close()
+    session.close()
+
+
+def _offered(page, elem_id: str) -> list[str]:
+    """The options a dropdown lists once opened."""
+    page.locator(f"#{elem_id} input").click()
+    options = page.locator(f"#{elem_id} li[role=option]")
+    options.first.wait_for(timeout=10_000)
+    found = [option.get_attribute("aria-label") for option in options.all()]
+    page.keyboard.press("Escape")
+    return found
+
+
+def test_the_model_picker_switches_the_choices_and_the_edit(browser, two_models_server, tmp_path):
+    """Picking the flow model in the page lists its family's inversions and engines (rf_edit and the
+    flow inversions, no pnp), names it, and the page's Edit runs on it; through the API an edit names
+    its model, and one with an engine the model's family lacks or an unknown model is refused."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(two_models_server)
+    page.locator("#model-line").get_by_text("Stable Diffusion 1.x/2.x").wait_for(timeout=20_000)
+    engines = _offered(page, "engine")
+    assert "pnp" in engines and "rf_edit" not in engines, engines
+    page.locator("#model input").click()
+    page.locator("#model li[role=option][aria-label='tiny-sd3']").click()
+    page.locator("#model-line").get_by_text("Stable Diffusion 3").wait_for(timeout=30_000)
+    engines, inversions = _offered(page, "engine"), _offered(page, "inversion")
+    assert "rf_edit" in engines and "pnp" not in engines, engines
+    assert {"rf_solver", "fireflow", "uni_inv", "flowedit"} <= set(inversions), inversions
+    page.locator("#image input[type=file]").set_input_files(str(EXAMPLE.image))  # the page's Edit: on tiny-sd3
+    _textbox(page, "source").fill(EXAMPLE.source)
+    _textbox(page, "target").fill(EXAMPLE.target)
+    page.get_by_role("button", name="10 steps (fast)").click()
+    page.locator("#edit-button").click()
+    page.locator("#download a").first.wait_for(timeout=120_000)
+    link = page.locator("#download a").first.get_attribute("href")
+    response = page.request.get(link if link.startswith("http") else page.url.rstrip("/") + "/" + link.lstrip("/"))
+    archive = tmp_path / "picked.zip"
+    archive.write_bytes(response.body())
+    assert _config(str(archive))["model"] == "tiny-sd3"
+
+    client = gradio_client.Client(two_models_server, verbose=False)
+    archive = client.predict(image=gradio_client.handle_file(str(EXAMPLE.image)), source=EXAMPLE.source,
+                             target=EXAMPLE.target, inversion="ddim", engine="rf_edit", steps=2, model="tiny-sd3",
+                             api_name="/edit")[6]
+    assert _config(archive)["family"].startswith("Stable Diffusion 3") and _config(archive)["model"] == "tiny-sd3"
+    with pytest.raises(Exception, match="engine pnp does not run on the model tiny-sd3"):
+        client.predict(image=gradio_client.handle_file(str(EXAMPLE.image)), source=EXAMPLE.source,
+                       target=EXAMPLE.target, engine="pnp", steps=2, model="tiny-sd3", api_name="/edit")
+    with pytest.raises(Exception, match="unknown model 'nope'"):
+        client.predict(image=gradio_client.handle_file(str(EXAMPLE.image)), source=EXAMPLE.source,
+                       target=EXAMPLE.target, steps=2, model="nope", api_name="/edit")

@@ -62,3 +62,35 @@ def test_the_readme_names_every_solver_of_SOLVERS():
     start = readme.index("`--solver` picks")
     paragraph = readme[start:readme.index("\n\n", start)]
     assert all(f"`{name}`" in paragraph for name in SOLVERS), [n for n in SOLVERS if f"`{n}`" not in paragraph]
+
+
+def test_the_readme_family_table_lists_what_runs_on_each_family():
+    """The README's table of which inversions and engines apply to which model family names exactly
+    those `inversion.applies_to` and `editing.engine_applies_to` give (a note in brackets aside), one
+    row for each supported family, the shipped models in the row of their family."""
+    from spdinv.commands.common import shipped_families
+    from spdinv.editing import family_choices
+    from spdinv.families import FLUX, SD, SD3, SDXL, SUPPORTED_FAMILIES
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("**Which inversions and engines apply to which model family**")
+    table = readme[readme.index("\n|", start):readme.index("\n\n", readme.index("\n|", start))]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.strip().splitlines()[2:]]
+    labels = {"SD 1.x": SD, "SDXL": SDXL, "SD3": SD3, "FLUX.1": FLUX}
+    assert set(labels.values()) == set(SUPPORTED_FAMILIES)
+
+    def names(cell: str) -> set[str]:
+        return {name.strip() for name in re.sub(r"\s*\([^)]*\)", "", cell).split(",")}
+
+    seen = []
+    for family_cell, inversions, engines in rows:
+        families = [family for label, family in labels.items() if label in family_cell]
+        shipped = set(re.findall(r"`([\w-]+)`", family_cell))
+        for family in families:
+            choices = family_choices(family)
+            assert names(inversions) == set(choices.inversions), (family.name, inversions)
+            assert names(engines) == set(choices.engines), (family.name, engines)
+        assert {shipped_families()[name] for name in shipped} <= set(families), family_cell
+        seen += families
+    assert sorted(f.name for f in seen) == sorted(f.name for f in SUPPORTED_FAMILIES)  # each family in one row
+    assert set(shipped_families()) == {name for row in rows for name in re.findall(r"`([\w-]+)`", row[0])}

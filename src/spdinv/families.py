@@ -56,7 +56,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
     SD,
 )
 
-SUPPORTED = ", ".join(f"{family.name} ({family.pipelines[0]})" for family in (SD, SDXL, SD3, FLUX))
+SUPPORTED_FAMILIES: tuple[ModelFamily, ...] = (SD, SDXL, SD3, FLUX)
+SUPPORTED = ", ".join(f"{family.name} ({family.pipelines[0]})" for family in SUPPORTED_FAMILIES)
 
 
 def family_of(class_name: str | None, source: str = "the model") -> ModelFamily:

@@ -26,7 +26,7 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def add_bench_parser(sub) -> None:
     from ..arguments import add_model_arguments, positive_int
-    from .common import add_inversion_arguments
+    from .common import add_inversion_arguments, families_epilog
     from .edit import add_preset_argument
     from ..bench.lpips import BACKBONE_FILE
     from ..bench.metrics import DEFAULT_CLIP, DEFAULT_DINO, METRICS, STRUCTURE_RESIZES
@@ -34,7 +34,8 @@ def add_bench_parser(sub) -> None:
 
     bench = sub.add_parser("bench", help="benchmark inversions x engines on a PIE-Bench-format folder (resumable)",
                            description="One CSV row per image x inversion x engine. Rerun the same command to "
-                                       "resume. Under torchrun/accelerate launch the images are sharded over ranks.")
+                                       "resume. Under torchrun/accelerate launch the images are sharded over ranks.",
+                           epilog=families_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("data", type=Path, help="PIE-Bench-format folder (mapping_file.json), e.g. `spdinv world export` output")
     bench.add_argument("--inversion", nargs="+", required=True, help="inversion methods, comma- or space-separated")
     bench.add_argument("--engine", nargs="+", required=True, help="editing engines, comma- or space-separated")

@@ -22,6 +22,45 @@ def inversion_classes() -> dict[str, type]:
     return {name: method.options for name, method in METHODS.items()}
 
 
+def families_epilog() -> str:
+    """`--help`'s closing lines: which inversions and engines run on which model family, from the
+    registries (`inversion.applies_to`, `editing.engine_applies_to`); families with the same choices
+    share a line, and the shipped models are named by their family."""
+    import textwrap
+
+    from ..editing import family_choices
+    from ..families import SUPPORTED_FAMILIES
+    from ..inversion import METHODS
+
+    groups: dict = {}
+    for family in SUPPORTED_FAMILIES:
+        shipped = [name for name, of in shipped_families().items() if of == family]
+        groups.setdefault(family_choices(family), []).append(family.name + "".join(f" (shipped: {n})" for n in shipped))
+    free = {name for name, method in METHODS.items() if method.engine_free}
+    lines = [textwrap.fill("which inversions and engines run on which model family (any other is refused in one line; "
+                           "`spdinv edit --inversion all --engine all` takes those of the model's family):", width=100)]
+    for choices, names in groups.items():
+        inversions = ", ".join(f"{n} (engine none only)" if n in free else n for n in choices.inversions)
+        text = f"{'; '.join(names)}: inversions {inversions}; engines {', '.join(choices.engines)}"
+        lines.append(textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
+
+
+def shipped_families() -> dict:
+    """The shipped models' families (`--model shapes-world`, ...), read from their model_index.json."""
+    import json
+
+    from ..families import family_of
+    from ..model import NAMED_MODELS
+
+    found = {}
+    for name, folder in NAMED_MODELS.items():
+        index = folder / "model_index.json"
+        if index.is_file():
+            found[name] = family_of(json.loads(index.read_text()).get("_class_name"), name)
+    return found
+
+
 def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     """--steps and one flag per inversion option (every method's)."""
     add_steps_argument(parser)

@@ -1,4 +1,4 @@
-"""`spdinv demo`: serve the web demo on one model (localhost by default)."""
+"""`spdinv demo`: serve the web demo, with a picker of the shipped models and --model (localhost by default)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,25 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 def add_demo_parser(sub) -> None:
     """Register `spdinv demo` on the CLI's subparsers."""
-    from ..arguments import add_model_arguments
+    import textwrap
 
-    demo = sub.add_parser("demo", help="serve the web demo (Gradio; pip install spdinv[demo])")
+    from ..arguments import add_model_arguments
+    from .common import families_epilog
+    from ..model import NAMED_MODELS
+
+    about = ("The page opens on --model (default shapes-world); its model picker also offers the shipped models "
+             f"({', '.join(NAMED_MODELS)}), each loaded on its first use and kept, and lists the inversions and "
+             "engines of the picked model's family.")
+    demo = sub.add_parser("demo", help="serve the web demo (Gradio; pip install spdinv[demo])",
+                          description=textwrap.fill(about, width=100), epilog=families_epilog(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     demo.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
     demo.add_argument("--queue-size", type=_port, default=8, help="requests that may wait at once (default 8)")
@@ -70,11 +79,31 @@ def serve(args: argparse.Namespace, workdir: Path) -> None:
         from ..demo.app import launch, readable_folders
     except ImportError as error:
         raise SpdinvError(f"the demo needs Gradio ({error.name} is missing): pip install 'spdinv[demo]'") from None
-    model = load_model_from_args(args)
-    session = DemoSession(model, demo_cache(args), readable_folders(), seed=args.seed, workdir=workdir)
+    models = demo_models(args, load_model_from_args)
+    session = DemoSession(models, demo_cache(args), readable_folders(), seed=args.seed, workdir=workdir)
     app, _ = launch(session, args.host, args.port, queue_size=args.queue_size, block=False)
-    print(f"serving {model.name} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+    print(f"serving {models.get(None).name} on http://{args.host}:{args.port} (the page's model picker: "
+          f"{', '.join(models.names)}; Ctrl-C stops)", file=sys.stderr)
     serve_until_stopped(app)
+
+
+def demo_models(args: argparse.Namespace, load_given: Callable[[argparse.Namespace], object]):
+    """The picker's models: the shipped ones and --model if it is another. The --model one (default
+    shapes-world) loads now, so that a bad --model is refused in one line before anything is served;
+    the others on their first use, on the same --device and --dtype (--variant and --config are the
+    given model's)."""
+    from functools import partial
+
+    from ..demo.models import DemoModels
+    from ..model import NAMED_MODELS, load_model
+
+    given = args.model or "shapes-world"
+    loaders = {name: partial(load_model, name, device=args.device, dtype=args.dtype)
+               for name, folder in NAMED_MODELS.items() if (folder / "model_index.json").is_file()}
+    loaders[given] = partial(load_given, args)
+    models = DemoModels(loaders, given)
+    models.get(given)
+    return models
 
 
 @contextmanager

@@ -26,31 +26,23 @@ def engine_classes() -> dict[str, type]:
     return {name: engine.options for name, engine in ENGINES.items()}
 
 
-def family_note(methods: dict) -> str:
-    """Which inversions apply to which model family (from the methods' flags)."""
-    flow = [name for name, m in methods.items() if m.flow_only]
-    free = [name for name, m in methods.items() if m.engine_free]
-    unconditional = [name for name, m in methods.items() if m.classifier_free]
-    return (f"rectified-flow models (SD3, SD3.5, FLUX) only: {', '.join(flow)} ({', '.join(free)}: engine none "
-            f"only); not on FLUX (they need unconditional rows): {', '.join(unconditional)}; the others: every "
-            "family; `all` takes those of the model's family")
-
-
 def add_edit_parser(sub) -> None:
     """Register `spdinv edit` on the CLI's subparsers."""
     from ..arguments import add_framing_arguments, add_model_arguments, add_option_arguments, number
-    from .common import add_concept_arguments, add_concept_encoder_arguments, add_inversion_arguments
+    from .common import add_concept_arguments, add_concept_encoder_arguments, add_inversion_arguments, families_epilog
     from ..inversion import METHODS
     from ..editing import ENGINES
 
-    edit = sub.add_parser("edit", help="edit an image from a source prompt to a target prompt (any inversion x any engine)")
+    edit = sub.add_parser("edit", epilog=families_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                          help="edit an image from a source prompt to a target prompt (any inversion x any engine)")
     edit.add_argument("image", type=Path)
     edit.add_argument("--source", required=True, help="the source prompt describing the image")
     edit.add_argument("--target", required=True, help="the target prompt describing the edit")
-    edit.add_argument("--inversion", default="spdinv", help=f"{', '.join(METHODS)} or all (default spdinv); "
-                      + family_note(METHODS))
+    edit.add_argument("--inversion", default="spdinv",
+                      help=f"{', '.join(METHODS)} or all (default spdinv); which run on which model family: below")
     edit.add_argument("--engine", default="p2p",
-                      help="; ".join(f"{name}: {e.summary}" for name, e in ENGINES.items()) + "; or all (default p2p)")
+                      help="; ".join(f"{name}: {e.summary}" for name, e in ENGINES.items())
+                      + "; or all (default p2p); which run on which model family: below")
     add_inversion_arguments(edit)
     add_concept_arguments(edit)
     add_concept_encoder_arguments(edit, for_edit=True)
@@ -333,9 +325,9 @@ def write_outputs(outputs: EditOutputs, model, image, source: str, target: str, 
         labelled_grid(rows, columns, [f"source: {source}", f"target: {target}"]).save(stage / "grid.png")
         write_json(stage / "config.json", {
             "source": source, "target": target, "image": outputs.image, "model": model.name,
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."), "seed": outputs.seed,
-            "steps": outputs.steps, "preset": outputs.preset, "sampler": dataclasses.asdict(sampler),
-            "runs": records, "timings": timings, "concept": outputs.concept,
+            "family": model.family.name, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+            "seed": outputs.seed, "steps": outputs.steps, "preset": outputs.preset,
+            "sampler": dataclasses.asdict(sampler), "runs": records, "timings": timings, "concept": outputs.concept,
             "command": sys.argv if outputs.command is None else outputs.command,
         })
 

@@ -19,10 +19,12 @@ def _method_help() -> str:
 def add_invert_parser(sub) -> None:
     from ..presets import PRESETS
 
-    invert = sub.add_parser("invert", help="invert an image; write z_T, the trajectory, diagnostics and a reconstruction")
+    invert = sub.add_parser("invert", epilog=common.families_epilog(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            help="invert an image; write z_T, the trajectory, diagnostics and a reconstruction")
     invert.add_argument("image", type=Path)
     invert.add_argument("--prompt", required=True, help="the source prompt describing the image")
-    invert.add_argument("--method", default="spdinv", help=_method_help())
+    invert.add_argument("--method", default="spdinv", help=_method_help() + "; which run on which model family: below")
     common.add_inversion_arguments(invert)
     invert.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="a published script's inversion settings (explicit flags override them; see spdinv edit "

@@ -1,4 +1,4 @@
-"""The web demo's page: a Gradio Blocks app on one model (spdinv.demo.session does the work).
+"""The web demo's page: a Gradio Blocks app with a model picker (spdinv.demo.session does the work).
 
 Offline by design: analytics off, no server-side rendering, every asset served by the app
 itself (the browser test checks that the page makes no request off the loopback host)."""
@@ -18,7 +18,7 @@ import gradio as gr  # noqa: E402
 from ..errors import SpdinvError  # noqa: E402
 from .examples import EXAMPLES_DIR, load_examples  # noqa: E402
 from .session import (MAX_PROMPT_CHARS, MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, DemoSession, EditRequest,  # noqa: E402
-                      blend_suggestions, parse_options, read_upload)
+                      ModelChoices, blend_suggestions, parse_options, read_upload)
 
 QUEUE_SIZE = 8  # requests waiting at once; one more is refused with "queue is full"
 CONCURRENCY = 2  # requests past the queue at once: one edits (the model's lock), one can be checked meanwhile
@@ -82,6 +82,7 @@ def _summary(result) -> str:
 
 @dataclass
 class Inputs:
+    model: gr.Dropdown
     image: gr.Image
     converted: gr.Markdown
     source: gr.Textbox
@@ -102,10 +103,17 @@ class Inputs:
     def of_edit(self) -> list:
         """The API endpoint's parameters, in order."""
         return [self.image, self.source, self.target, self.inversion, self.engine, self.blend, self.steps,
-                self.guidance, self.seed, self.options, self.compare_inversions, self.compare_engines]
+                self.guidance, self.seed, self.options, self.compare_inversions, self.compare_engines, self.model]
+
+    def of_family(self) -> list:
+        """What the model picker sets: the inversion and engine choices."""
+        return [self.inversion, self.engine, self.compare_inversions, self.compare_engines]
 
 
-def _inputs(seed: int, engines: list[str], inversions: list[str]) -> Inputs:
+def _inputs(seed: int, offered: ModelChoices, names: list[str]) -> Inputs:
+    inversions, engines = list(offered.inversions), list(offered.engines)
+    model = gr.Dropdown(names, value=offered.name, label="model (its family's inversions and engines below)",
+                        elem_id="model")
     image = gr.Image(label="image", type="filepath", sources=["upload", "clipboard"], format="png", elem_id="image",
                      height=256)
     converted = gr.Markdown(elem_id="converted")
@@ -115,7 +123,7 @@ def _inputs(seed: int, engines: list[str], inversions: list[str]) -> Inputs:
                        elem_id="blend")
     suggested = gr.Radio(label="suggested from the words that differ", choices=[], visible=False, elem_id="suggested")
     with gr.Row():
-        inversion = gr.Dropdown(inversions, value="spdinv", label="inversion", elem_id="inversion")
+        inversion = gr.Dropdown(inversions, value=_kept("spdinv", inversions), label="inversion", elem_id="inversion")
         engine = gr.Dropdown(engines, value=engines[0], label="engine", elem_id="engine")
     with gr.Row():
         steps = gr.Slider(1, 100, value=20, step=1, label="steps", elem_id="steps")
@@ -130,8 +138,8 @@ def _inputs(seed: int, engines: list[str], inversions: list[str]) -> Inputs:
         gr.Markdown(_options_help())
         seed = gr.Number(seed, precision=0, label="seed", minimum=0)
     run = gr.Button("Edit", variant="primary", elem_id="edit-button")
-    return Inputs(image, converted, source, target, blend, suggested, inversion, engine, steps, presets, guidance,
-                  compare_inversions, compare_engines, options, seed, run)
+    return Inputs(model, image, converted, source, target, blend, suggested, inversion, engine, steps, presets,
+                  guidance, compare_inversions, compare_engines, options, seed, run)
 
 
 def _outputs() -> list:
@@ -156,13 +164,13 @@ def build_app(session: DemoSession) -> gr.Blocks:
     def edit(image, source: str, target: str, inversion: str = "spdinv", engine: str = "p2p", blend: str = "",
              steps: int = 20, guidance: float = 7.5, seed: int = 0, options: str = "",
              compare_inversions: list[str] | None = None, compare_engines: list[str] | None = None,
-             progress=gr.Progress(track_tqdm=True)):
+             model: str | None = None, progress=gr.Progress(track_tqdm=True)):
         try:
             request = EditRequest(image=_path(image) or "", source=source or "", target=target or "",
                                   inversions=_choices(inversion, compare_inversions),
                                   engines=_choices(engine, compare_engines), blend=blend or "",
                                   steps=_number(steps, "steps", integer=True), guidance=_number(guidance, "guidance"),
-                                  seed=_seed(seed), options=parse_options(options))
+                                  seed=_seed(seed), options=parse_options(options), model=model or None)
             request.preset = request.options.pop("preset", None)
             result = session.edit(request, progress=True)
         except SpdinvError as error:
@@ -173,13 +181,50 @@ def build_app(session: DemoSession) -> gr.Blocks:
                 None if first.residuals is None else str(first.residuals),
                 gr.Gallery(value=gallery, visible=len(gallery) > 1), _summary(result), str(result.archive))
 
-    def inspect(image):
-        """On upload: how the upload was converted for the model (or why it cannot be)."""
+    offered = session.offers()
+    examples = [e for e in load_examples() if e.engine in offered.engines]
+    with gr.Blocks(title="spdinv demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown("## spdinv: text-driven editing of real images")
+        line = gr.Markdown(_model_line(offered), elem_id="model-line")
+        with gr.Row():
+            with gr.Column():
+                given = _inputs(session.seed, offered, session.models.names)
+            with gr.Column():
+                results = _outputs()
+        if examples:
+            gr.Examples([[str(e.image), e.source, e.target, e.engine, e.blend] for e in examples],
+                        inputs=[given.image, given.source, given.target, given.engine, given.blend],
+                        label="examples (hand-drawn; one per edit kind)",
+                        example_labels=[f"{e.kind}: {e.target}" for e in examples])
+        _listen(session, given, line)
+        given.run.click(edit, given.of_edit(), results, api_name="edit", preprocess=False,
+                        concurrency_limit=CONCURRENCY)
+    return app
+
+
+def _listen(session: DemoSession, given: Inputs, line: gr.Markdown) -> None:
+    """The page's own events: the model picker, the upload note, blend suggestions, step presets."""
+    def choose(name: str, inversion: str, engine: str, also_inversions: list[str] | None,
+               also_engines: list[str] | None):
+        """The picked model's family's choices (the model loads on its first use)."""
+        try:
+            offered = session.offers(name)
+        except SpdinvError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        inversions, engines = list(offered.inversions), list(offered.engines)
+        return (gr.update(choices=inversions, value=_kept(inversion, inversions)),
+                gr.update(choices=engines, value=_kept(engine, engines)),
+                gr.update(choices=inversions, value=[n for n in also_inversions or [] if n in inversions]),
+                gr.update(choices=engines, value=[n for n in also_engines or [] if n in engines]),
+                gr.update(value=_model_line(offered)))
+
+    def inspect(image, name: str):
+        """On upload or another model: how the upload is converted for the model (or why it cannot be)."""
         if _path(image) is None:
             return gr.update(value="")
         try:
-            _, notices = read_upload(_path(image), session.allowed, session.model.image_size,
-                                     session.model.size_multiple)
+            model = session.model(name)
+            _, notices = read_upload(_path(image), session.allowed, model.image_size, model.size_multiple)
         except SpdinvError as error:
             raise gr.Error(str(error), print_exception=False) from None
         return gr.update(value="; ".join(notices) or "used as it is")
@@ -188,41 +233,25 @@ def build_app(session: DemoSession) -> gr.Blocks:
         found = blend_suggestions(source or "", target or "")
         return gr.update(choices=found, value=None, visible=bool(found))
 
-    name = session.model.name.rstrip("/").split("/")[-1]
-    limits = (f"Uploads: any format PIL reads, at most {MAX_UPLOAD_BYTES // 2**20} MB and "
-              f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels; resized at their own aspect ratio to about "
-              f"{session.model.image_size}x{session.model.image_size} px "
-              "as `spdinv edit` does.")
-    from ..editing import ENGINES, engine_applies
+    given.model.change(choose, [given.model, *given.of_family()], [*given.of_family(), line], api_name=False)
+    for trigger in (given.image, given.model):
+        trigger.change(inspect, [given.image, given.model], given.converted, preprocess=False, api_name=False)
+    for box in (given.source, given.target):
+        box.change(suggest, [given.source, given.target], given.suggested, api_name=False)
+    given.suggested.input(lambda words: words or "", given.suggested, given.blend, api_name=False)
+    for button, n in zip(given.presets, STEP_PRESETS):
+        button.click(lambda n=n: n, None, given.steps, api_name=False)
 
-    from ..inversion import METHODS, applies
 
-    # the engines and inversions of the model's family (pnp: UNets only; rf_edit and the flow inversions:
-    # flow transformers only; null-text and negative-prompt: not FLUX)
-    engines = [name for name in ENGINES if engine_applies(session.model, name)]
-    inversions = [name for name in METHODS if applies(session.model, name)]
-    examples = [e for e in load_examples() if e.engine in engines]
-    with gr.Blocks(title="spdinv demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"## spdinv: text-driven editing of real images\nModel: `{name}`. {limits}")
-        with gr.Row():
-            with gr.Column():
-                given = _inputs(session.seed, engines, inversions)
-            with gr.Column():
-                results = _outputs()
-        if examples:
-            gr.Examples([[str(e.image), e.source, e.target, e.engine, e.blend] for e in examples],
-                        inputs=[given.image, given.source, given.target, given.engine, given.blend],
-                        label="examples (hand-drawn; one per edit kind)",
-                        example_labels=[f"{e.kind}: {e.target}" for e in examples])
-        given.image.change(inspect, given.image, given.converted, preprocess=False, api_name=False)
-        for box in (given.source, given.target):
-            box.change(suggest, [given.source, given.target], given.suggested, api_name=False)
-        given.suggested.input(lambda words: words or "", given.suggested, given.blend, api_name=False)
-        for button, n in zip(given.presets, STEP_PRESETS):
-            button.click(lambda n=n: n, None, given.steps, api_name=False)
-        given.run.click(edit, given.of_edit(), results, api_name="edit", preprocess=False,
-                        concurrency_limit=CONCURRENCY)
-    return app
+def _kept(value: str, choices: list[str]) -> str:
+    """The chosen name if the model's family has it, else the family's first."""
+    return value if value in choices else choices[0]
+
+
+def _model_line(offered: ModelChoices) -> str:
+    return (f"Model: `{offered.folder}` ({offered.family}). Uploads: any format PIL reads, at most "
+            f"{MAX_UPLOAD_BYTES // 2**20} MB and {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels; resized at their own "
+            f"aspect ratio to about {offered.image_size}x{offered.image_size} px as `spdinv edit` does.")
 
 
 def _number(value, what: str, integer: bool = False) -> float | int:

@@ -21,6 +21,7 @@ from ..errors import SpdinvError, require_finite
 from ..editing.tokens import names_background
 from ..images import Framing, fit_image, open_image, psnr, to_tensor
 from ..model import DiffusionModel
+from .models import DemoModels, short_name
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # the upload limit the server enforces (Gradio's max_file_size)
 MAX_UPLOAD_PIXELS = 40_000_000  # decoded size: larger images are refused before they are decoded
@@ -45,6 +46,7 @@ class EditRequest:
     seed: int = 0
     options: dict = field(default_factory=dict)
     preset: str | None = None  # spdinv.presets: a published script's settings, under `options`
+    model: str | None = None  # a name the picker offers (DemoModels); None: the one the demo opened on
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,18 @@ class DemoRun:
     timings: dict
     noise_error: float | None = None  # mean final fixed-point residual (the paper's D_Noi)
     residuals: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelChoices:
+    """A picker entry's model as the page describes it, with the choices its family has."""
+
+    name: str  # the picker's name
+    folder: str  # the model's folder or hub name
+    family: str
+    inversions: tuple[str, ...]
+    engines: tuple[str, ...]
+    image_size: int
 
 
 @dataclass
@@ -166,61 +180,73 @@ def check_request(request: EditRequest) -> None:
 
 @dataclass
 class DemoSession:
-    """The served model, its lock (attention processors live on its UNet, so edits on one model
-    never interleave), the inversion cache shared with the CLI, and where results go."""
+    """The models the page offers (each with its lock: attention processors live on its network, so
+    edits on one model never interleave), the inversion cache shared with the CLI (its keys name the
+    model's weights, so an entry of one model never serves another), and where results go. A single
+    model is offered alone."""
 
-    model: DiffusionModel
+    models: DemoModels | DiffusionModel
     cache: object | None  # spdinv.editing.cache.InversionCache
     allowed: list[Path]
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="spdinv-demo-")))
-    lock: threading.Lock = field(default_factory=threading.Lock)
     keep: int = 32  # results of this many recent requests stay on disk (Gradio serves copies of them)
     seed: int = 0  # the page's default seed (`spdinv demo --seed`)
+    folders: threading.Lock = field(default_factory=threading.Lock)  # making and pruning result folders
 
     def __post_init__(self) -> None:
+        if isinstance(self.models, DiffusionModel):
+            self.models = DemoModels.of(self.models)
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-    def edit(self, request: EditRequest, *, progress: bool = False) -> DemoResult:
-        """Check everything, then run each inversion x engine through editing.edit() holding the lock."""
-        from ..editing import preset_options, split_fields
-        from ..presets import inversion_settings
+    def model(self, name: str | None = None) -> DiffusionModel:
+        """The offered model of that name (None: the default), loaded on first use."""
+        return self.models.get(name)
 
+    def lock(self, name: str | None = None) -> threading.Lock:
+        """The lock each edit on that model holds."""
+        return self.models.entry(name).lock
+
+    def offers(self, name: str | None = None) -> ModelChoices:
+        """What the page offers on that model: its family's inversions and engines."""
+        from ..editing import family_choices
+
+        model = self.model(name)
+        choices = family_choices(model.family)
+        return ModelChoices(self.models.entry(name).name, short_name(model), model.family.name, choices.inversions,
+                            choices.engines, model.image_size)
+
+    def edit(self, request: EditRequest, *, progress: bool = False) -> DemoResult:
+        """Check everything, then run each inversion x engine through editing.edit() holding the model's lock."""
         check_request(request)
-        image, notices = read_upload(request.image, self.allowed, self.model.image_size, self.model.size_multiple)
-        notices = notices + request_notices(self.model, request)
-        pairs = []
-        for method in request.inversions:
-            for engine in request.engines:
-                options = {"guidance_scale": request.guidance, **_applicable(request, method, engine)}
-                if engine == "p2p" and request.blend.strip():
-                    options["blend"] = request.blend.strip()
-                engine_fields, sampler_fields, method_fields = split_fields(engine, method, options)
-                engine_options, _ = preset_options(request.preset, engine, engine_fields, sampler_fields)
-                method_options = {**inversion_settings(request.preset, method), **method_fields}
-                pairs.append(Pair(method, engine, options, engine_options, method_options))
+        model = self.model(request.model)
+        check_family(model, request)
+        image, notices = read_upload(request.image, self.allowed, model.image_size, model.size_multiple)
+        notices = notices + request_notices(model, request)
+        pairs = request_pairs(request)
         start = time.perf_counter()
-        with self.lock:
+        with self.lock(request.model):
             waited = time.perf_counter() - start
             here = self._new_folder()
-            runs = self._run_all(image, request, pairs, progress, here)
-        folder = self._write(image, request, runs, pairs, {"lock_wait": waited}, here / "spdinv-edit")
+            runs = self._run_all(model, image, request, pairs, progress, here)
+        folder = self._write(model, image, request, runs, pairs, {"lock_wait": waited}, here / "spdinv-edit")
         return DemoResult(image, runs, folder, _zip(folder), notices)
 
     def _new_folder(self) -> Path:
-        """A folder for this request's files; the oldest beyond `keep` are removed (under the lock)."""
-        previous = sorted(self.workdir.glob("edit-*"), key=lambda p: p.stat().st_mtime)
-        for old in previous[: max(0, len(previous) - self.keep + 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-        return Path(tempfile.mkdtemp(prefix="edit-", dir=self.workdir))
+        """A folder for this request's files; the oldest beyond `keep` are removed."""
+        with self.folders:
+            previous = sorted(self.workdir.glob("edit-*"), key=lambda p: p.stat().st_mtime)
+            for old in previous[: max(0, len(previous) - self.keep + 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+            return Path(tempfile.mkdtemp(prefix="edit-", dir=self.workdir))
 
-    def _run_all(self, image: Image.Image, request: EditRequest, pairs: list[Pair], progress: bool,
-                 folder: Path) -> list[DemoRun]:
+    def _run_all(self, model: DiffusionModel, image: Image.Image, request: EditRequest, pairs: list[Pair],
+                 progress: bool, folder: Path) -> list[DemoRun]:
         """Every pair through the library's `edits()` (one inversion per method, shared by its engines;
         every engine's words checked before anything is inverted), in the pairs' order."""
         from ..editing import edits
 
         sampler = {k: v for k, v in pairs[0].options.items() if k in _sampler_fields()}  # the same for every pair
-        results = edits(self.model, image, request.source, request.target, list(request.inversions),
+        results = edits(model, image, request.source, request.target, list(request.inversions),
                         list(request.engines), num_steps=request.steps, seed=request.seed, progress=progress,
                         cache=self.cache, diagnose=True, preset=request.preset, framing=Framing(size=image.size),
                         inversion_options={pair.method: pair.method_options for pair in pairs},
@@ -254,8 +280,8 @@ class DemoSession:
         plot_residuals(inversion.steps, path, title=f"{inversion.method}: {prompt}")
         return path
 
-    def _write(self, image: Image.Image, request: EditRequest, runs: list[DemoRun], pairs: list[Pair],
-               timings: dict, out: Path) -> Path:
+    def _write(self, model: DiffusionModel, image: Image.Image, request: EditRequest, runs: list[DemoRun],
+               pairs: list[Pair], timings: dict, out: Path) -> Path:
         """The folder `spdinv edit --out` writes (source, edit, reconstruction, mask, grid, config.json)."""
         from ..editing import preset_options
         from ..commands.edit import EditOutputs, Run, write_outputs
@@ -268,12 +294,48 @@ class DemoSession:
                        sampler=dataclasses.asdict(sampler)) for r, sampler in zip(runs, samplers)]
         outputs = EditOutputs(out, Path(request.image).name, request.seed, request.steps, request.preset,
                               command=["spdinv demo", *_request_summary(request)])
-        write_outputs(outputs, self.model, image, request.source.strip(), request.target.strip(), samplers[0],
+        write_outputs(outputs, model, image, request.source.strip(), request.target.strip(), samplers[0],
                       per_method, per_engine, written, timings)
         return out
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def check_family(model: DiffusionModel, request: EditRequest) -> None:
+    """Every chosen inversion and engine runs on the model's family (the page offers only those;
+    the API may ask for others): refused in one line, before anything is read or run."""
+    from ..editing import family_choices
+    from ..inversion import get_method
+
+    for name in request.inversions:
+        get_method(name)  # an unknown name is refused as unknown (check_request checked the engines')
+    choices = family_choices(model.family)
+    for kind, chosen, offered in (("inversion", request.inversions, choices.inversions),
+                                  ("engine", request.engines, choices.engines)):
+        for name in chosen:
+            if name not in offered:
+                raise SpdinvError(f"{kind} {name} does not run on the model {short_name(model)} ({model.family.name}); "
+                                  f"its {kind}s: {', '.join(offered)}")
+
+
+def request_pairs(request: EditRequest) -> list[Pair]:
+    """Each inversion x engine of the request with its options routed (engine, sampler, inversion)
+    and the preset's settings under them."""
+    from ..editing import preset_options, split_fields
+    from ..presets import inversion_settings
+
+    pairs = []
+    for method in request.inversions:
+        for engine in request.engines:
+            options = {"guidance_scale": request.guidance, **_applicable(request, method, engine)}
+            if engine == "p2p" and request.blend.strip():
+                options["blend"] = request.blend.strip()
+            engine_fields, sampler_fields, method_fields = split_fields(engine, method, options)
+            engine_options, _ = preset_options(request.preset, engine, engine_fields, sampler_fields)
+            method_options = {**inversion_settings(request.preset, method), **method_fields}
+            pairs.append(Pair(method, engine, options, engine_options, method_options))
+    return pairs
 
 
 def _applicable(request: EditRequest, method: str, engine: str) -> dict:
@@ -330,5 +392,5 @@ def _zip(folder: Path) -> Path:
     return archive
 
 
-__all__ = ["DemoSession", "DemoResult", "DemoRun", "EditRequest", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS",
-           "blend_suggestions", "parse_options", "read_upload"]
+__all__ = ["DemoModels", "DemoSession", "ModelChoices", "DemoResult", "DemoRun", "EditRequest", "MAX_UPLOAD_BYTES",
+           "MAX_UPLOAD_PIXELS", "blend_suggestions", "parse_options", "read_upload"]

@@ -20,7 +20,8 @@ from torch import Tensor
 from ..errors import SpdinvError
 from ..images import Framing
 from ..inputs import check_prompt_tokens, check_seed, library_image
-from ..inversion import METHODS, Inversion, check_prompt, get_method, options_for, run_method
+from ..families import ModelFamily
+from ..inversion import METHODS, Inversion, applies_to, check_prompt, get_method, options_for, run_method
 from ..model import DiffusionModel
 from ..presets import empty_source, engine_settings, preset_model
 from .base import Editor, NoEditor, no_editor
@@ -43,6 +44,7 @@ class Engine:
     options: type
     editor: Callable[[DiffusionModel, str, str, object], Editor]
     summary: str
+    denoisers: tuple[str, ...] = ("unet", "transformer")  # the families' denoisers it controls (ModelFamily.denoiser)
 
 
 def unet_only(name: str, factory: Callable[[DiffusionModel, str, str, object], Editor]):
@@ -74,10 +76,12 @@ ENGINES: dict[str, Engine] = {
                        "MasaCtrl mutual self-attention (ICCV 2023); on flow transformers the source's image keys and "
                        "values"),
     "pnp": Engine(PnPOptions, unet_only("pnp", pnp_editor),
-                  "Plug-and-Play feature and self-attention injection (CVPR 2023); UNets only"),
+                  "Plug-and-Play feature and self-attention injection (CVPR 2023); UNets only", denoisers=("unet",)),
     "none": Engine(NoOptions, no_editor, "plain regeneration from z_T with the target prompt"),
     "rf_edit": Engine(RFEditOptions, rf_edit_editor,
-                      "RF-Solver-Edit's value sharing in the late blocks' first steps (ICML 2025); flow transformers only"),
+                      "RF-Solver-Edit's value sharing in the late blocks' first steps (ICML 2025); flow transformers "
+                      "only",
+                      denoisers=("transformer",)),
 }
 
 
@@ -89,7 +93,26 @@ def get_engine(name: str) -> Engine:
 
 def engine_applies(model: DiffusionModel, engine: str) -> bool:
     """Whether the engine runs on the model's family (pnp: UNets only; rf_edit: flow transformers only)."""
-    return not (engine == "pnp" and model.unet is None) and not (engine == "rf_edit" and model.unet is not None)
+    return engine_applies_to(model.family, engine)
+
+
+def engine_applies_to(family: ModelFamily, engine: str) -> bool:
+    """Whether the engine controls the attention of this family's denoiser."""
+    return family.denoiser in get_engine(engine).denoisers
+
+
+@dataclass(frozen=True)
+class FamilyChoices:
+    """What runs on a model family: its inversions (`applies_to`) and engines (`engine_applies_to`),
+    in the registries' order."""
+
+    inversions: tuple[str, ...]
+    engines: tuple[str, ...]
+
+
+def family_choices(family: ModelFamily) -> FamilyChoices:
+    return FamilyChoices(tuple(name for name in METHODS if applies_to(family, name)),
+                         tuple(name for name in ENGINES if engine_applies_to(family, name)))
 
 
 def check_engine_free(method: str, engines: list[str]) -> None:
@@ -421,6 +444,7 @@ def edit(
 
 
 __all__ = ["edit", "edits", "EditResult", "ENGINES", "Engine", "get_engine", "check_pairs", "engine_applies",
+           "engine_applies_to", "FamilyChoices", "family_choices",
            "split_options", "split_fields", "preset_options", "run_editor", "counted_rows", "Editor",
            "NoEditor", "P2POptions", "MasaCtrlOptions", "PnPOptions", "RFEditOptions", "NoOptions", "SamplerOptions",
            "InversionCache", "check_inversion"]

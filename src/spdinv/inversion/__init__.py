@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import SpdinvError
+from ..families import ModelFamily
 from ..images import Framing, to_tensor
 from ..inputs import check_prompt_tokens, check_seed, library_image
 from ..model import DiffusionModel
@@ -132,8 +133,16 @@ def check_family(model: DiffusionModel, method: str) -> None:
 
 def applies(model: DiffusionModel, method: str) -> bool:
     """Whether the method runs on the model's family (`check_family` refuses it otherwise)."""
+    return applies_to(model.family, method)
+
+
+def applies_to(family: ModelFamily, method: str) -> bool:
+    """Whether the method runs on models of this family: a classifier-free one needs unconditional
+    rows (not FLUX), a flow-only one a rectified-flow objective."""
     entry = get_method(method)
-    return not (entry.classifier_free and not model.classifier_free) and not (entry.flow_only and not model.is_flow)
+    if entry.classifier_free and not family.classifier_free:
+        return False
+    return not entry.flow_only or family.objective == "flow"
 
 
 def image_tensor(model: DiffusionModel, image: Image.Image | Tensor, framing: Framing | None = None) -> Tensor:
@@ -206,5 +215,6 @@ def run_method(model: DiffusionModel, image, prompt: str, method: str, num_steps
     return inversion
 
 
-__all__ = ["Inversion", "StepReport", "METHODS", "Method", "invert", "run_method", "get_method", "make_options",
-           "options_for", "reconstruct", "reconstruct_latent", "reconstruction_error", "Reconstruction", "source_branch"]
+__all__ = ["Inversion", "StepReport", "METHODS", "Method", "applies", "applies_to", "invert", "run_method",
+           "get_method", "make_options", "options_for", "reconstruct", "reconstruct_latent",
+           "reconstruction_error", "Reconstruction", "source_branch"]
