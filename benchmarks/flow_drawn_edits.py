@@ -143,6 +143,16 @@ def judge(classifier, case: Case, result: EditResult) -> dict:
             "rows": dict(result.network_calls_by)}
 
 
+def reads_drawing(classifier, case: Case) -> dict[str, bool]:
+    """Whether the classifier reads the drawing's own shape, colour and background (and all three)."""
+    found, background = read_single_object(classifier, to_tensor(case.image))
+    colour, source_background = case.source.split()[2], case.source.split()[-2]
+    flags = {"shape": found is not None and found["shape"] == case.shape,
+             "colour": found is not None and found["colour"] == colour,
+             "background": background == source_background}
+    return {**flags, "all": all(flags.values())}
+
+
 def run_edits(model, classifier, all_cases: list[Case], steps: int, inversions: list[str], engines: list[str],
               images: Path | None, flowedit: bool = True, engine_options: dict | None = None,
               sampler: dict | None = None, inversion_options: dict | None = None) -> list[dict]:
@@ -235,9 +245,7 @@ def main() -> None:
     torch.set_num_threads(1)
     model, classifier = load_model(args.model), load_classifier()
     all_cases = [c for c in cases(args.n, args.seed) if c.kind in args.kinds.split(",")]
-    judge_reads = [read(classifier, to_tensor(c.image), c.shape, c.target_colour if c.kind == "background" else
-                        c.source.split()[2], c.target_background if c.kind == "colour" else c.source.split()[-2])
-                   for c in all_cases]
+    judge_reads = [reads_drawing(classifier, c) for c in all_cases]
     print("the classifier reads the drawings (shape, colour, background right): "
           + ", ".join(f"{k} {sum(r[k] for r in judge_reads)}" for k in ("shape", "colour", "background"))
           + f" of {len(all_cases)}")
