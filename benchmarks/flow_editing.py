@@ -12,7 +12,9 @@ bootstrap intervals against the plain inversion (`ddim`) under the same engine (
 links to the export's images, round robin), so a small or partial run still covers every kind of edit.
 Each step count is three resumable `spdinv bench` runs under OUT/steps-N/, with `--save-images`:
 `inversions` (the main inversions x engines), `flowedit` (x none: it takes engine `none` only), then
-`peers` (the other flow inversions x engines; last, as the least needed for the paper's question); OUT/steps-N/all merges them into one results.csv and
+`peers` (the other flow inversions x engines; last, as the least needed for the paper's question), and with
+`--paper-engines p2p,none` a run `paper` of SPDInv at the paper code's settings (`--solver gradient
+--stop-rule official`), reported as `spdinv-paper` and paired against the default SPDInv; OUT/steps-N/all merges them into one results.csv and
 `spdinv report` writes its report there (per-category tables, examples.png). OUT/report.md (also
 printed) holds the means and the paired intervals. Costs are counted, not timed: `network_calls`
 (the inversion's) and `edit_calls` (every network row the edit evaluated); `edit_seconds` ratios only
@@ -60,11 +62,17 @@ def per_category_subset(data: Path, per_category: int, out: Path) -> Path:
     return out
 
 
-def bench(data: Path, out: Path, model: str, steps: int, inversions: str, engines: str, limit: int | None) -> None:
+# SPDInv as the paper's code runs it (the fidelity issue's settings): gradient descent (AdamW, lr 1e-3, K 25),
+# update-then-check; a run of its own, its rows relabelled so they pair with the default SPDInv's
+PAPER_RUN, PAPER_LABEL, PAPER_FLAGS = "paper", "spdinv-paper", ["--solver", "gradient", "--stop-rule", "official"]
+
+
+def bench(data: Path, out: Path, model: str, steps: int, inversions: str, engines: str, limit: int | None,
+          flags: list[str] = ()) -> None:
     """One resumable `spdinv bench` run (same interpreter, one thread), edits saved for the grid."""
     command = [sys.executable, "-m", "spdinv", "bench", str(data), "--model", model, "--steps", str(steps),
                "--inversion", inversions, "--engine", engines, "--out", str(out), "--metrics", METRICS,
-               "--save-images", "--quiet"] + (["--limit", str(limit)] if limit else [])
+               "--save-images", "--quiet", *flags] + (["--limit", str(limit)] if limit else [])
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=environment)
 
@@ -74,14 +82,24 @@ def run_files(folder: Path) -> list[Path]:
     return [p for p in [folder / RESULTS_FILE, *part_paths(folder)] if p.is_file()]
 
 
+def relabel(folder: Path, name: str) -> str:
+    """A row's inversion, an image folder's or a diagnostics file's name as the merge shows it: the
+    paper-settings run's SPDInv is `spdinv-paper`."""
+    if folder.name != PAPER_RUN:
+        return name
+    return name.replace("spdinv+", f"{PAPER_LABEL}+").replace("__spdinv__", f"__{PAPER_LABEL}__") \
+        if name != "spdinv" else PAPER_LABEL
+
+
 def merge(folders: list[Path], out: Path) -> Results:
     """One bench-like folder from several runs (finished or stopped): results.csv (the union of
     columns and of complete rows), the first run's run.json, and links to every run's saved images
     and diagnostics (for `spdinv report`)."""
     header = list(dict.fromkeys(c for folder in folders for path in run_files(folder) for c in _header(path)))
     rows: dict[tuple, dict] = {}
-    for path in (path for folder in folders for path in run_files(folder)):
-        for row in read_rows(path, _header(path)):
+    for folder in folders:
+        for row in (row for path in run_files(folder) for row in read_rows(path, _header(path))):
+            row = {**row, "inversion": relabel(folder, row["inversion"])}
             rows.setdefault(row_key(row), row)
     out.mkdir(parents=True, exist_ok=True)
     with (out / RESULTS_FILE).open("w", newline="", encoding="utf-8") as handle:
@@ -94,7 +112,7 @@ def merge(folders: list[Path], out: Path) -> Results:
         (out / name).mkdir(exist_ok=True)
         for folder in folders:
             for entry in (folder / name).glob("*") if (folder / name).is_dir() else []:
-                link = out / name / entry.name
+                link = out / name / relabel(folder, entry.name)
                 if not link.exists():
                     link.symlink_to(entry.resolve())
     return load_results(out)
@@ -143,6 +161,11 @@ def report(results: Results, steps: int) -> list[str]:
     if any(r["inversion"] == "flowedit" for r in results.rows):
         for metric in PAIRED_METRICS:
             lines += paired_lines(against_flowedit(results), metric, "flowedit")
+    if any(r["inversion"] == PAPER_LABEL for r in results.rows):
+        spdinv_rows = Results([r for r in results.rows if r["inversion"] in ("spdinv", PAPER_LABEL)],
+                              results.metrics, results.settings)
+        for metric in PAIRED_METRICS + ("network_calls",):
+            lines += paired_lines(spdinv_rows, metric, "spdinv")
     return lines + [""]
 
 
@@ -157,6 +180,9 @@ def main() -> None:
     parser.add_argument("--peers", default="rf_solver,fireflow,uni_inv",
                         help="the other flow inversions, a third run after the main one and FlowEdit ('' for none)")
     parser.add_argument("--engines", default="p2p,masactrl,rf_edit,none")
+    parser.add_argument("--paper-engines", default="",
+                        help="engines of a run of SPDInv at the paper's settings (gradient, official stop rule), "
+                             f"reported as {PAPER_LABEL}; '' (default) for none")
     parser.add_argument("--out", type=Path, default=Path("flow-editing"))
     parser.add_argument("--report-only", action="store_true", help="only merge and report what the runs hold")
     args = parser.parse_args()
@@ -164,12 +190,15 @@ def main() -> None:
     lines = ["## Editing on rectified flow", ""]
     for steps in args.steps:
         runs = {"inversions": (args.inversions, args.engines), "flowedit": ("flowedit", "none")}
+        if args.paper_engines:
+            runs[PAPER_RUN] = ("spdinv", args.paper_engines)
         if args.peers:
             runs["peers"] = (args.peers, args.engines)
         folders = [args.out / f"steps-{steps}" / name for name in runs]
         for folder, (inversions, engines) in zip(folders, runs.values()):
             if not args.report_only:
-                bench(data, folder, args.model, steps, inversions, engines, args.limit)
+                bench(data, folder, args.model, steps, inversions, engines, args.limit,
+                      PAPER_FLAGS if folder.name == PAPER_RUN else [])
         done = [f for f in folders if run_files(f)]
         if not done:
             continue
