@@ -241,12 +241,3 @@ def test_spdinv_edit_runs_flow_engines_and_flowedit_from_the_command_line(tmp_pa
     assert runs[0]["network_calls"] == {"invert": 0, "diagnostics": 0, "edit": 3 * 4}
     assert main(["edit", *common, "--inversion", "flowedit", "--engine", "p2p", "--out", str(tmp_path / "c")]) != 0
     assert "engine none only" in capsys.readouterr().err
-
-
-def test_edit_help_says_which_inversions_apply_to_which_family(capsys):
-    assert main(["edit", "--help"]) == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert "rectified-flow models (SD3, SD3.5, FLUX) only: rf_solver, fireflow, uni_inv, flowedit" in text
-    assert "(flowedit: engine none only)" in text
-    assert "not on FLUX (they need unconditional rows): null_text, negative_prompt" in text
-    assert "pnp: Plug-and-Play" in text and "UNets only" in text and "flow transformers only" in text
