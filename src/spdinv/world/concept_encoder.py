@@ -181,11 +181,14 @@ def load_concept_encoder(path: str | Path | None = None) -> ConceptEncoder:
 @dataclass(frozen=True)
 class EncoderChoice:
     """Which concept encoder encodes a concept image (`encode_with`): `kind` "world" (spdinv's
-    .safetensors) or "elite" (ELITE's global mapper with its CLIP image encoder)."""
+    .safetensors) or "elite" (ELITE's global mapper with its CLIP image encoder). A world encoder may read
+    the shape with a shape reader (`spdinv.world.shape_reader.read_concept`, issue 26)."""
 
     kind: str
     path: Path | None  # None: the shipped world encoder
     image_encoder: Path | None = None
+    shape_reader: bool = False
+    reader_path: Path | None = None  # None: the shipped shape reader
 
 
 def encode_with(choice: EncoderChoice, model, image, word: str):
@@ -194,7 +197,13 @@ def encode_with(choice: EncoderChoice, model, image, word: str):
     from ..concepts import check_width
 
     if choice.kind == "world":
-        concept = load_concept_encoder(choice.path).encode(image, word)
+        encoder = load_concept_encoder(choice.path)
+        if choice.shape_reader:
+            from .shape_reader import load_shape_reader, read_concept
+
+            concept = read_concept(encoder, load_shape_reader(choice.reader_path), image, word)
+        else:
+            concept = encoder.encode(image, word)
         if model is not None:
             check_width(concept, model.text_encoder.get_input_embeddings().embedding_dim,
                         f"the concept encoder {choice.path or '(shipped, for the embedded model)'}")
