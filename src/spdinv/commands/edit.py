@@ -346,5 +346,7 @@ def concept_record(args, concept) -> dict:
     encoder = getattr(args, "concept_encoder", None)
     if encoder is None:
         return {"file": str(args.concept), **record}
+    world = Path(encoder).suffix.lower() == ".safetensors"  # a spdinv encoder: the shape reader applies
     return {"encoder": str(encoder), "image_encoder": None if args.image_encoder is None else str(args.image_encoder),
-            "image": str(args.concept_image or args.image), "elite_projections": bool(args.elite_projections), **record}
+            "image": str(args.concept_image or args.image), "elite_projections": bool(args.elite_projections),
+            "shape_reader": (args.shape_reader or "shipped") if world else None, **record}

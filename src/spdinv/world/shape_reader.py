@@ -129,14 +129,10 @@ def load_shape_reader(path: str | Path | None = None) -> ShapeReader:
 
 @lru_cache(maxsize=4)
 def identity_words(encoder: ConceptEncoder) -> tuple[list[WorldObject], Tensor]:
-    """Every identity and the encoder's w0 for its concept render, (identities, (N, width))."""
-    from ..images import to_tensor
-
+    """Every identity and the encoder's w0 for its concept render, (identities, (N, width)); each encoded
+    alone by `encoder.encode`, so that a world render's word is the one the encoder alone gives it."""
     objects = identities()
-    with torch.no_grad():
-        pixels = torch.cat([to_tensor(concept_image(o)) for o in objects])
-        words = encoder(pixels.to(next(encoder.parameters()).device))[:, 0].float().cpu()
-    return objects, words
+    return objects, torch.cat([encoder.encode(concept_image(o)).vectors for o in objects])
 
 
 def read_identity(encoder: ConceptEncoder, reader: ShapeReader, image: Image.Image) -> tuple[WorldObject, Tensor]:
