@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw
 from spdinv.cli import main
 from spdinv.concepts import load_concept
 from spdinv.errors import SpdinvError
-from spdinv.world.concept_encoder import EncoderChoice, encode_with, identities, load_concept_encoder
+from spdinv.world.concept_choice import EncoderChoice, encode_with
+from spdinv.world.concept_encoder import identities, load_concept_encoder
 from spdinv.world.scene import BACKGROUNDS, COLOURS, SHAPES
 from spdinv.world.shape_reader import (READER_PATH, ShapeReader, identity_words, load_shape_reader, read_concept,
                                        save_shape_reader)
@@ -60,7 +61,7 @@ def sketches(n: int, seed: int, background: str = "gray") -> list[tuple[Image.Im
 def test_the_shipped_reader_reads_a_family_drawn_here():
     reader = load_shape_reader()
     right = sum(reader.read(image) == shape for image, shape, _ in sketches(24, seed=0))
-    assert right >= 20  # measured 23 of 24 (docs/model-card.md); the encoder alone gets far fewer
+    assert right >= 20  # measured 22 of 24, and 691 of 720 more of this family on gray, blue and white
 
 
 def test_encode_uses_the_reader_shape_and_keeps_the_colour(tmp_path):

@@ -171,7 +171,7 @@ def add_concept_encoder_arguments(parser: argparse.ArgumentParser, *, for_edit: 
 def world_choice(path: Path | None, reader: str | None):
     """A spdinv concept encoder at `path` (None: the shipped one) with the shape reader `--shape-reader` names:
     None: the shipped reader, "off": none, else a .safetensors path (checked here)."""
-    from ..world.concept_encoder import EncoderChoice
+    from ..world.concept_choice import EncoderChoice
 
     if reader == "off":
         return EncoderChoice("world", path)
@@ -183,7 +183,7 @@ def world_choice(path: Path | None, reader: str | None):
 def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = False):
     """The concept encoder the flags name (None: none), checked before any model loads."""
     from ..concepts import PICKLE_SUFFIXES
-    from ..world.concept_encoder import EncoderChoice
+    from ..world.concept_choice import EncoderChoice
 
     path, image_encoder = args.concept_encoder, args.image_encoder
     projections = getattr(args, "elite_projections", False)

@@ -89,7 +89,7 @@ def run_learn(args: argparse.Namespace) -> None:
 
 def run_encode(args: argparse.Namespace) -> None:
     from .common import encoder_choice_from_args, load_model_from_args
-    from ..world.concept_encoder import encode_with
+    from ..world.concept_choice import encode_with
     from ..concepts import check_word, save_concept
     from ..errors import require_finite
     from ..images import open_image

@@ -162,7 +162,7 @@ class Run:
 def run_edit(args: argparse.Namespace) -> None:
     from .common import (check_concept_word, check_model_settings, concept_from_args, encoder_choice_from_args,
                             load_model_from_args, prompt_warnings)
-    from ..world.concept_encoder import encode_with
+    from ..world.concept_choice import encode_with
     from ..arguments import framing_from_args, given_options
     from .common import inversion_classes
     from ..images import open_image, psnr, to_pil, to_tensor
