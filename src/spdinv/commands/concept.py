@@ -110,5 +110,7 @@ def run_encode(args: argparse.Namespace) -> None:
     require_finite(concept.vectors, "the encoded embedding")
     save_concept(concept, args.out)
     encoder = choice.path or "the shipped shapes-world encoder"
+    if choice.shape_reader:
+        encoder = f"{encoder} and {choice.reader_path or 'the shipped shape reader'}"
     print(f"wrote {args.out} ({word!r}: {concept.vectors.shape[0]} x {concept.vectors.shape[1]}) from {args.image} "
           f"with {encoder}; encoding {encoded:.2f} s, {time.perf_counter() - wall:.1f} s in all")
