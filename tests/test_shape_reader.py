@@ -147,3 +147,17 @@ def test_shape_reader_on_edit_needs_a_spdinv_encoder(tmp_path, tiny_dir, capsys,
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_edit_config_records_the_shape_reader():
+    from argparse import Namespace
+    from pathlib import Path
+
+    from spdinv.commands.edit import concept_record
+    from spdinv.concepts import Concept
+
+    concept = Concept("S", torch.zeros(1, 4))
+    base = dict(concept_encoder=Path("enc.safetensors"), image_encoder=None, concept_image=None, image="x.png",
+                elite_projections=False)
+    assert concept_record(Namespace(**base, shape_reader=None), concept)["shape_reader"] == "shipped"
+    assert concept_record(Namespace(**base, shape_reader="off"), concept)["shape_reader"] == "off"
