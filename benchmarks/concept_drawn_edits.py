@@ -2,7 +2,8 @@
 "Concept encoder"; issue 26).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/concept_drawn_edits.py [--n 24] [--steps 50] \
-        [--encoder PATH] [--families hand,test] [--json out.json]
+        [--encoder PATH] [--families hand,test] [--shape-reader shipped] [--rows "reader S (the edited image)"] \
+        [--json out.json]
 
 For `--n` plain filled objects per family (seeded draws over every shape x colour), an object is drawn twice
 with the same geometry and shade: on the world's gray, the concept encoder's convention, and on a plain
@@ -13,7 +14,10 @@ background" -> "... on a B2 background" (B, B2 world backgrounds, neither gray n
 SPDInv (`anderson`) + P2P without LocalBlend, `--steps` DDIM steps, guidance 7.5. Rows:
 - encoder S from the edited image itself (what `spdinv edit --concept-encoder` does without `--concept-image`);
 - encoder S from the gray drawing;
-- the object's words instead of S ("a large red star ..."): the reference.
+- the object's words instead of S ("a large red star ..."): the reference;
+- with `--shape-reader`: reader S from the edited image (`spdinv.world.shape_reader.read_concept`, what
+  `spdinv edit --concept-encoder` does with its default shape reader; issue 26).
+`--rows` picks the rows run (the words always).
 Per edit: the object's IoU with the source (object = pixels more than 40 per channel from the background:
 the known B in the source, the median of the 2-pixel border in the edit), its colour (the palette colour
 nearest the mean of the edit's object pixels, and the attribute classifier's reading), the classifier's
@@ -40,6 +44,7 @@ from spdinv.world.classifier import load_classifier, read_single_object
 from spdinv.world.concept_encoder import CONCEPT_BACKGROUND, identities, load_concept_encoder
 from spdinv.world.concept_training import encoder_from_checkpoint
 from spdinv.world.scene import BACKGROUNDS, COLOURS
+from spdinv.world.shape_reader import load_shape_reader, read_concept
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concept_test_drawings import test_drawing  # noqa: E402
@@ -83,7 +88,7 @@ def drawings(family: str, obj, source_bg: str, rng: random.Random):
     return on_gray, draw(obj.shape, COLOURS[obj.colour], BACKGROUNDS[source_bg], drawing)
 
 
-def run_family(family: str, args, model, classifier, encoder) -> dict[str, list[dict[str, float]]]:
+def run_family(family: str, args, model, classifier, encoder, reader) -> dict[str, list[dict[str, float]]]:
     rng = random.Random(f"{args.seed} {family}")
     filled = [o for o in identities() if o.material == "plain" and o.style == "filled"]
     rows: dict[str, list[dict[str, float]]] = {}
@@ -97,10 +102,16 @@ def run_family(family: str, args, model, classifier, encoder) -> dict[str, list[
         source = f"a large {WORD} in the centre on a {source_bg} background"
         target = f"a large {WORD} in the centre on a {target_bg} background"
         words = f"{obj.colour} {obj.shape}"
-        cases = {"encoder S (the edited image)": (encoder.encode(image, WORD), source, target),
-                 "encoder S (gray drawing)": (encoder.encode(on_gray, WORD), source, target),
-                 "object's words": (None, source.replace(WORD, words), target.replace(WORD, words))}
-        for name, (concept, source_prompt, target_prompt) in cases.items():
+        cases = {"encoder S (the edited image)": lambda: encoder.encode(image, WORD),
+                 "encoder S (gray drawing)": lambda: encoder.encode(on_gray, WORD),
+                 "reader S (the edited image)": lambda: read_concept(encoder, reader, image, WORD),
+                 "object's words": lambda: None}
+        for name, make in cases.items():
+            if name not in args.rows.split(";") and name != "object's words":
+                continue
+            concept = make()
+            source_prompt, target_prompt = ((source, target) if concept is not None else
+                                            (source.replace(WORD, words), target.replace(WORD, words)))
             concept_model = model if concept is None else model.with_concept(concept)
             result = edit(concept_model, image, source_prompt, target_prompt, inversion="spdinv", engine="p2p",
                           num_steps=args.steps, seed=args.seed, solver="anderson")
@@ -113,7 +124,7 @@ def summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, fl
     summary = {name: {k: round((1 if k == "iou" else 100) * sum(f[k] for f in flags) / len(flags), 3 if k == "iou" else 1)
                       for k in flags[0]} | {"n": len(flags)} for name, flags in rows.items()}
     words = summary["object's words"]["iou"]
-    for name in ("encoder S (the edited image)", "encoder S (gray drawing)"):
+    for name in set(summary) - {"object's words", "judge reads the drawing"}:
         summary[name]["iou / words' iou"] = round(summary[name]["iou"] / words, 3) if words else None
     return summary
 
@@ -125,8 +136,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--encoder", default=None, help=".safetensors (default: the shipped one) or checkpoint.pt")
     parser.add_argument("--families", default="hand,test", help="comma-separated: hand, test")
+    parser.add_argument("--shape-reader", default=None,
+                        help="also the row 'reader S (the edited image)': a shape reader .safetensors, or 'shipped'")
+    parser.add_argument("--rows", default="encoder S (the edited image);encoder S (gray drawing);reader S (the edited image)",
+                        help="which S rows to run (';'-separated; the words always run)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    reader = None if args.shape_reader is None else load_shape_reader(
+        None if args.shape_reader == "shipped" else args.shape_reader)
+    if reader is None:
+        args.rows = args.rows.replace("reader S (the edited image)", "")
     torch.set_num_threads(1)
     started = time.time()
     model, classifier = load_model(), load_classifier()
@@ -134,7 +153,7 @@ def main() -> None:
                else load_concept_encoder(args.encoder))
     results = {}
     for family in args.families.split(","):
-        results[family] = summarise(run_family(family, args, model, classifier, encoder))
+        results[family] = summarise(run_family(family, args, model, classifier, encoder, reader))
         for name, numbers in results[family].items():
             print(f"{family} / {name}: {numbers}", flush=True)
     print(f"{time.time() - started:.0f} s")

@@ -1,7 +1,7 @@
 """Concept fidelity of the shapes-world concept encoder (numbers go to docs/model-card.md, "Concept encoder").
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/concept_encoder_quality.py \
-        [--encoder PATH] [--n 32] [--ti 4] [--drawn 32] [--json out.json]
+        [--encoder PATH] [--n 32] [--ti 4] [--drawn 32] [--shape-reader shipped] [--rows "text;reader w0"] [--json out.json]
 
 For `--n` object identities the encoder was trained on and `--n` of the held-out shape x colour pairs
 (seeded draws), the concept image (the object alone, large, centre, on gray) is encoded, and the
@@ -13,6 +13,9 @@ the captioned position (else the only object read anywhere) has it. Rows:
 - encoder w0: the concept word as used at generation (w0 alone);
 - encoder, all words: the placeholder spelled as every level's word (how half the training sees it);
 - text: the object's own words in place of S (the upper reference);
+- reader w0 (with `--shape-reader`): the concept `spdinv.world.shape_reader.read_concept` makes (the encoder's
+  w0 of the render of the identity read: the reader's shape, the colour, material and style of the encoder's
+  nearest identity; issue 26);
 - textual inversion: `spdinv.textual_inversion.learn_concept` (default 150 steps, on the concept image
   under "a large S in the centre on a gray background") for the first `--ti` objects of each group,
   with the encoder and text rows on the same objects for comparison.
@@ -47,6 +50,7 @@ from spdinv.world.classifier import load_classifier, read_scenes
 from spdinv.world.concept_encoder import CONCEPT_BACKGROUND, concept_image, identities, is_held_out, load_concept_encoder
 from spdinv.world.concept_training import encoder_from_checkpoint
 from spdinv.world.scene import BACKGROUNDS, COLOURS, SIDE_POSITIONS, Scene
+from spdinv.world.shape_reader import load_shape_reader, read_concept
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concept_test_drawings import test_drawing  # noqa: E402
@@ -126,6 +130,49 @@ def drawn_groups(args, everything) -> dict[str, tuple[list, list]]:
     return out
 
 
+def run_group(group: str, objects: list, concept_images: list, args, rng: random.Random, parts) -> dict[str, dict]:
+    """Every row of one group: generate each object's contexts from noise and score them."""
+    model, pipe, classifier, encoder, reader = parts
+    results: dict[str, dict] = {}
+    # the drawn groups draw their contexts apart, so that they do not depend on --n
+    context_rng = random.Random(f"{args.seed} {group} contexts") if group.startswith("drawn") else rng
+    scenes_of = [contexts(o, context_rng) for o in objects]
+    scenes = [s for per in scenes_of for s in per]
+    placeholder = [caption(s, placeholders={0: WORD}) for s in scenes]
+    words = [caption(s) for s in scenes]
+    with torch.no_grad():
+        all_words = torch.cat([encoder(to_tensor(image)) for image in concept_images])  # (n, levels, width)
+    repeat = len(scenes_of[0])
+    per_scene = all_words.repeat_interleave(repeat, dim=0)
+    rows = {"encoder w0": embed(model, placeholder, per_scene[:, :1]),
+            "encoder, all words": embed(model, placeholder, per_scene),
+            "text": embed(model, words, None)}
+    if reader is not None:
+        read = torch.stack([read_concept(encoder, reader, image).vectors for image in concept_images])
+        rows["reader w0"] = embed(model, placeholder, read.repeat_interleave(repeat, dim=0))
+    for name, embeddings in rows.items():
+        if name not in args.rows.split(";"):
+            continue
+        results[f"{group} / {name}"] = score(classifier, generate(pipe, model, embeddings, args.seed + 1), scenes)
+        print(f"{group} / {name}: {results[f'{group} / {name}']}", flush=True)
+    # textual inversion on the first objects, with the encoder and text rows on the same images' prompts
+    subset = scenes[:args.ti * repeat]
+    if args.ti > 0 and not group.startswith("drawn"):
+        learned = []
+        for obj in objects[:args.ti]:
+            prompt = f"a large {WORD} in the centre on a {CONCEPT_BACKGROUND} background"
+            result = learn_concept(model, concept_image(obj), prompt, WORD, LearnOptions(), progress=False)
+            learned.append(result.concept.vectors)
+        vectors = torch.stack(learned).repeat_interleave(repeat, dim=0)
+        small = {"textual inversion": embed(model, placeholder[:len(subset)], vectors),
+                 "encoder w0": rows["encoder w0"][:len(subset)], "text": rows["text"][:len(subset)]}
+        for name, embeddings in small.items():
+            key = f"{group} (first {args.ti}) / {name}"
+            results[key] = score(classifier, generate(pipe, model, embeddings, args.seed + 1), subset)
+            print(f"{key}: {results[key]}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default=None,
@@ -137,11 +184,17 @@ def main() -> None:
                              "not by the world renderer")
     parser.add_argument("--test-drawn", type=int, default=0,
                         help="also this many concept images drawn by benchmarks/concept_test_drawings.py")
+    parser.add_argument("--shape-reader", default=None,
+                        help="also the row 'reader w0': a shape reader .safetensors, or 'shipped'")
+    parser.add_argument("--rows", default="encoder w0;encoder, all words;text;reader w0",
+                        help="which rows to generate (';'-separated names; default all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     wall = time.time()
+    reader = None if args.shape_reader is None else load_shape_reader(
+        None if args.shape_reader == "shipped" else args.shape_reader)
 
     model = load_model()
     pipe = stock_pipeline(model)
@@ -165,39 +218,8 @@ def main() -> None:
     for group, (objects, drawings) in drawn_groups(args, everything).items():
         groups[group], images[group] = objects, drawings
     for group, objects in groups.items():
-        if not objects:
-            continue
-        # the drawn groups draw their contexts apart, so that they do not depend on --n
-        context_rng = random.Random(f"{args.seed} {group} contexts") if group.startswith("drawn") else rng
-        scenes_of = [contexts(o, context_rng) for o in objects]
-        scenes = [s for per in scenes_of for s in per]
-        placeholder = [caption(s, placeholders={0: WORD}) for s in scenes]
-        words = [caption(s) for s in scenes]
-        with torch.no_grad():
-            all_words = torch.cat([encoder(to_tensor(image)) for image in images[group]])  # (n, levels, width)
-        repeat = len(scenes_of[0])
-        per_scene = all_words.repeat_interleave(repeat, dim=0)
-        rows = {"encoder w0": embed(model, placeholder, per_scene[:, :1]),
-                "encoder, all words": embed(model, placeholder, per_scene),
-                "text": embed(model, words, None)}
-        for name, embeddings in rows.items():
-            results[f"{group} / {name}"] = score(classifier, generate(pipe, model, embeddings, args.seed + 1), scenes)
-            print(f"{group} / {name}: {results[f'{group} / {name}']}", flush=True)
-        # textual inversion on the first objects, with the encoder and text rows on the same images' prompts
-        subset = scenes[:args.ti * repeat]
-        if args.ti > 0 and not group.startswith("drawn"):
-            learned = []
-            for obj in objects[:args.ti]:
-                prompt = f"a large {WORD} in the centre on a {CONCEPT_BACKGROUND} background"
-                result = learn_concept(model, concept_image(obj), prompt, WORD, LearnOptions(), progress=False)
-                learned.append(result.concept.vectors)
-            vectors = torch.stack(learned).repeat_interleave(repeat, dim=0)
-            small = {"textual inversion": embed(model, placeholder[:len(subset)], vectors),
-                     "encoder w0": rows["encoder w0"][:len(subset)], "text": rows["text"][:len(subset)]}
-            for name, embeddings in small.items():
-                key = f"{group} (first {args.ti}) / {name}"
-                results[key] = score(classifier, generate(pipe, model, embeddings, args.seed + 1), subset)
-                print(f"{key}: {results[key]}", flush=True)
+        if objects:
+            results |= run_group(group, objects, images[group], args, rng, (model, pipe, classifier, encoder, reader))
     results["seconds"] = round(time.time() - wall)
     print(f"{results['seconds']} s")
     if args.json:

@@ -26,47 +26,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from spdinv.images import to_tensor
 from spdinv.testing import hand_drawn_object
 from spdinv.world.concept_drawing import random_drawing
-from spdinv.world.concept_encoder import (BACKGROUNDS, CONCEPT_BACKGROUND, concept_image, identities, is_held_out,
-                                          load_concept_encoder, on_concept_background)
+from spdinv.world.concept_encoder import concept_image, identities, is_held_out, load_concept_encoder
 from spdinv.world.scene import COLOURS, SHAPES
+from spdinv.world.shape_reader import GRAY, ShapeReader, canonical
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concept_test_drawings import test_drawing  # noqa: E402
 
-GRAY = np.array(BACKGROUNDS[CONCEPT_BACKGROUND])
-
-
-def canonical(image: Image.Image, side: float = 26.0) -> Image.Image:
-    """The object (pixels more than 24 per channel from gray, after the repaint) scaled to `side` px on its
-    bounding box's long side and centred on gray."""
-    image = on_concept_background(image)
-    mask = np.abs(np.asarray(image).astype(int) - GRAY).max(2) > 24
-    if not mask.any():
-        return image
-    ys, xs = np.nonzero(mask)
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    scale = side / max(x1 - x0, y1 - y0)
-    w, h = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
-    out = Image.new("RGB", (64, 64), tuple(int(c) for c in GRAY))
-    out.paste(image.crop((x0, y0, x1, y1)).resize((w, h), Image.LANCZOS), (32 - w // 2, 32 - h // 2))
-    return out
-
-
 def cnn() -> nn.Module:
-    def block(cin: int, cout: int, stride: int) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
-
-    return nn.Sequential(block(3, 32, 2), block(32, 64, 2), block(64, 64, 1), block(64, 128, 2), block(128, 128, 1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, len(SHAPES)))
+    """The shipped shape reader's network (`spdinv.world.shape_reader.ShapeReader`), untrained."""
+    return ShapeReader()
 
 
 def vit() -> tuple[nn.Module, list]:

@@ -211,6 +211,7 @@ def test_elite_on_edit_projections_only_inside_and_they_change_the_result(tmp_pa
     assert after == originals
     config = json.loads((swapped / "config.json").read_text())
     assert config["concept"]["elite_projections"] and config["concept"]["encoder"] == str(mapper)
+    assert config["concept"]["shape_reader"] is None  # the shape reader is for spdinv's encoders only
     first, second = (np.asarray(Image.open(folder / "edit.png")).astype(int) for folder in (plain, swapped))
     assert np.abs(first - second).max() > 0
     capsys.readouterr()

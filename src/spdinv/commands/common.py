@@ -195,6 +195,10 @@ def add_concept_encoder_arguments(parser: argparse.ArgumentParser, *, for_edit: 
                             "--image-encoder)" + ("" if for_edit else "; default: the shipped encoder"))
     group.add_argument("--image-encoder", type=Path, default=None,
                        help="with an ELITE global_mapper.pt: the local CLIP ViT-L/14 folder it was trained with")
+    group.add_argument("--shape-reader", default=None, metavar="PATH|off",
+                       help="with a spdinv concept encoder: the shape reader that reads the object's shape "
+                            "(docs/model-card.md, issue 26): a .safetensors, or off (encoder alone); default: "
+                            "the shipped reader")
     if for_edit:
         group.add_argument("--concept-image", type=Path, default=None,
                            help="the image the concept is encoded from (default: the edited image)")
@@ -203,13 +207,26 @@ def add_concept_encoder_arguments(parser: argparse.ArgumentParser, *, for_edit: 
                                 "projections during inversion and editing")
 
 
+def world_choice(path: Path | None, reader: str | None):
+    """A spdinv concept encoder at `path` (None: the shipped one) with the shape reader `--shape-reader` names:
+    None: the shipped reader, "off": none, else a .safetensors path (checked here)."""
+    from ..world.concept_choice import EncoderChoice
+
+    if reader == "off":
+        return EncoderChoice("world", path)
+    if reader is not None and (Path(reader).suffix.lower() != ".safetensors" or not Path(reader).is_file()):
+        raise SpdinvError(f"--shape-reader must be off or a shape reader .safetensors file, not {reader}")
+    return EncoderChoice("world", path, shape_reader=True, reader_path=None if reader is None else Path(reader))
+
+
 def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = False):
     """The concept encoder the flags name (None: none), checked before any model loads."""
     from ..concepts import PICKLE_SUFFIXES
-    from ..world.concept_encoder import EncoderChoice
+    from ..world.concept_choice import EncoderChoice
 
     path, image_encoder = args.concept_encoder, args.image_encoder
     projections = getattr(args, "elite_projections", False)
+    reader = getattr(args, "shape_reader", None)
     if path is not None and getattr(args, "concept", None) is not None:
         raise SpdinvError("--concept and --concept-encoder are alternatives: give a concept file or an encoder")
     if path is None:
@@ -218,7 +235,9 @@ def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = F
                               "needs --concept-encoder (an ELITE global_mapper.pt)")
         if getattr(args, "concept_image", None) is not None:
             raise SpdinvError("--concept-image needs --concept-encoder")
-        return EncoderChoice("world", None) if default_shipped else None
+        if reader is not None and not default_shipped:
+            raise SpdinvError("--shape-reader needs --concept-encoder (a spdinv concept encoder)")
+        return world_choice(None, reader) if default_shipped else None
     if not path.is_file():
         raise SpdinvError(f"concept encoder not found: {path}")
     suffix = path.suffix.lower()
@@ -226,7 +245,9 @@ def encoder_choice_from_args(args: argparse.Namespace, default_shipped: bool = F
         if image_encoder is not None or projections:
             raise SpdinvError(f"{path} is a spdinv concept encoder (it holds its own image encoder); "
                               "--image-encoder and --elite-projections are for ELITE's global_mapper.pt")
-        return EncoderChoice("world", path)
+        return world_choice(path, reader)
+    if reader is not None:
+        raise SpdinvError(f"--shape-reader is for spdinv concept encoders (.safetensors), not {path}")
     if suffix not in PICKLE_SUFFIXES:
         raise SpdinvError(f"unknown concept encoder format {suffix or '(no suffix)'!r}: {path}; expected a spdinv "
                           f".safetensors or ELITE's global_mapper.pt")

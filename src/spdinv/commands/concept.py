@@ -89,7 +89,7 @@ def run_learn(args: argparse.Namespace) -> None:
 
 def run_encode(args: argparse.Namespace) -> None:
     from .common import encoder_choice_from_args, load_model_from_args
-    from ..world.concept_encoder import encode_with
+    from ..world.concept_choice import encode_with
     from ..concepts import check_word, save_concept
     from ..errors import require_finite
     from ..images import open_image
@@ -110,5 +110,7 @@ def run_encode(args: argparse.Namespace) -> None:
     require_finite(concept.vectors, "the encoded embedding")
     save_concept(concept, args.out)
     encoder = choice.path or "the shipped shapes-world encoder"
+    if choice.shape_reader:
+        encoder = f"{encoder} and {choice.reader_path or 'the shipped shape reader'}"
     print(f"wrote {args.out} ({word!r}: {concept.vectors.shape[0]} x {concept.vectors.shape[1]}) from {args.image} "
           f"with {encoder}; encoding {encoded:.2f} s, {time.perf_counter() - wall:.1f} s in all")

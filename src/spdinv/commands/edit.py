@@ -154,7 +154,7 @@ class Run:
 def run_edit(args: argparse.Namespace) -> None:
     from .common import (check_concept_word, check_model_settings, concept_from_args, encoder_choice_from_args,
                             load_model_from_args, prompt_warnings)
-    from ..world.concept_encoder import encode_with
+    from ..world.concept_choice import encode_with
     from ..arguments import framing_from_args, given_options
     from .common import inversion_classes
     from ..images import open_image, psnr, to_pil, to_tensor
@@ -338,5 +338,7 @@ def concept_record(args, concept) -> dict:
     encoder = getattr(args, "concept_encoder", None)
     if encoder is None:
         return {"file": str(args.concept), **record}
+    world = Path(encoder).suffix.lower() == ".safetensors"  # a spdinv encoder: the shape reader applies
     return {"encoder": str(encoder), "image_encoder": None if args.image_encoder is None else str(args.image_encoder),
-            "image": str(args.concept_image or args.image), "elite_projections": bool(args.elite_projections), **record}
+            "image": str(args.concept_image or args.image), "elite_projections": bool(args.elite_projections),
+            "shape_reader": (args.shape_reader or "shipped") if world else None, **record}

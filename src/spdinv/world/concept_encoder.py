@@ -176,34 +176,3 @@ def load_concept_encoder(path: str | Path | None = None) -> ConceptEncoder:
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise SpdinvError(f"{path} is not a readable safetensors file ({str(error).splitlines()[0]})") from None
     return load_strictly(ConceptEncoder(config), state, path, "a concept encoder of this shape", "the config")
-
-
-@dataclass(frozen=True)
-class EncoderChoice:
-    """Which concept encoder encodes a concept image (`encode_with`): `kind` "world" (spdinv's
-    .safetensors) or "elite" (ELITE's global mapper with its CLIP image encoder)."""
-
-    kind: str
-    path: Path | None  # None: the shipped world encoder
-    image_encoder: Path | None = None
-
-
-def encode_with(choice: EncoderChoice, model, image, word: str):
-    """(the concept `image` encodes to, ELITE's mapper or None). `model` (may be None for the world
-    encoder) is the model the concept is for."""
-    from ..concepts import check_width
-
-    if choice.kind == "world":
-        concept = load_concept_encoder(choice.path).encode(image, word)
-        if model is not None:
-            check_width(concept, model.text_encoder.get_input_embeddings().embedding_dim,
-                        f"the concept encoder {choice.path or '(shipped, for the embedded model)'}")
-        return concept, None
-    from ..elite import clip_pixels, encode_concept, load_global_mapper, load_image_encoder
-
-    if model.text_encoder_2 is not None:
-        raise SpdinvError("ELITE's global mapper is for SD 1.x models; this is an SDXL model")
-    image_encoder = load_image_encoder(choice.image_encoder).to(model.device)
-    mapper = load_global_mapper(choice.path, model.unet, input_dim=int(image_encoder.config.hidden_size))
-    pixels = clip_pixels(image, int(image_encoder.config.image_size)).to(model.device, image_encoder.dtype)
-    return encode_concept(mapper.to(model.device), image_encoder, pixels, word), mapper
