@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/concept_drawn_edits.py [--n 24] [--steps 50] \
         [--encoder PATH] [--families hand,test] [--shape-reader shipped] [--rows "reader S (the edited image)"] \
-        [--json out.json]
+        [--kinds background,position,size] [--json out.json]
 
 For `--n` plain filled objects per family (seeded draws over every shape x colour), an object is drawn twice
 with the same geometry and shade: on the world's gray, the concept encoder's convention, and on a plain
@@ -11,7 +11,9 @@ background B, the image edited. Families: `hand` = `spdinv.testing.hand_drawn_ob
 `concept_test_drawings.test_drawing` (code none of the project's drawing code shares: other proportions,
 gradients, outlines, anti-aliasing). The edit changes the background: "a large S in the centre on a B
 background" -> "... on a B2 background" (B, B2 world backgrounds, neither gray nor the object's colour),
-SPDInv (`anderson`) + P2P without LocalBlend, `--steps` DDIM steps, guidance 7.5. Rows:
+SPDInv (`anderson`) + P2P without LocalBlend, `--steps` DDIM steps, guidance 7.5. `--kinds` adds other edits of
+the same drawings (background stays B): `position` "in the centre" -> "on the left/right/top/bottom" (a seeded
+side per object), `size` "a large S" -> "a small S". Rows:
 - encoder S from the edited image itself (what `spdinv edit --concept-encoder` does without `--concept-image`);
 - encoder S from the gray drawing;
 - the object's words instead of S ("a large red star ..."): the reference;
@@ -22,6 +24,11 @@ Per edit: the object's IoU with the source (object = pixels more than 40 per cha
 the known B in the source, the median of the 2-pixel border in the edit), its colour (the palette colour
 nearest the mean of the edit's object pixels, and the attribute classifier's reading), the classifier's
 shape and new background (B2). The classifier also reads the drawings themselves, as a check of the judge.
+Position and size edits move or shrink the object, so their `iou` is the shape kept: the IoU of the edit's and
+the source's object masks each put in the shape reader's canonical frame (`shape_reader.canonical`), and
+`edit happened` says the edit was made: the object's centroid moved >= MOVED_PX toward the target side, or its
+area fell below SHRUNK_AREA of the source's (always 1 for background edits: see the judge's background).
+The JSON holds results[family][kind][row].
 """
 
 from __future__ import annotations
@@ -75,16 +82,23 @@ def canonical_mask(mask: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(canonical(Image.fromarray(pixels))).astype(int) - GRAY).max(axis=2) > 63
 
 
-def edit_happened(kind: str, mask: np.ndarray, source_mask: np.ndarray, side: str) -> float:
-    """position: the centroid moved >= MOVED_PX toward `side`; size: area ratio < SHRUNK_AREA (1.0 for
-    background edits: the judge's 'background' says whether they happened)."""
-    if not mask.any():
-        return 0.0
+def centroid(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def change(kind: str, mask: np.ndarray, source_mask: np.ndarray, side: str) -> dict[str, float]:
+    """What the edit changed: position: 'moved (px)', the centroid's shift toward `side`, and 'edit happened'
+    when >= MOVED_PX; size: 'area ratio', object area / the source's, happened when < SHRUNK_AREA;
+    background: nothing here (the judge's 'background' says whether it happened)."""
+    if kind == "background":
+        return {}
     if kind == "position":
-        direction = np.subtract(POSITIONS[side], POSITIONS["centre"]) / 17.0
-        centroid = lambda m: np.array([np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()])  # noqa: E731 (x, y)
-        return float((centroid(mask) - centroid(source_mask)) @ direction >= MOVED_PX)
-    return float(kind != "size" or mask.sum() / source_mask.sum() < SHRUNK_AREA)
+        direction = np.subtract(POSITIONS[side], POSITIONS["centre"]) / 17.0  # unit vector toward the side
+        moved = float((centroid(mask) - centroid(source_mask)) @ direction) if mask.any() else 0.0
+        return {"moved (px)": moved, "edit happened": float(moved >= MOVED_PX)}
+    ratio = float(mask.sum() / source_mask.sum())
+    return {"area ratio": ratio, "edit happened": float(mask.any() and ratio < SHRUNK_AREA)}
 
 
 def measure(classifier, edited: torch.Tensor, source_mask: np.ndarray, shape: str, colour: str,
@@ -101,8 +115,7 @@ def measure(classifier, edited: torch.Tensor, source_mask: np.ndarray, shape: st
             "colour (pixels)": float(mask.any() and list(COLOURS)[int(np.abs(PALETTE - mean).sum(1).argmin())] == colour),
             "colour (judge)": float(found is not None and found["colour"] == colour),
             "shape (judge)": float(found is not None and found["shape"] == shape),
-            "background (judge)": float(background_read == background),
-            "edit happened": edit_happened(kind, mask, source_mask, side)}
+            "background (judge)": float(background_read == background)} | change(kind, mask, source_mask, side)
 
 
 def drawings(family: str, obj, source_bg: str, rng: random.Random):
@@ -160,8 +173,10 @@ def run_family(family: str, args, model, classifier, encoder, reader) -> dict[st
 
 
 def summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
-    summary = {name: {k: round((1 if k == "iou" else 100) * sum(f[k] for f in flags) / len(flags), 3 if k == "iou" else 1)
-                      for k in flags[0]} | {"n": len(flags)} for name, flags in rows.items()}
+    unscaled = ("iou", "moved (px)", "area ratio")  # means as they are; the rest are flags, in percent
+    summary = {name: {k: round((1 if k in unscaled else 100) * sum(f[k] for f in flags) / len(flags),
+                               3 if k in unscaled else 1) for k in flags[0]} | {"n": len(flags)}
+               for name, flags in rows.items()}
     words = summary["object's words"]["iou"]
     for name in set(summary) - {"object's words", "judge reads the drawing"}:
         summary[name]["iou / words' iou"] = round(summary[name]["iou"] / words, 3) if words else None
