@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/concept_drawn_edits.py [--n 24] [--steps 50] \
         [--encoder PATH] [--families hand,test] [--shape-reader shipped] [--rows "reader S (the edited image)"] \
-        [--kinds background,position,size] [--json out.json]
+        [--kinds background,position,size] [--cross-replace 0.8] [--self-replace 0.6] [--json out.json]
 
 For `--n` plain filled objects per family (seeded draws over every shape x colour), an object is drawn twice
 with the same geometry and shade: on the world's gray, the concept encoder's convention, and on a plain
@@ -128,6 +128,12 @@ def drawings(family: str, obj, source_bg: str, rng: random.Random):
     return on_gray, draw(obj.shape, COLOURS[obj.colour], BACKGROUNDS[source_bg], drawing)
 
 
+def p2p_options(args) -> dict[str, float]:
+    """--cross-replace / --self-replace when given (else P2P's defaults, 0.8 / 0.6)."""
+    return {k: v for k, v in (("cross_replace", args.cross_replace), ("self_replace", args.self_replace))
+            if v is not None}
+
+
 def prompts(kind: str, source_bg: str, target_bg: str, side: str) -> tuple[str, str]:
     """The edit's source and target prompts with the word S (the object's words replace it for the reference)."""
     source = f"a large {WORD} in the centre on a {source_bg} background"
@@ -165,7 +171,7 @@ def run_family(family: str, args, model, classifier, encoder, reader) -> dict[st
                                                 (source.replace(WORD, words), target.replace(WORD, words)))
                 concept_model = model if concept is None else model.with_concept(concept)
                 result = edit(concept_model, image, source_prompt, target_prompt, inversion="spdinv", engine="p2p",
-                              num_steps=args.steps, seed=args.seed, solver="anderson")
+                              num_steps=args.steps, seed=args.seed, solver="anderson", **p2p_options(args))
                 kind_rows.setdefault(name, []).append(measure(
                     classifier, result.edited.float().cpu(), source_mask, obj.shape, obj.colour,
                     target_bg if kind == "background" else source_bg, kind, side))
@@ -196,6 +202,8 @@ def main() -> None:
                         help="which S rows to run (';'-separated; the words always run)")
     parser.add_argument("--kinds", default="background",
                         help="comma-separated edits: background, position (centre -> a side), size (large -> small)")
+    parser.add_argument("--cross-replace", type=float, default=None, help="P2P's (default 0.8)")
+    parser.add_argument("--self-replace", type=float, default=None, help="P2P's (default 0.6)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     reader = None if args.shape_reader is None else load_shape_reader(
