@@ -46,7 +46,7 @@ from spdinv.model import load_model
 from spdinv.testing import hand_drawn_object
 from spdinv.textual_inversion import LearnOptions, learn_concept
 from spdinv.world.captions import caption
-from spdinv.world.classifier import load_classifier, read_scenes
+from spdinv.world.classifier import load_classifier, read_scenes, single_object
 from spdinv.world.concept_encoder import CONCEPT_BACKGROUND, concept_image, identities, is_held_out, load_concept_encoder
 from spdinv.world.concept_training import encoder_from_checkpoint
 from spdinv.world.scene import BACKGROUNDS, COLOURS, SIDE_POSITIONS, Scene
@@ -90,9 +90,7 @@ def generate(pipe, model, embeddings: torch.Tensor, seed: int, batch: int = 32) 
 
 def kept(reading, scene: Scene) -> dict[str, bool]:
     obj = scene.objects[0]
-    found = reading.objects.get(obj.position)
-    if found is None and len(reading.objects) == 1:
-        found = next(iter(reading.objects.values()))
+    found = single_object(reading, obj.position)
     flags = {a: found is not None and found[a] == getattr(obj, a) for a in ATTRIBUTES}
     flags["identity"] = all(flags.values())
     flags["background"] = reading.background == scene.background

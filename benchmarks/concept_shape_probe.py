@@ -28,7 +28,7 @@ import torch
 
 from spdinv.images import conform_image, to_tensor
 from spdinv.testing import hand_drawn_object
-from spdinv.world.classifier import load_classifier, read_scenes
+from spdinv.world.classifier import load_classifier, read_scenes, single_object
 from spdinv.world.concept_encoder import (CONCEPT_BACKGROUND, IMAGE_SIZE, concept_image, identities, is_held_out,
                                           load_concept_encoder, on_concept_background)
 from spdinv.world.concept_training import encoder_from_checkpoint
@@ -93,8 +93,7 @@ def judge_shape(classifier, images, shapes) -> float:
     readings = read_scenes(classifier, torch.cat([to_tensor(i) for i in images]))
     right = 0
     for reading, shape in zip(readings, shapes):
-        found = reading.objects.get("centre") or (next(iter(reading.objects.values())) if len(reading.objects) == 1
-                                                  else None)
+        found = single_object(reading)
         right += found is not None and found["shape"] == shape
     return right / len(shapes)
 

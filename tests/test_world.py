@@ -109,3 +109,14 @@ def test_unplaced_comparison_ignores_where_objects_are():
     assert flags["shape"] and flags["background"] and flags["count"]
     assert not flags["colour"] and not flags["bound"] and not flags["position"]
     assert not compare(drifted, scene)["shape"]
+
+
+def test_single_object_is_the_one_at_the_position_or_the_only_one_read():
+    from spdinv.world.classifier import SceneReading, single_object
+
+    red, blue = {"shape": "circle", "colour": "red"}, {"shape": "star", "colour": "blue"}
+    assert single_object(SceneReading({"left": blue, "centre": red}, "white", "plain")) == red
+    assert single_object(SceneReading({"left": blue}, "white", "plain")) == blue
+    assert single_object(SceneReading({"left": blue, "right": red}, "white", "plain")) is None
+    assert single_object(SceneReading({"left": blue, "right": red}, "white", "plain"), "right") == red
+    assert single_object(SceneReading({}, "white", "plain")) is None

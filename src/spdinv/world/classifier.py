@@ -142,14 +142,19 @@ def read_scenes(model: AttributeClassifier, images: Tensor) -> list[SceneReading
     return readings
 
 
-def read_single_object(model: AttributeClassifier, image: Tensor) -> tuple[dict | None, str]:
-    """(the one object read in image (1, 3, 64, 64) in [-1, 1]: the centre's, or the only one read,
-    else None; the background read): how the drawn-object benchmarks judge an edit."""
-    reading = read_scenes(model, image)[0]
-    found = reading.objects.get("centre")
+def single_object(reading: SceneReading, position: str = "centre") -> dict | None:
+    """The one object of a reading: the one at `position`, or the only one read, else None."""
+    found = reading.objects.get(position)
     if found is None and len(reading.objects) == 1:
         found = next(iter(reading.objects.values()))
-    return found, reading.background
+    return found
+
+
+def read_single_object(model: AttributeClassifier, image: Tensor) -> tuple[dict | None, str]:
+    """(the one object read in image (1, 3, 64, 64) in [-1, 1] (`single_object`), the background read):
+    how the drawn-object benchmarks judge an edit."""
+    reading = read_scenes(model, image)[0]
+    return single_object(reading), reading.background
 
 
 def compare(reading: SceneReading, scene: Scene) -> dict[str, bool]:
