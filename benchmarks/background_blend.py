@@ -37,7 +37,7 @@ import spdinv.editing.p2p as p2p
 from spdinv.bench.datasets import load_dataset
 from spdinv.bench.metrics import scene_from_dict
 from spdinv.editing import edit
-from spdinv.images import conform_image, to_pil
+from spdinv.images import conform_image
 from spdinv.inversion import invert
 from spdinv.model import load_model
 from spdinv.testing import hand_drawn_object
